@@ -1,0 +1,175 @@
+//! The command line: what the user typed ([`Cli`]), then one small function per subcommand.
+//! Exit codes: 0 all inputs processed, 1 the run finished but skipped some inputs, 2 a usage,
+//! configuration or setup error (nothing was written).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config;
+use crate::dataflow::{self, RunOptions};
+use crate::model::{fetch, Arch};
+
+/// Frequency tagging of CNN neurons: spectra and scores to Parquet.
+#[derive(Debug, Parser)]
+#[command(name = "freqtag", version, about)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline and write its outputs.
+    Run {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Output folder [default: out/<pipeline name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Worker threads [default: number of cores].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Override a setting by its dotted path, e.g. --set stimulus.fps=60 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Check a pipeline, report every problem at once, and print the resolved plan.
+    Validate {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Override a setting by its dotted path (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Manage real weights in the local cache.
+    Weights {
+        /// What to do.
+        #[command(subcommand)]
+        action: WeightsAction,
+    },
+    /// List the architectures, their input settings and taps.
+    Models {
+        /// Show every tap of this architecture.
+        arch: Option<String>,
+    },
+}
+
+/// `freqtag weights ...`.
+#[derive(Debug, Subcommand)]
+pub enum WeightsAction {
+    /// Fetch a model's weights into the cache, verified by sha256.
+    Fetch {
+        /// Model name (see `freqtag weights list`).
+        model: String,
+    },
+    /// List fetchable models and whether they are cached.
+    List,
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run {
+            pipeline,
+            out,
+            workers,
+            sets,
+        } => cmd_run(pipeline, out, workers, &sets),
+        Command::Validate { pipeline, sets } => cmd_validate(pipeline, &sets),
+        Command::Weights { action } => match action {
+            WeightsAction::Fetch { model } => {
+                let p = fetch::fetch(&model)?;
+                println!("{model}: {}", p.display());
+                Ok(0)
+            }
+            WeightsAction::List => {
+                for name in fetch::names() {
+                    let state = match fetch::cached(name) {
+                        Some(p) => format!("cached at {}", p.display()),
+                        None => "not cached (fetched on first use)".into(),
+                    };
+                    println!("{name}\t{state}");
+                }
+                Ok(0)
+            }
+        },
+        Command::Models { arch } => cmd_models(arch),
+    }
+}
+
+fn cmd_validate(pipeline: PathBuf, sets: &[String]) -> anyhow::Result<i32> {
+    let plan = config::load(&pipeline, sets)?;
+    print!("{}", plan.describe());
+    println!("ok: {} is valid", pipeline.display());
+    Ok(0)
+}
+
+fn cmd_run(
+    pipeline: PathBuf,
+    out: Option<PathBuf>,
+    workers: Option<usize>,
+    sets: &[String],
+) -> anyhow::Result<i32> {
+    let plan = config::load(&pipeline, sets)?;
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let out = out.unwrap_or_else(|| {
+        PathBuf::from("out").join(
+            pipeline
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "run".into()),
+        )
+    });
+    let workers = workers
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let summary = dataflow::run(plan, &RunOptions { out, workers })
+        .with_context(|| format!("running {}", pipeline.display()))?;
+    println!(
+        "processed {} of {} images in {:.1} s ({:.2} images/s, {} workers); skipped {}",
+        summary.images_processed,
+        summary.images_listed,
+        summary.wall_s,
+        summary.images_per_s,
+        summary.workers,
+        summary.skipped.len()
+    );
+    for s in &summary.skipped {
+        println!("  skipped {}: {}", s.id, s.reason);
+    }
+    println!("outputs in {} (see run.json)", summary.out.display());
+    Ok(if summary.skipped.is_empty() { 0 } else { 1 })
+}
+
+fn cmd_models(arch: Option<String>) -> anyhow::Result<i32> {
+    let names: Vec<String> = match arch {
+        Some(a) => vec![a],
+        None => Arch::NAMES.iter().map(|s| s.to_string()).collect(),
+    };
+    let detail = names.len() == 1;
+    for name in names {
+        let a = Arch::parse(&name).map_err(anyhow::Error::msg)?;
+        let p = a.preprocess();
+        let taps = a.taps();
+        println!(
+            "{name}: input {}x{} (resize short side {}, centre crop {}), mean {:?}, std {:?}, {} taps",
+            p.crop, p.crop, p.resize, p.crop, p.mean, p.std, taps.len()
+        );
+        if detail {
+            for t in taps {
+                println!("  {:<28} {:>5} channels  {:?}", t.name, t.channels, t.group);
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,537 @@
+//! Pipeline files: the serde structs a user writes (`pipelines/*.toml`), `--set` overrides, and
+//! the compiler that checks everything at once and resolves a [`Plan`] the run executes.
+//!
+//! In: TOML text and `key=value` overrides. Out: a [`Plan`] or [`Error::Config`] listing every
+//! problem found. The file says *what* to compute; command-line flags say *how* to run it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::Arch;
+use crate::score::{TermSet, Window};
+use crate::stimulus::{Modulate, Regions, StimulusSpec};
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Where images come from.
+    pub source: SourceConfig,
+    /// The network and what to record of it.
+    pub model: ModelConfig,
+    /// The frequency-tagged stimulus.
+    #[serde(default)]
+    pub stimulus: StimulusConfig,
+    /// Spectra and the scores computed from them.
+    #[serde(default)]
+    pub spectrum: SpectrumConfig,
+    /// What is written.
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// `[source]`: a folder of images, read recursively.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Folder of JPEG/PNG images; relative paths resolve against the pipeline file's folder.
+    pub path: PathBuf,
+    /// Where labels come from: `folders` (sorted class sub-folders), `filename` (the number at
+    /// the end of the file name), or `none`.
+    #[serde(default = "default_labels")]
+    pub labels: LabelSource,
+    /// File extensions taken, case-insensitive.
+    #[serde(default = "default_extensions")]
+    pub extensions: Vec<String>,
+    /// Process at most this many images (the first ones in sorted order).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// How an image gets its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelSource {
+    /// The index of the class sub-folder among the sorted sub-folder names.
+    Folders,
+    /// The integer at the end of the file stem (`cifar10_03_0.png` has label 0).
+    Filename,
+    /// No labels.
+    None,
+}
+
+fn default_labels() -> LabelSource {
+    LabelSource::None
+}
+fn default_extensions() -> Vec<String> {
+    ["jpg", "jpeg", "png"].iter().map(|s| s.to_string()).collect()
+}
+
+/// `[model]`: the network, its weights and its taps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Architecture: `resnet20`, `resnet32`, `resnet44`, `resnet56` (CIFAR-10) or `mobilenet_v2`.
+    pub arch: String,
+    /// Weights: a file (`.th`/`.pth` legacy or zip, `.safetensors`), or `fetch:<model>` to use the
+    /// verified cache (fetched on first use, see `freqtag weights fetch`).
+    pub weights: String,
+    /// Layers recorded: groups `convs` (every convolution before batch norm), `blocks` (block
+    /// outputs after the activation), `logits`, or tap names such as `layer1.0.conv1`.
+    #[serde(default = "default_taps")]
+    pub taps: Vec<String>,
+    /// Frames per forward pass.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_taps() -> Vec<String> {
+    vec!["convs".to_string()]
+}
+fn default_batch_size() -> usize {
+    32
+}
+
+/// `[stimulus]`: regions, frequencies and contrast modulation (METHOD.md section 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StimulusConfig {
+    /// Region layout: `halves`, `quadrants`, `grid` or `mask`.
+    #[serde(default = "default_regions")]
+    pub regions: String,
+    /// Rows and columns for `regions = "grid"`.
+    #[serde(default)]
+    pub grid: Option<[usize; 2]>,
+    /// Label image for `regions = "mask"`: each distinct grey value is a region, in ascending order.
+    #[serde(default)]
+    pub mask: Option<PathBuf>,
+    /// Mask value left untagged (constant contrast 1) for `regions = "mask"`.
+    #[serde(default)]
+    pub mask_untagged: Option<u8>,
+    /// Tag frequency per region, Hz.
+    #[serde(default = "default_frequencies")]
+    pub frequencies: Vec<f64>,
+    /// Phase per region, radians (default all 0).
+    #[serde(default)]
+    pub phases: Option<Vec<f64>>,
+    /// Frames per second.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    /// Number of frames N.
+    #[serde(default = "default_frames")]
+    pub frames: usize,
+    /// Lowest contrast scalar.
+    #[serde(default = "default_smin")]
+    pub smin: f64,
+    /// Highest contrast scalar.
+    #[serde(default = "default_smax")]
+    pub smax: f64,
+    /// What the scalar multiplies: `normalized` (after mean/std) or `pixel` (RGB in [0,1]).
+    #[serde(default = "default_modulate")]
+    pub modulate: Modulate,
+    /// A tagged frequency off the bin grid: `warn` or `error`.
+    #[serde(default = "default_off_bin")]
+    pub off_bin: OffBin,
+    /// Standard deviation of seeded Gaussian pixel noise added to every frame (0 = off).
+    #[serde(default)]
+    pub noise_std: f64,
+    /// Seed of the stimulus noise; each image's stream derives from (seed, image id).
+    #[serde(default)]
+    pub noise_seed: u64,
+    /// Run each distinct frame once and scatter its activations back (exact; METHOD.md section 6).
+    #[serde(default = "default_true")]
+    pub dedup_frames: bool,
+}
+
+/// What to do with a tagged frequency that falls between bins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffBin {
+    /// Log a warning and go on.
+    Warn,
+    /// Refuse the pipeline.
+    Error,
+}
+
+fn default_regions() -> String {
+    "halves".into()
+}
+fn default_frequencies() -> Vec<f64> {
+    vec![6.0, 7.5]
+}
+fn default_fps() -> f64 {
+    120.0
+}
+fn default_frames() -> usize {
+    240
+}
+fn default_smin() -> f64 {
+    0.5
+}
+fn default_smax() -> f64 {
+    1.0
+}
+fn default_modulate() -> Modulate {
+    Modulate::Normalized
+}
+fn default_off_bin() -> OffBin {
+    OffBin::Warn
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for StimulusConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("all stimulus settings have defaults")
+    }
+}
+
+/// `[spectrum]`: window, terms and SNR neighbourhood (METHOD.md section 3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpectrumConfig {
+    /// Window: `rect` (default, the run is bin-locked), `hann`, `hamming` or `blackman`.
+    #[serde(default = "default_window")]
+    pub window: Window,
+    /// Highest harmonic H scored for each tagged frequency (`h*f` for h = 2..H).
+    #[serde(default = "default_harmonics")]
+    pub harmonics: u32,
+    /// Highest intermodulation order (`sum |m_r|`); 0 or 1 turns intermodulation terms off.
+    #[serde(default = "default_intermod_order")]
+    pub intermod_order: u32,
+    /// SNR neighbours per side.
+    #[serde(default = "default_neighbours")]
+    pub neighbours: usize,
+    /// Adjacent bins left out on each side of the SNR neighbourhood.
+    #[serde(default = "default_skip")]
+    pub skip: usize,
+}
+
+fn default_window() -> Window {
+    Window::Rect
+}
+fn default_harmonics() -> u32 {
+    2
+}
+fn default_intermod_order() -> u32 {
+    2
+}
+fn default_neighbours() -> usize {
+    3
+}
+fn default_skip() -> usize {
+    1
+}
+
+impl Default for SpectrumConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("all spectrum settings have defaults")
+    }
+}
+
+/// `[output]`: which tables are written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Write the full amplitude spectrum of every neuron to `spectra/` (large for big models).
+    #[serde(default = "default_true")]
+    pub spectra: bool,
+    /// Write the per-image term scores to `neurons/`.
+    #[serde(default = "default_true")]
+    pub neurons: bool,
+    /// Also aggregate scores per class where images carry labels.
+    #[serde(default = "default_true")]
+    pub per_class: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("all output settings have defaults")
+    }
+}
+
+/// Where the weights come from, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub enum WeightsSource {
+    /// A file on disk.
+    File(PathBuf),
+    /// A model from the verified cache, fetched on first use.
+    Fetch(String),
+}
+
+/// A compiled pipeline: everything checked, paths resolved, ready to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The pipeline file it came from.
+    pub file: PathBuf,
+    /// The settings as resolved (after `--set`).
+    pub pipeline: Pipeline,
+    /// Image folder, resolved.
+    pub source_dir: PathBuf,
+    /// Architecture.
+    pub arch: Arch,
+    /// Weights.
+    pub weights: WeightsSource,
+    /// Tap names recorded, in the model's order.
+    pub taps: Vec<String>,
+    /// The stimulus, resolved.
+    pub stimulus: StimulusSpec,
+    /// The scored terms.
+    pub terms: TermSet,
+    /// Non-fatal findings (an off-bin frequency, a term that aliases...).
+    pub warnings: Vec<String>,
+}
+
+/// Reads a pipeline file, applies `--set` overrides and compiles it.
+pub fn load(file: &Path, sets: &[String]) -> Result<Plan> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    compile_str(&text, file, sets)
+}
+
+/// Parses and compiles pipeline text; `file` names it in messages and anchors relative paths.
+pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
+    let fail = |problems: Vec<String>| Error::Config {
+        file: file.to_path_buf(),
+        problems,
+    };
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(vec![format!("not valid TOML: {}", e.message())]))?;
+    let mut problems = Vec::new();
+    let mut overridden = Vec::new();
+    for set in sets {
+        match apply_set(&mut table, set) {
+            Ok(key) => overridden.push(key),
+            Err(p) => problems.push(p),
+        }
+    }
+    let mut unknown = Vec::new();
+    let parsed: Option<Pipeline> =
+        match serde_ignored::deserialize(toml::Value::Table(table), |path| {
+            unknown.push(path.to_string())
+        }) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.push(describe_toml_error(&e));
+                None
+            }
+        };
+    for key in unknown {
+        problems.push(format!(
+            "unknown setting `{key}`: check its spelling against README.md's pipeline format"
+        ));
+    }
+    let Some(pipeline) = parsed else {
+        return Err(fail(problems));
+    };
+    let base = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let resolve = |key: &str, p: &Path| -> PathBuf {
+        if p.is_absolute() || overridden.iter().any(|k| k == key) {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let source_dir = resolve("source.path", &pipeline.source.path);
+    if !source_dir.is_dir() {
+        problems.push(format!(
+            "source.path: {} is not a folder of images: set source.path to a folder (or --set source.path=DIR)",
+            source_dir.display()
+        ));
+    }
+    if pipeline.model.batch_size == 0 {
+        problems.push("model.batch_size must be at least 1".into());
+    }
+    let arch = match Arch::parse(&pipeline.model.arch) {
+        Ok(a) => Some(a),
+        Err(msg) => {
+            problems.push(format!("model.arch: {msg}"));
+            None
+        }
+    };
+    let weights = if let Some(name) = pipeline.model.weights.strip_prefix("fetch:") {
+        if crate::model::fetch::known(name).is_none() {
+            problems.push(format!(
+                "model.weights: no fetchable model `{name}`; known: {}",
+                crate::model::fetch::names().join(", ")
+            ));
+        }
+        WeightsSource::Fetch(name.to_string())
+    } else {
+        let p = resolve("model.weights", Path::new(&pipeline.model.weights));
+        if !p.is_file() {
+            problems.push(format!(
+                "model.weights: {} does not exist: point model.weights at a checkpoint (or use fetch:<model>, see `freqtag weights list`)",
+                p.display()
+            ));
+        }
+        WeightsSource::File(p)
+    };
+    let taps = match arch {
+        Some(arch) => match arch.resolve_taps(&pipeline.model.taps) {
+            Ok(t) => t,
+            Err(mut msgs) => {
+                problems.append(&mut msgs);
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let mut warnings = Vec::new();
+    let input = arch.map(|a| a.input_size()).unwrap_or(32);
+    let st = &pipeline.stimulus;
+    let mask_path = st.mask.as_ref().map(|m| resolve("stimulus.mask", m));
+    let regions = match Regions::from_config(st, mask_path.as_deref(), input) {
+        Ok(r) => Some(r),
+        Err(msg) => {
+            problems.push(msg);
+            None
+        }
+    };
+    let stimulus = regions.and_then(|regions| {
+        match StimulusSpec::new(st, regions, &mut warnings) {
+            Ok(s) => Some(s),
+            Err(mut msgs) => {
+                problems.append(&mut msgs);
+                None
+            }
+        }
+    });
+    let sp = &pipeline.spectrum;
+    if sp.neighbours == 0 {
+        problems.push("spectrum.neighbours must be at least 1".into());
+    }
+    let terms = stimulus.as_ref().map(|s| {
+        TermSet::new(
+            &s.frequencies,
+            s.fps,
+            s.frames,
+            sp.harmonics,
+            sp.intermod_order,
+            &mut warnings,
+        )
+    });
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    let (Some(arch), Some(stimulus), Some(terms)) = (arch, stimulus, terms) else {
+        return Err(fail(vec!["internal: incomplete plan".into()]));
+    };
+    Ok(Plan {
+        file: file.to_path_buf(),
+        pipeline,
+        source_dir,
+        arch,
+        weights,
+        taps,
+        stimulus,
+        terms,
+        warnings,
+    })
+}
+
+/// Applies one `dotted.key=value` override; returns the key. The value is read as TOML
+/// (numbers, booleans, arrays), and as a plain string when it is not valid TOML.
+fn apply_set(table: &mut toml::Table, set: &str) -> std::result::Result<String, String> {
+    let Some((key, raw)) = set.split_once('=') else {
+        return Err(format!(
+            "--set {set}: expected key=value, for example --set stimulus.fps=60"
+        ));
+    };
+    let key = key.trim();
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("--set {key}: `{part}` is not a section")),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(key.to_string())
+}
+
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    format!("{}", e.message())
+}
+
+impl Plan {
+    /// A human-readable summary of what the run will do, for `freqtag validate`.
+    pub fn describe(&self) -> String {
+        let s = &self.stimulus;
+        let mut out = String::new();
+        out.push_str(&format!("pipeline   {}\n", self.file.display()));
+        out.push_str(&format!("source     {}\n", self.source_dir.display()));
+        out.push_str(&format!(
+            "model      {} ({}x{} input), weights {}\n",
+            self.arch.name(),
+            self.arch.input_size(),
+            self.arch.input_size(),
+            match &self.weights {
+                WeightsSource::File(p) => p.display().to_string(),
+                WeightsSource::Fetch(n) => format!("fetch:{n}"),
+            }
+        ));
+        let channels: usize = self
+            .taps
+            .iter()
+            .filter_map(|t| self.arch.tap_channels(t))
+            .sum();
+        out.push_str(&format!(
+            "taps       {} ({} neurons): {}\n",
+            self.taps.len(),
+            channels,
+            abbreviate(&self.taps, 6)
+        ));
+        out.push_str(&format!(
+            "stimulus   {} regions at {:?} Hz, {} frames at {} fps (bin {} Hz), contrast [{}, {}], modulate {:?}, {} distinct frames\n",
+            s.regions.count(),
+            s.frequencies,
+            s.frames,
+            s.fps,
+            s.fps / s.frames as f64,
+            s.smin,
+            s.smax,
+            s.modulate,
+            s.distinct_frames().0.len()
+        ));
+        out.push_str(&format!(
+            "terms      {}\n",
+            self.terms
+                .terms
+                .iter()
+                .map(|t| format!("{}={}Hz{}", t.name, t.alias_hz, if t.aliased { "(aliased)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        for w in &self.warnings {
+            out.push_str(&format!("warning    {w}\n"));
+        }
+        out
+    }
+}
+
+fn abbreviate(items: &[String], n: usize) -> String {
+    if items.len() <= n {
+        items.join(", ")
+    } else {
+        format!(
+            "{}, ... , {}",
+            items[..n - 1].join(", "),
+            items[items.len() - 1]
+        )
+    }
+}

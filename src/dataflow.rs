@@ -1,0 +1,376 @@
+//! The timely dataflow every worker builds, and the run that drives it.
+//!
+//! `Images` (input; worker w feeds the images with `seq % workers == w`) -> `Decode` -> `Record`
+//! (stimulus + batched forward passes) -> `Analyse` (FFT and term scores) -> `WriteImages` (this
+//! worker's parts of `spectra/`, `neurons/`, `images/`; emits aggregate updates) -> differential
+//! `consolidate` (exchanged by the key (tap, channel, term, label)) -> `CollectScores`.
+//! All image-level stages use `Pipeline`: an image stays on the worker that read it; only the
+//! aggregates cross workers, by key, so each key's total is exact and owned by one worker.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::difference::{Monoid, Semigroup};
+use serde::Serialize;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use crate::config::{Plan, WeightsSource};
+use crate::error::{Error, Result};
+use crate::model::record::record;
+use crate::model::{fetch, Network};
+use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
+use crate::sink::{self, ImageTables, ScoreKey};
+use crate::source::{self, ImageRef, Skipped};
+use crate::spectrum::Spectrum;
+
+/// How to run (command-line flags, not pipeline settings).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+/// What a run did, also written to `run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Images found.
+    pub images_listed: usize,
+    /// Images processed into every output.
+    pub images_processed: u64,
+    /// Inputs skipped, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Wall time of the whole run, seconds.
+    pub wall_s: f64,
+    /// Processed images per second of wall time.
+    pub images_per_s: f64,
+    /// Worker threads.
+    pub workers: usize,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+struct WorkerReport {
+    processed: u64,
+    skipped: Vec<Skipped>,
+}
+
+/// One image after analysis.
+#[derive(Clone)]
+struct Analysed {
+    image: ImageRef,
+    pred: i64,
+    prob: f32,
+    distinct: usize,
+    neurons: Vec<NeuronResult>,
+}
+
+/// Resolves the weights file, fetching into the cache when the pipeline asks for it.
+pub fn weights_path(plan: &Plan) -> Result<PathBuf> {
+    match &plan.weights {
+        WeightsSource::File(p) => Ok(p.clone()),
+        WeightsSource::Fetch(name) => {
+            if fetch::cached(name).is_none() {
+                tracing::info!(model = %name, cache = %fetch::cache_dir().display(), "fetching weights");
+            }
+            fetch::fetch(name)
+        }
+    }
+}
+
+fn check_writable(out: &Path) -> Result<()> {
+    let err = |msg: String| Error::Output {
+        file: out.to_path_buf(),
+        msg,
+    };
+    std::fs::create_dir_all(out).map_err(|e| {
+        err(format!(
+            "cannot create the output folder ({e}): choose another with --out"
+        ))
+    })?;
+    let probe = out.join(format!(".freqtag-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        err(format!(
+            "the output folder is not writable ({e}): choose another with --out"
+        ))
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Runs a compiled pipeline end to end and commits its outputs.
+pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    check_writable(&opts.out)?;
+    let weights = weights_path(&plan)?;
+    let net = Arc::new(Network::load(plan.arch, &weights)?);
+    let (images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
+    tracing::info!(
+        images = images.len(),
+        skipped = skipped.len(),
+        workers = opts.workers,
+        "starting run"
+    );
+    let staging = opts
+        .out
+        .join(format!(".staging-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    let plan = Arc::new(plan);
+    let images = Arc::new(images);
+    let config = timely::Config::process(opts.workers.max(1));
+    let (p, n, i, s) = (plan.clone(), net.clone(), images.clone(), staging.clone());
+    let guards = timely::execute(config, move |worker| {
+        run_worker(worker, p.clone(), n.clone(), i.clone(), &s)
+    })
+    .map_err(|e| Error::Output {
+        file: opts.out.clone(),
+        msg: format!("cannot start workers: {e}"),
+    })?;
+    let mut processed = 0;
+    let mut failures = Vec::new();
+    for r in guards.join() {
+        match r {
+            Ok(Ok(rep)) => {
+                processed += rep.processed;
+                skipped.extend(rep.skipped);
+            }
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(format!("worker failed: {e}")),
+        }
+    }
+    if !failures.is_empty() {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(Error::Output {
+            file: opts.out.clone(),
+            msg: format!(
+                "run failed, previous outputs left as they were:\n  - {}",
+                failures.join("\n  - ")
+            ),
+        });
+    }
+    skipped.sort_by(|a, b| a.id.cmp(&b.id));
+    sink::commit(&staging, &opts.out)?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        images_listed: images.len(),
+        images_processed: processed,
+        skipped,
+        wall_s,
+        images_per_s: processed as f64 / wall_s.max(1e-9),
+        workers: opts.workers,
+        out: opts.out.clone(),
+    };
+    let report = run_json(&plan, &weights, &summary);
+    sink::write_atomic(
+        &opts.out.join("run.json"),
+        &serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )?;
+    Ok(summary)
+}
+
+fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
+    let noise = plan.stimulus.noise_std > 0.0;
+    serde_json::json!({
+        "freqtag_version": env!("CARGO_PKG_VERSION"),
+        "versions": {
+            "timely": "0.32", "differential-dataflow": "0.26", "candle": "0.11.1",
+            "rustfft": "6.4", "parquet": "60.1"
+        },
+        "pipeline_file": plan.file,
+        "pipeline": plan.pipeline,
+        "resolved": {
+            "source": plan.source_dir,
+            "arch": plan.arch.name(),
+            "weights": weights,
+            "taps": plan.taps,
+            "terms": plan.terms.terms,
+            "lattice_step_bins": plan.terms.lattice_step,
+            "bin_hz": plan.stimulus.fps / plan.stimulus.frames as f64,
+            "distinct_frames": plan.stimulus.distinct_frames().0.len(),
+            "regions": plan.stimulus.regions.layout,
+        },
+        "scoring": {
+            "snr": "standard (snr, snr_db) and lattice-aware (snr_lattice, snr_lattice_db), both reported",
+            "lattice": match plan.terms.lattice_step {
+                Some(k) => format!("every multiple of {k} bins is a lattice bin"),
+                None => "tagged frequencies are off the bin grid: the term bins stand in for the lattice".into(),
+            },
+            "stimulus_noise": noise,
+            "rounding_sensitive": if noise { serde_json::json!([]) } else {
+                serde_json::json!(["snr_lattice", "snr_lattice_db", "mean_snr_db"])
+            },
+            "note": if noise { "stimulus noise gives the baseline bins a real response" } else {
+                "no stimulus noise: off-lattice bins hold float rounding only, so the listed scores measure rounding, not the network (METHOD.md section 3); response_share is stable"
+            },
+        },
+        "warnings": plan.warnings,
+        "counts": {
+            "images_listed": s.images_listed,
+            "images_processed": s.images_processed,
+            "skipped": s.skipped.len(),
+        },
+        "workers": s.workers,
+        "wall_s": s.wall_s,
+        "images_per_s": s.images_per_s,
+        "skipped": s.skipped,
+    })
+}
+
+/// Builds and drives one worker's dataflow.
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    plan: Arc<Plan>,
+    net: Arc<Network>,
+    images: Arc<Vec<ImageRef>>,
+    staging: &Path,
+) -> std::result::Result<WorkerReport, String> {
+    let index = worker.index();
+    let peers = worker.peers();
+    let tables = Rc::new(RefCell::new(Some(
+        ImageTables::create(staging, index, plan.clone()).map_err(|e| e.to_string())?,
+    )));
+    let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Acc>>> = Rc::new(RefCell::new(BTreeMap::new()));
+    let skipped: Rc<RefCell<Vec<Skipped>>> = Rc::new(RefCell::new(Vec::new()));
+    let errors: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
+    let processed = Rc::new(RefCell::new(0u64));
+    let mut input: InputHandle<u64, _> = InputHandle::new();
+    let probe = ProbeHandle::new();
+    let pre = plan.arch.preprocess();
+    let nb = Neighbourhood {
+        n: plan.pipeline.spectrum.neighbours,
+        skip: plan.pipeline.spectrum.skip,
+    };
+    let per_class = plan.pipeline.output.per_class;
+    worker.dataflow::<u64, _, _>(|scope| {
+        let decoded = scope
+            .input_from(&mut input)
+            .container::<Vec<ImageRef>>()
+            .map(move |r| {
+                let rgb = source::prepare(&r.path, pre);
+                (r, rgb)
+            });
+        let (p, n) = (plan.clone(), net.clone());
+        let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for (r, rgb) in data.drain(..) {
+                        let rec = rgb.and_then(|rgb| {
+                            record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, p.pipeline.model.batch_size)
+                                .map_err(|e| format!("inference failed: {e}"))
+                        });
+                        session.give((r, rec));
+                    }
+                });
+            }
+        });
+        let p = plan.clone();
+        let mut spectrum = Spectrum::new(p.stimulus.frames, p.pipeline.spectrum.window);
+        let analysed = recorded.map(move |(r, rec)| {
+            let out = rec.map(|rec| Analysed {
+                neurons: analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
+                pred: rec.pred,
+                prob: rec.prob,
+                distinct: rec.distinct_frames,
+                image: r.clone(),
+            });
+            (r, out)
+        });
+        let (t, sk, er, pr) = (tables.clone(), skipped.clone(), errors.clone(), processed.clone());
+        let updates = analysed.unary(Pipeline, "WriteImages", move |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let Some(time) = cap.least().copied() else { return };
+                    let mut session = output.session(&cap);
+                    for (r, res) in data.drain(..) {
+                        let a = match res {
+                            Ok(a) => a,
+                            Err(reason) => {
+                                tracing::warn!(image = %r.id, %reason, "skipped");
+                                sk.borrow_mut().push(Skipped { id: r.id, reason });
+                                continue;
+                            }
+                        };
+                        if let Some(t) = t.borrow_mut().as_mut() {
+                            if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                                er.borrow_mut().push(e.to_string());
+                            }
+                        }
+                        *pr.borrow_mut() += 1;
+                        let groups: Vec<Option<i64>> = match (per_class, a.image.label) {
+                            (true, Some(l)) => vec![None, Some(l)],
+                            _ => vec![None],
+                        };
+                        for nr in &a.neurons {
+                            for g in &groups {
+                                for (ti, s) in nr.terms.iter().enumerate() {
+                                    let acc = Acc::of(&s.as_array(nr.mean_snr_db));
+                                    session.give(((nr.tap, nr.channel, ti as u32, *g), time, acc));
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let ag = aggregates.clone();
+        updates
+            .container::<Vec<(ScoreKey, u64, Acc)>>()
+            .as_collection()
+            .consolidate()
+            .inner
+            .probe_with(&probe)
+            .sink(Pipeline, "CollectScores", move |(input, _frontier)| {
+                input.for_each(|_, data| {
+                    let mut ag = ag.borrow_mut();
+                    for (k, _t, acc) in data.drain(..) {
+                        ag.entry(k).or_insert_with(Acc::zero).plus_equals(&acc);
+                    }
+                });
+            });
+    });
+    const IN_FLIGHT: u64 = 4;
+    let mut t = 0u64;
+    let started = Instant::now();
+    for r in images.iter().filter(|r| r.seq as usize % peers == index) {
+        input.send(r.clone());
+        t += 1;
+        input.advance_to(t);
+        let wait = t.saturating_sub(IN_FLIGHT);
+        worker.step_while(|| probe.less_than(&wait));
+        if t % 50 == 0 {
+            tracing::info!(worker = index, images = t, per_s = t as f64 / started.elapsed().as_secs_f64(), "progress");
+        }
+    }
+    drop(input);
+    while !probe.with_frontier(|f| f.is_empty()) {
+        worker.step();
+    }
+    let mut errs = errors.borrow().clone();
+    if let Some(t) = tables.borrow_mut().take() {
+        if let Err(e) = t.finish() {
+            errs.push(e.to_string());
+        }
+    }
+    if let Err(e) = sink::write_scores(staging, index, &plan, &aggregates.borrow()) {
+        errs.push(e.to_string());
+    }
+    if !errs.is_empty() {
+        return Err(errs.join("; "));
+    }
+    let processed = *processed.borrow();
+    let skipped = skipped.borrow().clone();
+    Ok(WorkerReport { processed, skipped })
+}

@@ -1,0 +1,253 @@
+//! The networks freqtag runs, written with candle: the CIFAR-10 ResNets of He et al. 2016
+//! (option-A shortcut) and torchvision's MobileNetV2. Each records its taps as the spatial mean
+//! per channel, reduced where the activation is, so only `frames x channels` leave the forward.
+//!
+//! In: frames `[B, 3, H, W]`. Out: logits `[B, classes]` and, per recorded tap, `[B, channels]`.
+
+pub mod fetch;
+pub mod layers;
+pub mod mobilenet_v2;
+pub mod record;
+pub mod resnet_cifar;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// An architecture freqtag knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Arch {
+    /// CIFAR-10 ResNet with `depth` layers (20, 32, 44, 56).
+    ResNetCifar(usize),
+    /// torchvision MobileNetV2 (ImageNet).
+    MobileNetV2,
+}
+
+/// What kind of layer a tap is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TapGroup {
+    /// A convolution's output, before batch norm.
+    Conv,
+    /// A block's output, after its activation.
+    Block,
+    /// The logits.
+    Logits,
+}
+
+/// One recordable layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct TapInfo {
+    /// The checkpoint's module path (`layer1.0.conv1`, `features.3.conv.1.0`) or `logits`.
+    pub name: String,
+    /// Output channels (neurons).
+    pub channels: usize,
+    /// Kind.
+    pub group: TapGroup,
+}
+
+/// How images are brought to the model's input.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Preprocess {
+    /// Short side resized to this before the centre crop (none when equal to `crop`).
+    pub resize: u32,
+    /// Square centre crop = model input side.
+    pub crop: u32,
+    /// Per-channel mean of RGB in [0,1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    pub std: [f32; 3],
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Arch {
+    /// All names `parse` accepts.
+    pub const NAMES: [&'static str; 5] =
+        ["resnet20", "resnet32", "resnet44", "resnet56", "mobilenet_v2"];
+
+    /// Parses an architecture name.
+    pub fn parse(s: &str) -> std::result::Result<Arch, String> {
+        match s {
+            "resnet20" => Ok(Arch::ResNetCifar(20)),
+            "resnet32" => Ok(Arch::ResNetCifar(32)),
+            "resnet44" => Ok(Arch::ResNetCifar(44)),
+            "resnet56" => Ok(Arch::ResNetCifar(56)),
+            "mobilenet_v2" => Ok(Arch::MobileNetV2),
+            other => Err(format!(
+                "unknown architecture `{other}`; known: {}",
+                Arch::NAMES.join(", ")
+            )),
+        }
+    }
+
+    /// The name as written in pipelines.
+    pub fn name(self) -> String {
+        match self {
+            Arch::ResNetCifar(d) => format!("resnet{d}"),
+            Arch::MobileNetV2 => "mobilenet_v2".into(),
+        }
+    }
+
+    /// Side of the square input.
+    pub fn input_size(self) -> usize {
+        self.preprocess().crop as usize
+    }
+
+    /// Input preprocessing.
+    pub fn preprocess(self) -> Preprocess {
+        match self {
+            Arch::ResNetCifar(_) => Preprocess {
+                resize: 32,
+                crop: 32,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+            },
+            Arch::MobileNetV2 => Preprocess {
+                resize: 256,
+                crop: 224,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+            },
+        }
+    }
+
+    /// Every tap, in forward order.
+    pub fn taps(self) -> Vec<TapInfo> {
+        match self {
+            Arch::ResNetCifar(d) => resnet_cifar::taps(d),
+            Arch::MobileNetV2 => mobilenet_v2::taps(),
+        }
+    }
+
+    /// Channels of the tap `name`, if the model has it.
+    pub fn tap_channels(self, name: &str) -> Option<usize> {
+        self.taps()
+            .into_iter()
+            .find(|t| t.name == name)
+            .map(|t| t.channels)
+    }
+
+    /// Resolves tap selectors (`convs`, `blocks`, `logits`, `all`, or names) to tap names in
+    /// forward order; every unknown name is reported.
+    pub fn resolve_taps(self, selectors: &[String]) -> std::result::Result<Vec<String>, Vec<String>> {
+        let all = self.taps();
+        let mut keep = vec![false; all.len()];
+        let mut problems = Vec::new();
+        if selectors.is_empty() {
+            problems.push("model.taps is empty: record at least one layer (for example taps = [\"convs\"])".into());
+        }
+        for s in selectors {
+            let group = match s.as_str() {
+                "convs" => Some(Some(TapGroup::Conv)),
+                "blocks" => Some(Some(TapGroup::Block)),
+                "logits" => Some(Some(TapGroup::Logits)),
+                "all" => Some(None),
+                _ => None,
+            };
+            match group {
+                Some(g) => {
+                    for (i, t) in all.iter().enumerate() {
+                        if g.is_none_or(|g| g == t.group) {
+                            keep[i] = true;
+                        }
+                    }
+                }
+                None => match all.iter().position(|t| &t.name == s) {
+                    Some(i) => keep[i] = true,
+                    None => {
+                        let close: Vec<&str> = all
+                            .iter()
+                            .filter(|t| t.name.starts_with(s.split('.').next().unwrap_or("")))
+                            .take(4)
+                            .map(|t| t.name.as_str())
+                            .collect();
+                        problems.push(format!(
+                            "model.taps: {} has no layer `{s}`{}; see `freqtag models` for its taps",
+                            self.name(),
+                            if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) }
+                        ));
+                    }
+                },
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(all
+            .into_iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(t, _)| t.name)
+            .collect())
+    }
+}
+
+/// Collects the recorded taps during a forward pass.
+pub struct Recorder {
+    slots: HashMap<String, usize>,
+    out: Vec<Option<Tensor>>,
+}
+
+impl Recorder {
+    /// Records the taps named in `taps`, in that order.
+    pub fn new(taps: &[String]) -> Self {
+        Recorder {
+            slots: taps.iter().enumerate().map(|(i, t)| (t.clone(), i)).collect(),
+            out: vec![None; taps.len()],
+        }
+    }
+
+    /// Offers the activation of tap `name`: kept as its spatial mean `[B, C]` if recorded.
+    pub fn tap(&mut self, name: &str, x: &Tensor) -> candle_core::Result<()> {
+        if let Some(i) = self.slots.get(name) {
+            let v = if x.rank() == 4 { x.mean((2, 3))? } else { x.clone() };
+            self.out[*i] = Some(v);
+        }
+        Ok(())
+    }
+
+    /// The recorded taps in the order asked for.
+    pub fn finish(self) -> candle_core::Result<Vec<Tensor>> {
+        self.out
+            .into_iter()
+            .map(|t| t.ok_or_else(|| candle_core::Error::Msg("a requested tap was not reached".into())))
+            .collect()
+    }
+}
+
+/// A network with weights, ready for forward passes.
+pub enum Network {
+    /// CIFAR ResNet.
+    ResNet(resnet_cifar::ResNet),
+    /// MobileNetV2.
+    MobileNetV2(mobilenet_v2::MobileNetV2),
+}
+
+impl Network {
+    /// Builds `arch` from the checkpoint `path`; every tensor problem is reported at once.
+    pub fn load(arch: Arch, path: &Path) -> Result<Network> {
+        let tensors = weights::load(path)?;
+        let mut p = weights::Params::new(path, tensors);
+        let net = match arch {
+            Arch::ResNetCifar(d) => Network::ResNet(resnet_cifar::ResNet::new(d, &mut p)?),
+            Arch::MobileNetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::new(&mut p)?),
+        };
+        p.finish(&arch.name())?;
+        Ok(net)
+    }
+
+    /// Logits of `x` `[B, 3, H, W]`, recording taps into `rec`.
+    pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> candle_core::Result<Tensor> {
+        match self {
+            Network::ResNet(n) => n.forward(x, rec),
+            Network::MobileNetV2(n) => n.forward(x, rec),
+        }
+    }
+}

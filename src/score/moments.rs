@@ -1,0 +1,277 @@
+//! An exact accumulator for mean and standard deviation over images.
+//!
+//! Each value is converted once to 384-bit two's-complement fixed point (128 fractional bits);
+//! sums of those integers are exact, so the totals do not depend on the order in which images
+//! were added or how they were split over workers and processes. [`Acc`] is the
+//! differential-dataflow difference type of the aggregation.
+
+use differential_dataflow::difference::{Abelian, IsZero, Monoid, Semigroup};
+use serde::{Deserialize, Serialize};
+
+/// Names of the per-term scores aggregated, in [`super::TermScores::as_array`] order; the last,
+/// the authors' per-neuron mean dB-SNR, is the same for every term of a neuron.
+pub const SCORE_NAMES: [&str; 9] = [
+    "amplitude",
+    "snr",
+    "snr_db",
+    "snr_lattice",
+    "snr_lattice_db",
+    "zscore",
+    "baseline_corrected",
+    "response_share",
+    "mean_snr_db",
+];
+/// Number of scores an [`Acc`] carries.
+pub const N_SCORES: usize = SCORE_NAMES.len();
+
+const LIMBS: usize = 6;
+const FRAC_BITS: i32 = 128;
+/// Values with a magnitude at or above this (2^90) are not accumulated (counted as missing);
+/// their squares stay below 2^180, leaving 2^74 of headroom for the sums.
+pub const MAX_ABS: f64 = 1.2379400392853803e27;
+
+/// A signed 384-bit fixed-point number, `limbs` little-endian two's complement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Fixed {
+    limbs: [u64; LIMBS],
+}
+
+impl Fixed {
+    /// The fixed-point value of `v` (truncated below 2^-128), or `None` if `v` is not finite or
+    /// `|v| >= 2^90`.
+    pub fn from_f64(v: f64) -> Option<Fixed> {
+        if !v.is_finite() || v.abs() >= MAX_ABS {
+            return None;
+        }
+        if v == 0.0 {
+            return Some(Fixed::default());
+        }
+        let bits = v.abs().to_bits();
+        let exp = ((bits >> 52) & 0x7ff) as i32;
+        let frac = bits & ((1u64 << 52) - 1);
+        let (mant, e) = if exp == 0 {
+            (frac, -1074)
+        } else {
+            (frac | (1u64 << 52), exp - 1075)
+        };
+        let shift = e + FRAC_BITS;
+        let mut limbs = [0u64; LIMBS];
+        if shift >= 0 {
+            let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
+            let wide = (mant as u128) << bit;
+            limbs[word] = wide as u64;
+            if word + 1 < LIMBS {
+                limbs[word + 1] = (wide >> 64) as u64;
+            }
+        } else if shift > -64 {
+            limbs[0] = mant >> (-shift);
+        }
+        let mut f = Fixed { limbs };
+        if v < 0.0 {
+            f.negate();
+        }
+        Some(f)
+    }
+
+    /// The nearest f64 (the limbs summed in f64, deterministic).
+    pub fn to_f64(self) -> f64 {
+        let neg = self.is_negative();
+        let mut m = self;
+        if neg {
+            m.negate();
+        }
+        let mut v = 0.0;
+        for (i, l) in m.limbs.iter().enumerate().rev() {
+            v += *l as f64 * 2f64.powi(64 * i as i32 - FRAC_BITS);
+        }
+        if neg {
+            -v
+        } else {
+            v
+        }
+    }
+
+    fn is_negative(&self) -> bool {
+        self.limbs[LIMBS - 1] >> 63 == 1
+    }
+
+    /// Two's-complement negation.
+    pub fn negate(&mut self) {
+        let mut carry = 1u64;
+        for l in self.limbs.iter_mut() {
+            let (v, c) = (!*l).overflowing_add(carry);
+            *l = v;
+            carry = c as u64;
+        }
+    }
+
+    /// Exact addition (wrapping at 2^384, far beyond any reachable sum).
+    pub fn add(&mut self, rhs: &Fixed) {
+        let mut carry = 0u64;
+        for (a, b) in self.limbs.iter_mut().zip(rhs.limbs) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(carry);
+            *a = s2;
+            carry = (c1 || c2) as u64;
+        }
+    }
+
+    /// Whether the value is zero.
+    pub fn is_zero(&self) -> bool {
+        self.limbs == [0; LIMBS]
+    }
+}
+
+/// Count, sum and sum of squares of each of [`N_SCORES`] scores, exact.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Acc {
+    /// Number of values per score (missing values are not counted).
+    pub count: [i64; N_SCORES],
+    /// Sum per score.
+    pub sum: [Fixed; N_SCORES],
+    /// Sum of squares per score.
+    pub sumsq: [Fixed; N_SCORES],
+}
+
+impl Acc {
+    /// The accumulator of one observation; `None` scores are not counted.
+    pub fn of(values: &[Option<f64>]) -> Acc {
+        let mut acc = Acc::zero();
+        for (i, v) in values.iter().enumerate().take(N_SCORES) {
+            let Some(v) = v else { continue };
+            if let (Some(s), Some(q)) = (Fixed::from_f64(*v), Fixed::from_f64(v * v)) {
+                acc.count[i] = 1;
+                acc.sum[i] = s;
+                acc.sumsq[i] = q;
+            }
+        }
+        acc
+    }
+
+    /// Mean of score `i`, or `None` with no values.
+    pub fn mean(&self, i: usize) -> Option<f64> {
+        (self.count[i] > 0).then(|| self.sum[i].to_f64() / self.count[i] as f64)
+    }
+
+    /// Sample standard deviation of score `i` (n - 1), or `None` with fewer than two values.
+    pub fn std(&self, i: usize) -> Option<f64> {
+        let n = self.count[i] as f64;
+        (self.count[i] > 1).then(|| {
+            let s = self.sum[i].to_f64();
+            let var = (self.sumsq[i].to_f64() - s * s / n) / (n - 1.0);
+            var.max(0.0).sqrt()
+        })
+    }
+}
+
+impl IsZero for Acc {
+    fn is_zero(&self) -> bool {
+        self.count.iter().all(|c| *c == 0)
+            && self.sum.iter().all(Fixed::is_zero)
+            && self.sumsq.iter().all(Fixed::is_zero)
+    }
+}
+
+impl Semigroup for Acc {
+    fn plus_equals(&mut self, rhs: &Self) {
+        for i in 0..N_SCORES {
+            self.count[i] += rhs.count[i];
+            self.sum[i].add(&rhs.sum[i]);
+            self.sumsq[i].add(&rhs.sumsq[i]);
+        }
+    }
+}
+
+impl Monoid for Acc {
+    fn zero() -> Self {
+        Acc {
+            count: [0; N_SCORES],
+            sum: [Fixed::default(); N_SCORES],
+            sumsq: [Fixed::default(); N_SCORES],
+        }
+    }
+}
+
+impl Abelian for Acc {
+    fn negate(&mut self) {
+        for i in 0..N_SCORES {
+            self.count[i] = -self.count[i];
+            self.sum[i].negate();
+            self.sumsq[i].negate();
+        }
+    }
+}
+
+impl differential_dataflow::difference::Multiply<isize> for Acc {
+    type Output = Acc;
+    fn multiply(self, rhs: &isize) -> Acc {
+        let mut out = Acc::zero();
+        let mut base = self;
+        if *rhs < 0 {
+            base.negate();
+        }
+        for _ in 0..rhs.unsigned_abs() {
+            out.plus_equals(&base);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_round_trips_and_adds_exactly() {
+        for v in [0.0, 1.0, -1.0, 0.1, -3.75e-7, 1e20, -2.5e-25, 123456.789, 1e-30] {
+            let f = Fixed::from_f64(v).unwrap();
+            assert!((f.to_f64() - v).abs() <= v.abs() * 1e-15 + 1e-38, "{v}");
+        }
+        assert!(Fixed::from_f64(f64::NAN).is_none());
+        assert!(Fixed::from_f64(1e28).is_none());
+        let big = Fixed::from_f64(1e26).unwrap();
+        assert!((big.to_f64() / 1e26 - 1.0).abs() < 1e-15);
+        // a sum that f64 gets wrong in one order but not the other is exact here
+        let vals = [1e16, 1.0, -1e16, 1.0];
+        let mut a = Fixed::default();
+        for v in vals {
+            a.add(&Fixed::from_f64(v).unwrap());
+        }
+        let mut b = Fixed::default();
+        for v in vals.iter().rev() {
+            b.add(&Fixed::from_f64(*v).unwrap());
+        }
+        assert_eq!(a, b);
+        assert_eq!(a.to_f64(), 2.0);
+    }
+
+    #[test]
+    fn acc_is_order_independent_and_matches_f64() {
+        let xs: Vec<f64> = (0..1000).map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.013).collect();
+        let forward = xs.iter().fold(Acc::zero(), |mut a, x| {
+            a.plus_equals(&Acc::of(&[Some(*x)]));
+            a
+        });
+        let mut halves = xs[500..].iter().rev().fold(Acc::zero(), |mut a, x| {
+            a.plus_equals(&Acc::of(&[Some(*x)]));
+            a
+        });
+        let first = xs[..500].iter().fold(Acc::zero(), |mut a, x| {
+            a.plus_equals(&Acc::of(&[Some(*x)]));
+            a
+        });
+        halves.plus_equals(&first);
+        assert_eq!(forward, halves);
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        assert!((forward.mean(0).unwrap() - mean).abs() < 1e-12);
+        assert!((forward.std(0).unwrap() - sd).abs() < 1e-10);
+        assert_eq!(forward.count[1], 0);
+        assert_eq!(forward.mean(1), None);
+        let mut neg = forward.clone();
+        neg.negate();
+        neg.plus_equals(&forward);
+        assert!(neg.is_zero());
+    }
+}

@@ -1,0 +1,210 @@
+//! Per-term scores of one amplitude spectrum, and the authors' overall mean dB-SNR.
+//!
+//! The spectrum for neighbourhoods is bins `1..=N/2` (DC is kept in the output, never scored and
+//! never part of a baseline). A term whose neighbourhood leaves that range gets null SNRs.
+
+use super::terms::TermSet;
+
+/// The SNR neighbourhood: `n` bins each side, after skipping `skip` adjacent bins.
+#[derive(Debug, Clone, Copy)]
+pub struct Neighbourhood {
+    /// Neighbours per side.
+    pub n: usize,
+    /// Adjacent bins left out per side.
+    pub skip: usize,
+}
+
+/// The scores of one term of one neuron. `None` where the value does not exist.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TermScores {
+    /// `A[k]`.
+    pub amplitude: f64,
+    /// `A[k] / mean(neighbours)`.
+    pub snr: Option<f64>,
+    /// `10 log10(snr)`.
+    pub snr_db: Option<f64>,
+    /// As `snr`, with neighbours that are lattice bins left out of the baseline.
+    pub snr_lattice: Option<f64>,
+    /// `10 log10(snr_lattice)`.
+    pub snr_lattice_db: Option<f64>,
+    /// `(A[k] - mean) / sd` over the (standard) neighbours, sample sd.
+    pub zscore: Option<f64>,
+    /// `A[k] - mean(neighbours)`.
+    pub baseline_corrected: Option<f64>,
+    /// `A[k] / rms(A[1..=N/2])`.
+    pub response_share: Option<f64>,
+}
+
+impl TermScores {
+    /// The scores as an array in [`super::SCORE_NAMES`] order, with the neuron's authors'
+    /// score `mean_snr_db` last.
+    pub fn as_array(&self, mean_snr_db: f64) -> [Option<f64>; 9] {
+        [
+            Some(self.amplitude),
+            self.snr,
+            self.snr_db,
+            self.snr_lattice,
+            self.snr_lattice_db,
+            self.zscore,
+            self.baseline_corrected,
+            self.response_share,
+            Some(mean_snr_db),
+        ]
+    }
+}
+
+/// The neighbour bins of `k` within `1..=last`, or `None` if the window leaves that range.
+fn neighbours(k: usize, last: usize, nb: Neighbourhood) -> Option<Vec<usize>> {
+    let reach = nb.skip + nb.n;
+    if k < 1 + reach || k + reach > last {
+        return None;
+    }
+    let left = (k - reach)..=(k - nb.skip - 1);
+    let right = (k + nb.skip + 1)..=(k + reach);
+    Some(left.chain(right).collect())
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+fn db(x: Option<f64>) -> Option<f64> {
+    x.filter(|v| *v > 0.0).map(|v| 10.0 * v.log10())
+}
+
+/// Scores every term of `terms` in the amplitude spectrum `amp` (N/2+1 bins).
+pub fn score_terms(amp: &[f64], terms: &TermSet, nb: Neighbourhood) -> Vec<TermScores> {
+    let last = amp.len() - 1;
+    let rms = (amp[1..].iter().map(|a| a * a).sum::<f64>() / last as f64).sqrt();
+    terms
+        .terms
+        .iter()
+        .map(|t| {
+            let a = amp[t.bin];
+            let mut s = TermScores {
+                amplitude: a,
+                snr: None,
+                snr_db: None,
+                snr_lattice: None,
+                snr_lattice_db: None,
+                zscore: None,
+                baseline_corrected: None,
+                response_share: ratio(a, rms),
+            };
+            if let Some(bins) = neighbours(t.bin, last, nb) {
+                let vals: Vec<f64> = bins.iter().map(|b| amp[*b]).collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                s.snr = ratio(a, mean);
+                s.snr_db = db(s.snr);
+                s.baseline_corrected = Some(a - mean);
+                if vals.len() > 1 {
+                    let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
+                        / (vals.len() - 1) as f64;
+                    s.zscore = ratio(a - mean, var.sqrt());
+                }
+                let off: Vec<f64> = bins
+                    .iter()
+                    .filter(|b| !terms.lattice[**b])
+                    .map(|b| amp[*b])
+                    .collect();
+                if !off.is_empty() {
+                    let base = off.iter().sum::<f64>() / off.len() as f64;
+                    s.snr_lattice = ratio(a, base);
+                    s.snr_lattice_db = db(s.snr_lattice);
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// The authors' overall score, as their code computes it: drop DC; for each remaining bin, SNR
+/// against `nb.n` neighbours each side skipping `nb.skip`, where a window running off either end
+/// uses the neighbours that exist; `(A + 1e-8) / (mean + 1e-8)`; `10 log10`, floored at 0;
+/// averaged over all remaining bins. Rounding-sensitive without stimulus noise (METHOD.md).
+pub fn authors_mean_snr_db(amp: &[f64], nb: Neighbourhood) -> f64 {
+    const GUARD: f64 = 1e-8;
+    let s = &amp[1..];
+    let len = s.len() as isize;
+    let (n, skip) = (nb.n as isize, nb.skip as isize);
+    let mut total = 0.0;
+    for j in 0..len {
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        let left = (j - skip - n).max(0)..(j - skip).max(0);
+        let right = (j + skip + 1).min(len)..(j + skip + 1 + n).min(len);
+        for i in left.chain(right) {
+            sum += s[i as usize];
+            count += 1;
+        }
+        let base = if count > 0 { sum / count as f64 } else { 0.0 };
+        let snr = (s[j as usize] + GUARD) / (base + GUARD);
+        total += (10.0 * snr.log10()).max(0.0);
+    }
+    total / len as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NB: Neighbourhood = Neighbourhood { n: 3, skip: 1 };
+
+    fn paper_terms() -> TermSet {
+        TermSet::new(&[6.0, 7.5], 120.0, 240, 2, 2, &mut Vec::new())
+    }
+
+    #[test]
+    fn snr_on_a_hand_made_spectrum() {
+        let terms = paper_terms();
+        let mut amp = vec![1.0; 121];
+        amp[12] = 10.0; // f1
+        amp[15] = 4.0; // f2, inside f1's window (bin 15 = 12+3)
+        amp[9] = 2.0; // f2-... lattice bin inside f1's window (12-3)
+        let s = score_terms(&amp, &terms, NB);
+        // f1 neighbours: 8,9,10 | 14,15,16 -> 1,2,1,1,4,1 -> mean 10/6
+        assert!((s[0].snr.unwrap() - 10.0 / (10.0 / 6.0)).abs() < 1e-12);
+        assert!((s[0].snr_db.unwrap() - 10.0 * 6.0f64.log10()).abs() < 1e-12);
+        // lattice-aware: 9 and 15 are lattice bins (multiples of 3) -> 8,10,14,16 -> mean 1
+        assert!((s[0].snr_lattice.unwrap() - 10.0).abs() < 1e-12);
+        assert!((s[0].baseline_corrected.unwrap() - (10.0 - 10.0 / 6.0)).abs() < 1e-12);
+        // z-score with the sample sd of [1,2,1,1,4,1]
+        let m = 10.0 / 6.0;
+        let var = ([1.0, 2.0, 1.0, 1.0, 4.0, 1.0f64].iter().map(|v| (v - m) * (v - m)).sum::<f64>()) / 5.0;
+        assert!((s[0].zscore.unwrap() - (10.0 - m) / var.sqrt()).abs() < 1e-12);
+        // response share: rms over bins 1..=120
+        let rms = ((117.0 + 100.0 + 16.0 + 4.0) / 120.0f64).sqrt();
+        assert!((s[0].response_share.unwrap() - 10.0 / rms).abs() < 1e-12);
+        // f2-f1 at bin 3: the window leaves the spectrum -> null, not made up
+        let low = terms.terms.iter().position(|t| t.name == "f2-f1").unwrap();
+        assert_eq!(s[low].snr, None);
+        assert_eq!(s[low].snr_lattice, None);
+        assert_eq!(s[low].amplitude, 1.0);
+    }
+
+    #[test]
+    fn zero_baseline_gives_null_not_infinity() {
+        let terms = paper_terms();
+        let mut amp = vec![0.0; 121];
+        amp[12] = 1.0;
+        let s = score_terms(&amp, &terms, NB);
+        assert_eq!(s[0].snr, None);
+        assert_eq!(s[0].snr_db, None);
+    }
+
+    #[test]
+    fn authors_score_on_flat_and_peaked_spectra() {
+        // a flat spectrum: every SNR is 1 -> 0 dB
+        assert_eq!(authors_mean_snr_db(&[5.0; 121], NB), 0.0);
+        // one peak of 1 over zeros: only bin 12 scores, (1+g)/g -> 80 dB, averaged over 120
+        let mut amp = vec![0.0; 121];
+        amp[12] = 1.0;
+        let want = 10.0 * ((1.0 + 1e-8) / 1e-8f64).log10() / 120.0;
+        assert!((authors_mean_snr_db(&amp, NB) - want).abs() < 1e-9);
+        // at the edge: the first bin uses only right neighbours (bins 3,4,5 of the spectrum)
+        let mut amp = vec![1.0; 121];
+        amp[1] = 3.0;
+        let want = 10.0 * ((3.0 + 1e-8) / (1.0 + 1e-8f64)).log10() / 120.0;
+        assert!((authors_mean_snr_db(&amp, NB) - want).abs() < 1e-12);
+    }
+}
