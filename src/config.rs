@@ -3,6 +3,9 @@
 //!
 //! In: TOML text and `key=value` overrides. Out: a [`Plan`] or [`Error::Config`] listing every
 //! problem found. The file says *what* to compute; command-line flags say *how* to run it.
+//!
+//! Unknown keys are errors, but the structs do not use `deny_unknown_fields`: that stops at the
+//! first one. `serde_ignored` collects every unknown key instead, so all are reported at once.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +18,6 @@ use crate::stimulus::{Modulate, Regions, StimulusSpec};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// Where images come from.
     pub source: SourceConfig,
@@ -34,7 +36,6 @@ pub struct Pipeline {
 
 /// `[source]`: a folder of images, read recursively.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Folder of JPEG/PNG images; relative paths resolve against the pipeline file's folder.
     pub path: PathBuf,
@@ -71,7 +72,6 @@ fn default_extensions() -> Vec<String> {
 
 /// `[model]`: the network, its weights and its taps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Architecture: `resnet20`, `resnet32`, `resnet44`, `resnet56` (CIFAR-10) or `mobilenet_v2`.
     pub arch: String,
@@ -96,7 +96,6 @@ fn default_batch_size() -> usize {
 
 /// `[stimulus]`: regions, frequencies and contrast modulation (METHOD.md section 1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StimulusConfig {
     /// Region layout: `halves`, `quadrants`, `grid` or `mask`.
     #[serde(default = "default_regions")]
@@ -191,7 +190,6 @@ impl Default for StimulusConfig {
 
 /// `[spectrum]`: window, terms and SNR neighbourhood (METHOD.md section 3).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SpectrumConfig {
     /// Window: `rect` (default, the run is bin-locked), `hann`, `hamming` or `blackman`.
     #[serde(default = "default_window")]
@@ -234,7 +232,6 @@ impl Default for SpectrumConfig {
 
 /// `[output]`: which tables are written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Write the full amplitude spectrum of every neuron to `spectra/` (large for big models).
     #[serde(default = "default_true")]

