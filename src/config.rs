@@ -67,7 +67,10 @@ fn default_labels() -> LabelSource {
     LabelSource::None
 }
 fn default_extensions() -> Vec<String> {
-    ["jpg", "jpeg", "png"].iter().map(|s| s.to_string()).collect()
+    ["jpg", "jpeg", "png"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// `[model]`: the network, its weights and its taps.
@@ -296,7 +299,7 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
     };
     let mut table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| fail(vec![format!("not valid TOML: {}", e.message())]))?;
+        .map_err(|e: toml::de::Error| fail(vec![format!("not valid TOML: {e}")]))?;
     let mut problems = Vec::new();
     let mut overridden = Vec::new();
     for set in sets {
@@ -306,16 +309,18 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
         }
     }
     let mut unknown = Vec::new();
-    let parsed: Option<Pipeline> =
-        match serde_ignored::deserialize(toml::Value::Table(table), |path| {
-            unknown.push(path.to_string())
-        }) {
+    let mut track = serde_path_to_error::Track::new();
+    let parsed: Option<Pipeline> = {
+        let de = serde_path_to_error::Deserializer::new(toml::Value::Table(table), &mut track);
+        match serde_ignored::deserialize(de, |path| unknown.push(path.to_string())) {
             Ok(p) => Some(p),
             Err(e) => {
-                problems.push(describe_toml_error(&e));
+                let path = track.path().to_string();
+                problems.push(format!("{path}: {}", e.message()));
                 None
             }
-        };
+        }
+    };
     for key in unknown {
         problems.push(format!(
             "unknown setting `{key}`: check its spelling against README.md's pipeline format"
@@ -391,15 +396,16 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
             None
         }
     };
-    let stimulus = regions.and_then(|regions| {
-        match StimulusSpec::new(st, regions, &mut warnings) {
-            Ok(s) => Some(s),
-            Err(mut msgs) => {
-                problems.append(&mut msgs);
-                None
-            }
-        }
-    });
+    let stimulus =
+        regions.and_then(
+            |regions| match StimulusSpec::new(st, regions, &mut warnings) {
+                Ok(s) => Some(s),
+                Err(mut msgs) => {
+                    problems.append(&mut msgs);
+                    None
+                }
+            },
+        );
     let sp = &pipeline.spectrum;
     if sp.neighbours == 0 {
         problems.push("spectrum.neighbours must be at least 1".into());
@@ -443,7 +449,9 @@ fn apply_set(table: &mut toml::Table, set: &str) -> std::result::Result<String, 
     };
     let key = key.trim();
     let value = match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -459,10 +467,6 @@ fn apply_set(table: &mut toml::Table, set: &str) -> std::result::Result<String, 
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(key.to_string())
-}
-
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    format!("{}", e.message())
 }
 
 impl Plan {
@@ -510,7 +514,12 @@ impl Plan {
             self.terms
                 .terms
                 .iter()
-                .map(|t| format!("{}={}Hz{}", t.name, t.alias_hz, if t.aliased { "(aliased)" } else { "" }))
+                .map(|t| format!(
+                    "{}={}Hz{}",
+                    t.name,
+                    t.alias_hz,
+                    if t.aliased { "(aliased)" } else { "" }
+                ))
                 .collect::<Vec<_>>()
                 .join(" ")
         ));

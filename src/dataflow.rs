@@ -121,9 +121,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         workers = opts.workers,
         "starting run"
     );
-    let staging = opts
-        .out
-        .join(format!(".staging-{}", std::process::id()));
+    let staging = opts.out.join(format!(".staging-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
@@ -268,8 +266,16 @@ fn run_worker(
                     let mut session = output.session(&cap);
                     for (r, rgb) in data.drain(..) {
                         let rec = rgb.and_then(|rgb| {
-                            record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, p.pipeline.model.batch_size)
-                                .map_err(|e| format!("inference failed: {e}"))
+                            record(
+                                &n,
+                                &p.taps,
+                                &p.stimulus,
+                                pre,
+                                &rgb,
+                                &r.id,
+                                p.pipeline.model.batch_size,
+                            )
+                            .map_err(|e| format!("inference failed: {e}"))
                         });
                         session.give((r, rec));
                     }
@@ -288,11 +294,18 @@ fn run_worker(
             });
             (r, out)
         });
-        let (t, sk, er, pr) = (tables.clone(), skipped.clone(), errors.clone(), processed.clone());
+        let (t, sk, er, pr) = (
+            tables.clone(),
+            skipped.clone(),
+            errors.clone(),
+            processed.clone(),
+        );
         let updates = analysed.unary(Pipeline, "WriteImages", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
-                    let Some(time) = cap.least().copied() else { return };
+                    let Some(time) = cap.least().copied() else {
+                        return;
+                    };
                     let mut session = output.session(&cap);
                     for (r, res) in data.drain(..) {
                         let a = match res {
@@ -304,7 +317,9 @@ fn run_worker(
                             }
                         };
                         if let Some(t) = t.borrow_mut().as_mut() {
-                            if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                            if let Err(e) =
+                                t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons)
+                            {
                                 er.borrow_mut().push(e.to_string());
                             }
                         }
@@ -350,8 +365,13 @@ fn run_worker(
         input.advance_to(t);
         let wait = t.saturating_sub(IN_FLIGHT);
         worker.step_while(|| probe.less_than(&wait));
-        if t % 50 == 0 {
-            tracing::info!(worker = index, images = t, per_s = t as f64 / started.elapsed().as_secs_f64(), "progress");
+        if t.is_multiple_of(50) {
+            tracing::info!(
+                worker = index,
+                images = t,
+                per_s = t as f64 / started.elapsed().as_secs_f64(),
+                "progress"
+            );
         }
     }
     drop(input);

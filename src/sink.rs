@@ -70,7 +70,11 @@ pub fn neurons_schema() -> SchemaRef {
     ];
     f.extend(term_fields());
     for s in SCORE_NAMES {
-        f.push(field(s, DataType::Float64, s != "amplitude" && s != "mean_snr_db"));
+        f.push(field(
+            s,
+            DataType::Float64,
+            s != "amplitude" && s != "mean_snr_db",
+        ));
     }
     Arc::new(Schema::new(f))
 }
@@ -128,10 +132,11 @@ impl Part {
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
-        let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::Output {
-            file: tmp.clone(),
-            msg: e.to_string(),
-        })?;
+        let writer =
+            ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::Output {
+                file: tmp.clone(),
+                msg: e.to_string(),
+            })?;
         Ok(Part { writer, tmp, dest })
     }
 
@@ -245,8 +250,9 @@ impl ImageTables {
             let mut layer = StringBuilder::new();
             let mut channel = Int32Builder::with_capacity(rows);
             let mut terms = TermColumns::default();
-            let mut scores: Vec<Float64Builder> =
-                (0..SCORE_NAMES.len()).map(|_| Float64Builder::with_capacity(rows)).collect();
+            let mut scores: Vec<Float64Builder> = (0..SCORE_NAMES.len())
+                .map(|_| Float64Builder::with_capacity(rows))
+                .collect();
             for nr in neurons {
                 for (t, s) in plan.terms.terms.iter().zip(&nr.terms) {
                     id.append_value(&img.id);
@@ -274,7 +280,9 @@ impl ImageTables {
             Arc::new(arrow_array::Int64Array::from(vec![img.label])),
             Arc::new(arrow_array::Int64Array::from(vec![pred])),
             Arc::new(arrow_array::Float32Array::from(vec![prob])),
-            Arc::new(arrow_array::BooleanArray::from(vec![img.label.map(|l| l == pred)])),
+            Arc::new(arrow_array::BooleanArray::from(vec![img
+                .label
+                .map(|l| l == pred)])),
             Arc::new(arrow_array::Int32Array::from(vec![st.frames as i32])),
             Arc::new(arrow_array::Int32Array::from(vec![distinct as i32])),
         ];
@@ -348,8 +356,9 @@ pub fn write_scores(
     let mut terms = TermColumns::default();
     let mut label = Int64Builder::new();
     let mut n_images = Int64Builder::new();
-    let mut cols: Vec<Float64Builder> =
-        (0..2 * SCORE_NAMES.len()).map(|_| Float64Builder::new()).collect();
+    let mut cols: Vec<Float64Builder> = (0..2 * SCORE_NAMES.len())
+        .map(|_| Float64Builder::new())
+        .collect();
     for ((tap, ch, term, lab), acc) in aggregates {
         layer.append_value(&plan.taps[*tap as usize]);
         channel.append_value(*ch as i32);
@@ -395,7 +404,8 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::io(&tmp, e))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

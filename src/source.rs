@@ -169,7 +169,9 @@ pub fn prepare(path: &Path, pre: Preprocess) -> Result<Vec<f32>, String> {
             // a JPEG cut short still decodes (grey fill) in lenient decoders: refuse it here
             let tail = &bytes[bytes.len().saturating_sub(64)..];
             if !tail.windows(2).any(|w| w == [0xff, 0xd9]) {
-                return Err("truncated JPEG (no end-of-image marker): the file is incomplete".into());
+                return Err(
+                    "truncated JPEG (no end-of-image marker): the file is incomplete".into(),
+                );
             }
         }
         Some(image::ImageFormat::Png) => {}

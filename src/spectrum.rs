@@ -132,9 +132,15 @@ mod tests {
             let dft = |d: f64| -> (f64, f64) {
                 // sum_i e^{2 pi i d i / N} = (1 - e^{2 pi i d}) / (1 - e^{2 pi i d / N})
                 let num = (1.0 - (2.0 * PI * d).cos(), -(2.0 * PI * d).sin());
-                let den = (1.0 - (2.0 * PI * d / n as f64).cos(), -(2.0 * PI * d / n as f64).sin());
+                let den = (
+                    1.0 - (2.0 * PI * d / n as f64).cos(),
+                    -(2.0 * PI * d / n as f64).sin(),
+                );
                 let m = den.0 * den.0 + den.1 * den.1;
-                ((num.0 * den.0 + num.1 * den.1) / m, (num.1 * den.0 - num.0 * den.1) / m)
+                (
+                    (num.0 * den.0 + num.1 * den.1) / m,
+                    (num.1 * den.0 - num.0 * den.1) / m,
+                )
             };
             let (r1, i1) = dft(f - k as f64);
             let (r2, i2) = dft(-f - k as f64);

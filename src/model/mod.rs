@@ -69,8 +69,13 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Arch {
     /// All names `parse` accepts.
-    pub const NAMES: [&'static str; 5] =
-        ["resnet20", "resnet32", "resnet44", "resnet56", "mobilenet_v2"];
+    pub const NAMES: [&'static str; 5] = [
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "mobilenet_v2",
+    ];
 
     /// Parses an architecture name.
     pub fn parse(s: &str) -> std::result::Result<Arch, String> {
@@ -136,12 +141,18 @@ impl Arch {
 
     /// Resolves tap selectors (`convs`, `blocks`, `logits`, `all`, or names) to tap names in
     /// forward order; every unknown name is reported.
-    pub fn resolve_taps(self, selectors: &[String]) -> std::result::Result<Vec<String>, Vec<String>> {
+    pub fn resolve_taps(
+        self,
+        selectors: &[String],
+    ) -> std::result::Result<Vec<String>, Vec<String>> {
         let all = self.taps();
         let mut keep = vec![false; all.len()];
         let mut problems = Vec::new();
         if selectors.is_empty() {
-            problems.push("model.taps is empty: record at least one layer (for example taps = [\"convs\"])".into());
+            problems.push(
+                "model.taps is empty: record at least one layer (for example taps = [\"convs\"])"
+                    .into(),
+            );
         }
         for s in selectors {
             let group = match s.as_str() {
@@ -199,7 +210,11 @@ impl Recorder {
     /// Records the taps named in `taps`, in that order.
     pub fn new(taps: &[String]) -> Self {
         Recorder {
-            slots: taps.iter().enumerate().map(|(i, t)| (t.clone(), i)).collect(),
+            slots: taps
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), i))
+                .collect(),
             out: vec![None; taps.len()],
         }
     }
@@ -207,7 +222,11 @@ impl Recorder {
     /// Offers the activation of tap `name`: kept as its spatial mean `[B, C]` if recorded.
     pub fn tap(&mut self, name: &str, x: &Tensor) -> candle_core::Result<()> {
         if let Some(i) = self.slots.get(name) {
-            let v = if x.rank() == 4 { x.mean((2, 3))? } else { x.clone() };
+            let v = if x.rank() == 4 {
+                x.mean((2, 3))?
+            } else {
+                x.clone()
+            };
             self.out[*i] = Some(v);
         }
         Ok(())
@@ -217,7 +236,9 @@ impl Recorder {
     pub fn finish(self) -> candle_core::Result<Vec<Tensor>> {
         self.out
             .into_iter()
-            .map(|t| t.ok_or_else(|| candle_core::Error::Msg("a requested tap was not reached".into())))
+            .map(|t| {
+                t.ok_or_else(|| candle_core::Error::Msg("a requested tap was not reached".into()))
+            })
             .collect()
     }
 }

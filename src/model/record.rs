@@ -47,8 +47,8 @@ pub fn record(
     let s = stim.regions.size;
     let frame_len = 3 * s * s;
     let (distinct, map) = stim.distinct_frames();
-    let mut noise = (stim.noise_std > 0.0)
-        .then(|| NoiseStream::new(stim.noise_seed, image_id, stim.noise_std));
+    let mut noise =
+        (stim.noise_std > 0.0).then(|| NoiseStream::new(stim.noise_seed, image_id, stim.noise_std));
     // per tap, per distinct frame, channels values
     let mut per_frame: Vec<Vec<f32>> = vec![Vec::new(); taps.len()];
     let mut channels = vec![0usize; taps.len()];
@@ -81,11 +81,14 @@ pub fn record(
     flat.write_frame(rgb, pre.mean, pre.std, &ones, None, &mut plain);
     let x = Tensor::from_slice(&plain, (1, 3, s, s), &Device::Cpu)?;
     let logits = net.forward(&x, &mut Recorder::new(&[]))?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?.flatten_all()?.to_vec1::<f32>()?;
-    let (pred, prob) = probs
-        .iter()
-        .enumerate()
-        .fold((0usize, f32::MIN), |a, (i, p)| if *p > a.1 { (i, *p) } else { a });
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (pred, prob) =
+        probs.iter().enumerate().fold(
+            (0usize, f32::MIN),
+            |a, (i, p)| if *p > a.1 { (i, *p) } else { a },
+        );
     let n = map.len();
     let taps = per_frame
         .into_iter()

@@ -65,7 +65,16 @@ impl ResNet {
                 let stride = if l > 0 && i == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{i}", l + 1);
                 all.push(Block {
-                    conv1: Conv::new(p, &format!("{name}.conv1"), cin, planes, 3, stride, 1, false),
+                    conv1: Conv::new(
+                        p,
+                        &format!("{name}.conv1"),
+                        cin,
+                        planes,
+                        3,
+                        stride,
+                        1,
+                        false,
+                    ),
                     bn1: BatchNorm::new(p, &format!("{name}.bn1"), planes, EPS)?,
                     conv2: Conv::new(p, &format!("{name}.conv2"), planes, planes, 3, 1, 1, false),
                     bn2: BatchNorm::new(p, &format!("{name}.bn2"), planes, EPS)?,

@@ -51,7 +51,8 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
     for (name, t) in tensors {
         let name = name.strip_prefix("module.").unwrap_or(&name).to_string();
         let t = if t.dtype().is_float() {
-            t.to_dtype(DType::F32).map_err(|e| err(format!("{name}: {e}")))?
+            t.to_dtype(DType::F32)
+                .map_err(|e| err(format!("{name}: {e}")))?
         } else {
             t
         };
@@ -61,7 +62,12 @@ pub fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 fn load_zip(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
-    for key in [None, Some("state_dict"), Some("model"), Some("model_state_dict")] {
+    for key in [
+        None,
+        Some("state_dict"),
+        Some("model"),
+        Some("model_state_dict"),
+    ] {
         let t = candle_core::pickle::read_all_with_key(path, key);
         match t {
             Ok(t) if !t.is_empty() => return Ok(t),
@@ -123,8 +129,9 @@ fn load_legacy(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     for key in &keys {
         let mut len = [0u8; 8];
-        r.read_exact(&mut len)
-            .map_err(|_| format!("cut short before storage {key}: the file is incomplete, download it again"))?;
+        r.read_exact(&mut len).map_err(|_| {
+            format!("cut short before storage {key}: the file is incomplete, download it again")
+        })?;
         let numel = u64::from_le_bytes(len) as usize;
         let elem = match dtypes.get(key.as_str()).copied() {
             Some("f64") | Some("i64") => 8,
@@ -133,8 +140,9 @@ fn load_legacy(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String
             _ => 4,
         };
         let mut data = vec![0u8; numel * elem];
-        r.read_exact(&mut data)
-            .map_err(|_| format!("cut short inside storage {key}: the file is incomplete, download it again"))?;
+        r.read_exact(&mut data).map_err(|_| {
+            format!("cut short inside storage {key}: the file is incomplete, download it again")
+        })?;
         storages.insert(key.clone(), data);
     }
     let mut out = Vec::new();
@@ -294,16 +302,16 @@ impl Params {
                 Self::zeros(shape)
             }
             None => {
-                self.problems.push(format!("tensor {name} {shape:?} is missing"));
+                self.problems
+                    .push(format!("tensor {name} {shape:?} is missing"));
                 Self::zeros(shape)
             }
         }
     }
 
     fn zeros(shape: &[usize]) -> Tensor {
-        Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap_or_else(|_| {
-            Tensor::new(&[0f32], &Device::Cpu).expect("a one-element tensor")
-        })
+        Tensor::zeros(shape, DType::F32, &Device::Cpu)
+            .unwrap_or_else(|_| Tensor::new(&[0f32], &Device::Cpu).expect("a one-element tensor"))
     }
 
     /// Ends the build: an error listing every missing, unexpected or wrongly shaped tensor.
@@ -319,7 +327,10 @@ impl Params {
             problems.push(format!("unexpected tensor {k} {:?}", t.dims()));
         }
         if unexpected.len() > 20 {
-            problems.push(format!("... and {} more unexpected tensors", unexpected.len() - 20));
+            problems.push(format!(
+                "... and {} more unexpected tensors",
+                unexpected.len() - 20
+            ));
         }
         if problems.is_empty() {
             return Ok(());

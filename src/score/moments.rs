@@ -31,7 +31,9 @@ const FRAC_BITS: i32 = 128;
 pub const MAX_ABS: f64 = 1.2379400392853803e27;
 
 /// A signed 384-bit fixed-point number, `limbs` little-endian two's complement.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Fixed {
     limbs: [u64; LIMBS],
 }
@@ -223,7 +225,9 @@ mod tests {
 
     #[test]
     fn fixed_round_trips_and_adds_exactly() {
-        for v in [0.0, 1.0, -1.0, 0.1, -3.75e-7, 1e20, -2.5e-25, 123456.789, 1e-30] {
+        for v in [
+            0.0, 1.0, -1.0, 0.1, -3.75e-7, 1e20, -2.5e-25, 123456.789, 1e-30,
+        ] {
             let f = Fixed::from_f64(v).unwrap();
             assert!((f.to_f64() - v).abs() <= v.abs() * 1e-15 + 1e-38, "{v}");
         }
@@ -247,7 +251,9 @@ mod tests {
 
     #[test]
     fn acc_is_order_independent_and_matches_f64() {
-        let xs: Vec<f64> = (0..1000).map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.013).collect();
+        let xs: Vec<f64> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.013)
+            .collect();
         let forward = xs.iter().fold(Acc::zero(), |mut a, x| {
             a.plus_equals(&Acc::of(&[Some(*x)]));
             a

@@ -170,7 +170,11 @@ mod tests {
         assert!((s[0].baseline_corrected.unwrap() - (10.0 - 10.0 / 6.0)).abs() < 1e-12);
         // z-score with the sample sd of [1,2,1,1,4,1]
         let m = 10.0 / 6.0;
-        let var = ([1.0, 2.0, 1.0, 1.0, 4.0, 1.0f64].iter().map(|v| (v - m) * (v - m)).sum::<f64>()) / 5.0;
+        let var = ([1.0, 2.0, 1.0, 1.0, 4.0, 1.0f64]
+            .iter()
+            .map(|v| (v - m) * (v - m))
+            .sum::<f64>())
+            / 5.0;
         assert!((s[0].zscore.unwrap() - (10.0 - m) / var.sqrt()).abs() < 1e-12);
         // response share: rms over bins 1..=120
         let rms = ((117.0 + 100.0 + 16.0 + 4.0) / 120.0f64).sqrt();

@@ -254,7 +254,10 @@ mod tests {
         let mut w = Vec::new();
         let t = TermSet::new(&[35.0], 120.0, 240, 2, 2, &mut w);
         let h = &t.terms[1];
-        assert_eq!((h.name.as_str(), h.alias_hz, h.aliased, h.bin), ("2f1", 50.0, true, 100));
+        assert_eq!(
+            (h.name.as_str(), h.alias_hz, h.aliased, h.bin),
+            ("2f1", 50.0, true, 100)
+        );
         assert_eq!(w.len(), 1);
     }
 

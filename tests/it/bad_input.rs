@@ -4,12 +4,18 @@ use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_
 
 #[test]
 fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
-    let Some(shared) = shared_data("bad images") else { return };
+    let Some(shared) = shared_data("bad images") else {
+        return;
+    };
     let dir = tmp();
     let images = dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
     for f in ["cifar10_00_3.png", "cifar10_01_8.png"] {
-        std::fs::copy(root().join("data/cifar10-foolbox-20").join(f), images.join(f)).unwrap();
+        std::fs::copy(
+            root().join("data/cifar10-foolbox-20").join(f),
+            images.join(f),
+        )
+        .unwrap();
     }
     let jpeg = std::fs::read(root().join("data/imagenet-foolbox-20/imagenet_00_243.jpg")).unwrap();
     std::fs::write(images.join("truncated_5.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
@@ -17,22 +23,36 @@ fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
     std::fs::write(images.join("notes_2.png"), b"this is text, not a PNG\n").unwrap();
     let out = dir.path().join("out");
     let o = freqtag(&[
-        "run", &paper_pipeline(), "--out", &out.display().to_string(), "--workers", "2",
-        "--set", &format!("source.path={}", images.display()),
-        "--set", &format!("model.weights={}", resnet32(&shared).display()),
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &out.display().to_string(),
+        "--workers",
+        "2",
+        "--set",
+        &format!("source.path={}", images.display()),
+        "--set",
+        &format!("model.weights={}", resnet32(&shared).display()),
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     let skipped = run["skipped"].as_array().unwrap();
     let ids: Vec<&str> = skipped.iter().map(|s| s["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec!["empty_1.jpg", "notes_2.png", "truncated_5.jpg"], "{run}");
+    assert_eq!(
+        ids,
+        vec!["empty_1.jpg", "notes_2.png", "truncated_5.jpg"],
+        "{run}"
+    );
     for s in skipped {
         assert!(!s["reason"].as_str().unwrap().is_empty());
     }
     assert_eq!(run["counts"]["images_processed"], 2);
     // every good image is in every output
-    run_python("python/check_outputs.py", &[&out.display().to_string(), "2"]);
+    run_python(
+        "python/check_outputs.py",
+        &[&out.display().to_string(), "2"],
+    );
 }
 
 #[test]
@@ -74,23 +94,38 @@ fn validate_prints_the_plan_of_every_shipped_pipeline() {
     for entry in std::fs::read_dir(root().join("pipelines")).unwrap() {
         let p = entry.unwrap().path();
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.starts_with('#'), "{} must start with a comment saying what it is for", p.display());
+        assert!(
+            text.starts_with('#'),
+            "{} must start with a comment saying what it is for",
+            p.display()
+        );
         let o = freqtag(&["validate", &p.display().to_string()]);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         // the paper pipeline's weights live in ../shared; without it only that problem is allowed
         let missing_shared = !root().join("../shared/data").is_dir()
-            && err.contains("model.weights") && err.contains("1 problem(s)");
+            && err.contains("model.weights")
+            && err.contains("1 problem(s)");
         assert!(o.status.success() || missing_shared, "{}", show(&o));
         if o.status.success() {
-            assert!(out.contains("distinct frames") && out.contains("f1+f2"), "{out}");
+            assert!(
+                out.contains("distinct frames") && out.contains("f1+f2"),
+                "{out}"
+            );
         }
     }
 }
 
 #[test]
 fn set_overrides_and_bad_set_syntax() {
-    let o = freqtag(&["validate", &paper_pipeline(), "--set", "stimulus.fps=60", "--set", "stimulus.frames=120"]);
+    let o = freqtag(&[
+        "validate",
+        &paper_pipeline(),
+        "--set",
+        "stimulus.fps=60",
+        "--set",
+        "stimulus.frames=120",
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
     if o.status.success() {
         assert!(out.contains("120 frames at 60 fps (bin 0.5 Hz)"), "{out}");
@@ -102,14 +137,24 @@ fn set_overrides_and_bad_set_syntax() {
 
 #[test]
 fn unwritable_output_fails_before_work() {
-    let Some(shared) = shared_data("unwritable output") else { return };
+    let Some(shared) = shared_data("unwritable output") else {
+        return;
+    };
     let dir = tmp();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let o = freqtag(&[
-        "run", &paper_pipeline(), "--out", &file.join("out").display().to_string(),
-        "--set", &format!("model.weights={}", resnet32(&shared).display()),
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &file.join("out").display().to_string(),
+        "--set",
+        &format!("model.weights={}", resnet32(&shared).display()),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--out"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--out"),
+        "{}",
+        show(&o)
+    );
 }

@@ -28,7 +28,13 @@ fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usiz
         let s = pre.crop as usize;
         let t = Tensor::from_vec(x, (1, 3, s, s), &Device::Cpu).unwrap();
         let logits = net.forward(&t, &mut Recorder::new(&[])).unwrap();
-        let pred = logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let pred = logits
+            .flatten_all()
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         let label = label_from_name(&f.display().to_string()).unwrap();
         correct += (pred as i64 == label) as usize;
     }
@@ -37,8 +43,14 @@ fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usiz
 
 #[test]
 fn resnet32_legacy_checkpoint_classifies_19_of_20_cifar_images() {
-    let Some(shared) = shared_data("resnet32 accuracy") else { return };
-    let (c, n) = accuracy(Arch::ResNetCifar(32), &resnet32(&shared), "cifar10-foolbox-20");
+    let Some(shared) = shared_data("resnet32 accuracy") else {
+        return;
+    };
+    let (c, n) = accuracy(
+        Arch::ResNetCifar(32),
+        &resnet32(&shared),
+        "cifar10-foolbox-20",
+    );
     // independent Python run (tests/reference/ref_paper.py accuracy): 19 of 20
     assert_eq!(n, 20);
     assert!(c >= 19, "ResNet-32 classified {c} of {n}");
@@ -46,7 +58,9 @@ fn resnet32_legacy_checkpoint_classifies_19_of_20_cifar_images() {
 
 #[test]
 fn resnet20_and_56_load_and_classify() {
-    let Some(shared) = shared_data("resnet20/56 accuracy") else { return };
+    let Some(shared) = shared_data("resnet20/56 accuracy") else {
+        return;
+    };
     for (d, file) in [(20, "resnet20-12fca82f.th"), (56, "resnet56-4bfd9763.th")] {
         let w = shared.join("weights/cifar10-resnet").join(file);
         let (c, _) = accuracy(Arch::ResNetCifar(d), &w, "cifar10-foolbox-20");
@@ -69,33 +83,50 @@ fn mobilenet_v2_real_weights_classify_at_least_17_of_20_imagenet_images() {
 
 #[test]
 fn wrong_architecture_names_the_tensors() {
-    let Some(shared) = shared_data("mismatched weights") else { return };
+    let Some(shared) = shared_data("mismatched weights") else {
+        return;
+    };
     let w = shared.join("weights/cifar10-resnet/resnet20-12fca82f.th");
-    let err = Network::load(Arch::ResNetCifar(32), &w).err().expect("resnet20 weights do not fit resnet32");
+    let err = Network::load(Arch::ResNetCifar(32), &w)
+        .err()
+        .expect("resnet20 weights do not fit resnet32");
     let msg = err.to_string();
     assert!(msg.contains("resnet20-12fca82f.th"), "{msg}");
-    assert!(msg.contains("layer1.3.conv1.weight") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("layer1.3.conv1.weight") && msg.contains("missing"),
+        "{msg}"
+    );
     assert!(msg.contains("does not fit resnet32"), "{msg}");
 }
 
 #[test]
 fn truncated_checkpoint_is_a_clear_error() {
-    let Some(shared) = shared_data("truncated weights") else { return };
+    let Some(shared) = shared_data("truncated weights") else {
+        return;
+    };
     let bytes = std::fs::read(resnet32(&shared)).unwrap();
     let dir = tmp();
     let cut = dir.path().join("cut.th");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let msg = Network::load(Arch::ResNetCifar(32), &cut).err().unwrap().to_string();
+    let msg = Network::load(Arch::ResNetCifar(32), &cut)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("cut.th") && msg.contains("cut short"), "{msg}");
     let junk = dir.path().join("junk.pth");
     std::fs::write(&junk, b"hello, not weights").unwrap();
-    let msg = Network::load(Arch::ResNetCifar(32), &junk).err().unwrap().to_string();
+    let msg = Network::load(Arch::ResNetCifar(32), &junk)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("not a checkpoint freqtag reads"), "{msg}");
 }
 
 #[test]
 fn every_listed_tap_is_recorded_with_its_channels() {
-    let Some(shared) = shared_data("taps") else { return };
+    let Some(shared) = shared_data("taps") else {
+        return;
+    };
     for arch in [Arch::ResNetCifar(32)] {
         let net = Network::load(arch, &resnet32(&shared)).unwrap();
         let taps: Vec<String> = arch.taps().into_iter().map(|t| t.name).collect();
@@ -106,8 +137,22 @@ fn every_listed_tap_is_recorded_with_its_channels() {
             assert_eq!(v.dims(), &[2, t.channels], "{}", t.name);
         }
     }
-    assert_eq!(Arch::ResNetCifar(32).taps().iter().filter(|t| t.name.contains("conv")).count(), 31);
+    assert_eq!(
+        Arch::ResNetCifar(32)
+            .taps()
+            .iter()
+            .filter(|t| t.name.contains("conv"))
+            .count(),
+        31
+    );
     let m = Arch::MobileNetV2.taps();
-    assert_eq!(m.iter().filter(|t| t.group == freqtag::model::TapGroup::Conv).count(), 52);
-    assert!(m.iter().any(|t| t.name == "features.3.conv.1.0" && t.channels == 144));
+    assert_eq!(
+        m.iter()
+            .filter(|t| t.group == freqtag::model::TapGroup::Conv)
+            .count(),
+        52
+    );
+    assert!(m
+        .iter()
+        .any(|t| t.name == "features.3.conv.1.0" && t.channels == 144));
 }

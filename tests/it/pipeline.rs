@@ -8,8 +8,16 @@ fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, e
     let out_s = out.display().to_string();
     let set_w = format!("model.weights={}", weights.display());
     let mut args = vec![
-        "run", &paper_pipeline(), "--out", &out_s, "--workers", &w, "--set", &set_w,
-        "--set", "source.limit=4",
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &out_s,
+        "--workers",
+        &w,
+        "--set",
+        &set_w,
+        "--set",
+        "source.limit=4",
     ]
     .into_iter()
     .map(String::from)
@@ -22,10 +30,15 @@ fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, e
 
 #[test]
 fn paper_pipeline_is_tagged_and_identical_for_1_2_and_4_workers() {
-    let Some(shared) = shared_data("paper pipeline workers") else { return };
+    let Some(shared) = shared_data("paper pipeline workers") else {
+        return;
+    };
     let w = resnet32(&shared);
     let dir = tmp();
-    let outs: Vec<_> = [1, 2, 4].iter().map(|n| dir.path().join(format!("w{n}"))).collect();
+    let outs: Vec<_> = [1, 2, 4]
+        .iter()
+        .map(|n| dir.path().join(format!("w{n}")))
+        .collect();
     for (o, n) in outs.iter().zip([1, 2, 4]) {
         run_paper(o, n, &w, &[]);
     }
@@ -39,7 +52,9 @@ fn paper_pipeline_is_tagged_and_identical_for_1_2_and_4_workers() {
 
 #[test]
 fn paper_pipeline_matches_the_float64_reference() {
-    let Some(shared) = shared_data("float64 reference") else { return };
+    let Some(shared) = shared_data("float64 reference") else {
+        return;
+    };
     let w = resnet32(&shared);
     let dir = tmp();
     let out = dir.path().join("out");
@@ -48,9 +63,17 @@ fn paper_pipeline_matches_the_float64_reference() {
     let said = run_python(
         "reference/ref_paper.py",
         &[
-            "compare", "--weights", &w.display().to_string(), "--images",
-            &images.display().to_string(), "--out", &out.display().to_string(), "--limit", "4",
-            "--amp-tol", "1e-4",
+            "compare",
+            "--weights",
+            &w.display().to_string(),
+            "--images",
+            &images.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--limit",
+            "4",
+            "--amp-tol",
+            "1e-4",
         ],
     );
     assert!(said.contains("OK"), "{said}");
@@ -58,30 +81,59 @@ fn paper_pipeline_matches_the_float64_reference() {
 
 #[test]
 fn frame_deduplication_gives_the_same_spectra() {
-    let Some(shared) = shared_data("frame dedup") else { return };
+    let Some(shared) = shared_data("frame dedup") else {
+        return;
+    };
     let w = resnet32(&shared);
     let dir = tmp();
     let (a, b) = (dir.path().join("dedup"), dir.path().join("all"));
     run_paper(&a, 2, &w, &["--set", "source.limit=2"]);
-    run_paper(&b, 2, &w, &["--set", "source.limit=2", "--set", "stimulus.dedup_frames=false"]);
+    run_paper(
+        &b,
+        2,
+        &w,
+        &[
+            "--set",
+            "source.limit=2",
+            "--set",
+            "stimulus.dedup_frames=false",
+        ],
+    );
     let images = std::fs::read_to_string(a.join("run.json")).unwrap();
     assert!(images.contains("\"distinct_frames\": 49"), "{images}");
     run_python(
         "python/compare_runs.py",
-        &[&a.display().to_string(), &b.display().to_string(), "--amp-tol", "1e-5"],
+        &[
+            &a.display().to_string(),
+            &b.display().to_string(),
+            "--amp-tol",
+            "1e-5",
+        ],
     );
 }
 
 #[test]
 fn seeded_stimulus_noise_is_independent_of_workers() {
-    let Some(shared) = shared_data("stimulus noise") else { return };
+    let Some(shared) = shared_data("stimulus noise") else {
+        return;
+    };
     let w = resnet32(&shared);
     let dir = tmp();
     let (a, b) = (dir.path().join("n1"), dir.path().join("n2"));
-    let noise = ["--set", "stimulus.noise_std=0.01", "--set", "stimulus.noise_seed=7", "--set", "source.limit=2"];
+    let noise = [
+        "--set",
+        "stimulus.noise_std=0.01",
+        "--set",
+        "stimulus.noise_seed=7",
+        "--set",
+        "source.limit=2",
+    ];
     run_paper(&a, 1, &w, &noise);
     run_paper(&b, 2, &w, &noise);
-    run_python("python/compare_runs.py", &[&a.display().to_string(), &b.display().to_string()]);
+    run_python(
+        "python/compare_runs.py",
+        &[&a.display().to_string(), &b.display().to_string()],
+    );
     let run = std::fs::read_to_string(a.join("run.json")).unwrap();
     assert!(run.contains("\"stimulus_noise\": true"), "{run}");
 }
