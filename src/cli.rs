@@ -133,6 +133,12 @@ fn cmd_run(
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .max(1);
+    // One worker per core is faster than workers sharing a rayon pool for these small nets
+    // (BUILD-NOTES): give each worker's matmuls cores / workers threads unless the user chose.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", (cores / workers).max(1).to_string());
+    }
     let summary = dataflow::run(plan, &RunOptions { out, workers })
         .with_context(|| format!("running {}", pipeline.display()))?;
     println!(
@@ -143,6 +149,11 @@ fn cmd_run(
         summary.images_per_s,
         summary.workers,
         summary.skipped.len()
+    );
+    let st = &summary.stage_seconds;
+    println!(
+        "stage seconds (all workers): decode {:.1}, forward {:.1}, spectrum {:.1}, write {:.1}, aggregate {:.1}",
+        st.decode, st.forward, st.spectrum, st.write, st.aggregate
     );
     for s in &summary.skipped {
         println!("  skipped {}: {}", s.id, s.reason);

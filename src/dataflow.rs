@@ -56,6 +56,8 @@ pub struct Summary {
     pub images_per_s: f64,
     /// Worker threads.
     pub workers: usize,
+    /// Seconds per stage, summed over workers.
+    pub stage_seconds: StageTimes,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -63,6 +65,44 @@ pub struct Summary {
 struct WorkerReport {
     processed: u64,
     skipped: Vec<Skipped>,
+    stages: StageTimes,
+}
+
+/// Seconds spent in each stage, summed over workers (thread time, not wall time).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StageTimes {
+    /// Reading, decoding and preprocessing images.
+    pub decode: f64,
+    /// Building frames and running the forward passes.
+    pub forward: f64,
+    /// FFTs and term scores.
+    pub spectrum: f64,
+    /// Writing per-image Parquet rows and emitting aggregate updates.
+    pub write: f64,
+    /// Folding consolidated aggregates.
+    pub aggregate: f64,
+}
+
+impl StageTimes {
+    fn add(&mut self, o: &StageTimes) {
+        self.decode += o.decode;
+        self.forward += o.forward;
+        self.spectrum += o.spectrum;
+        self.write += o.write;
+        self.aggregate += o.aggregate;
+    }
+}
+
+/// Runs `f` and adds its duration to `slot`.
+fn timed<R>(
+    slot: &RefCell<StageTimes>,
+    field: fn(&mut StageTimes) -> &mut f64,
+    f: impl FnOnce() -> R,
+) -> R {
+    let t = Instant::now();
+    let r = f();
+    *field(&mut slot.borrow_mut()) += t.elapsed().as_secs_f64();
+    r
 }
 
 /// One image after analysis.
@@ -137,12 +177,14 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         msg: format!("cannot start workers: {e}"),
     })?;
     let mut processed = 0;
+    let mut stages = StageTimes::default();
     let mut failures = Vec::new();
     for r in guards.join() {
         match r {
             Ok(Ok(rep)) => {
                 processed += rep.processed;
                 skipped.extend(rep.skipped);
+                stages.add(&rep.stages);
             }
             Ok(Err(e)) => failures.push(e),
             Err(e) => failures.push(format!("worker failed: {e}")),
@@ -168,6 +210,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         wall_s,
         images_per_s: processed as f64 / wall_s.max(1e-9),
         workers: opts.workers,
+        stage_seconds: stages,
         out: opts.out.clone(),
     };
     let report = run_json(&plan, &weights, &summary);
@@ -221,6 +264,7 @@ fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
         },
         "workers": s.workers,
         "wall_s": s.wall_s,
+        "stage_seconds": s.stage_seconds,
         "images_per_s": s.images_per_s,
         "skipped": s.skipped,
     })
@@ -243,6 +287,7 @@ fn run_worker(
     let skipped: Rc<RefCell<Vec<Skipped>>> = Rc::new(RefCell::new(Vec::new()));
     let errors: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
     let processed = Rc::new(RefCell::new(0u64));
+    let times = Rc::new(RefCell::new(StageTimes::default()));
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let probe = ProbeHandle::new();
     let pre = plan.arch.preprocess();
@@ -252,13 +297,15 @@ fn run_worker(
     };
     let per_class = plan.pipeline.output.per_class;
     worker.dataflow::<u64, _, _>(|scope| {
+        let tm = times.clone();
         let decoded = scope
             .input_from(&mut input)
             .container::<Vec<ImageRef>>()
             .map(move |r| {
-                let rgb = source::prepare(&r.path, pre);
+                let rgb = timed(&tm, |t| &mut t.decode, || source::prepare(&r.path, pre));
                 (r, rgb)
             });
+        let tm = times.clone();
         let (p, n) = (plan.clone(), net.clone());
         let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
             move |input, output| {
@@ -266,14 +313,11 @@ fn run_worker(
                     let mut session = output.session(&cap);
                     for (r, rgb) in data.drain(..) {
                         let rec = rgb.and_then(|rgb| {
-                            record(
-                                &n,
-                                &p.taps,
-                                &p.stimulus,
-                                pre,
-                                &rgb,
-                                &r.id,
-                                p.pipeline.model.batch_size,
+                            let batch = p.pipeline.model.batch_size;
+                            timed(
+                                &tm,
+                                |t| &mut t.forward,
+                                || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch),
                             )
                             .map_err(|e| format!("inference failed: {e}"))
                         });
@@ -284,9 +328,14 @@ fn run_worker(
         });
         let p = plan.clone();
         let mut spectrum = Spectrum::new(p.stimulus.frames, p.pipeline.spectrum.window);
+        let tm = times.clone();
         let analysed = recorded.map(move |(r, rec)| {
             let out = rec.map(|rec| Analysed {
-                neurons: analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
+                neurons: timed(
+                    &tm,
+                    |t| &mut t.spectrum,
+                    || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
+                ),
                 pred: rec.pred,
                 prob: rec.prob,
                 distinct: rec.distinct_frames,
@@ -300,8 +349,10 @@ fn run_worker(
             errors.clone(),
             processed.clone(),
         );
+        let tm = times.clone();
         let updates = analysed.unary(Pipeline, "WriteImages", move |_, _| {
             move |input, output| {
+                let started = Instant::now();
                 input.for_each(|cap, data| {
                     let Some(time) = cap.least().copied() else {
                         return;
@@ -338,9 +389,11 @@ fn run_worker(
                         }
                     }
                 });
+                tm.borrow_mut().write += started.elapsed().as_secs_f64();
             }
         });
         let ag = aggregates.clone();
+        let tm = times.clone();
         updates
             .container::<Vec<(ScoreKey, u64, Acc)>>()
             .as_collection()
@@ -348,12 +401,14 @@ fn run_worker(
             .inner
             .probe_with(&probe)
             .sink(Pipeline, "CollectScores", move |(input, _frontier)| {
+                let started = Instant::now();
                 input.for_each(|_, data| {
                     let mut ag = ag.borrow_mut();
                     for (k, _t, acc) in data.drain(..) {
                         ag.entry(k).or_insert_with(Acc::zero).plus_equals(&acc);
                     }
                 });
+                tm.borrow_mut().aggregate += started.elapsed().as_secs_f64();
             });
     });
     const IN_FLIGHT: u64 = 4;
@@ -392,5 +447,10 @@ fn run_worker(
     }
     let processed = *processed.borrow();
     let skipped = skipped.borrow().clone();
-    Ok(WorkerReport { processed, skipped })
+    let stages = *times.borrow();
+    Ok(WorkerReport {
+        processed,
+        skipped,
+        stages,
+    })
 }

@@ -17,6 +17,14 @@ fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
         )
         .unwrap();
     }
+    // grey, grey+alpha, RGBA and 16-bit PNGs are converted to RGB and processed
+    let src = image::open(root().join("data/cifar10-foolbox-20/cifar10_02_8.png")).unwrap();
+    src.to_luma8().save(images.join("grey_8.png")).unwrap();
+    src.to_luma_alpha8()
+        .save(images.join("greyalpha_8.png"))
+        .unwrap();
+    src.to_rgba8().save(images.join("rgba_8.png")).unwrap();
+    src.to_rgb16().save(images.join("deep_8.png")).unwrap();
     let jpeg = std::fs::read(root().join("data/imagenet-foolbox-20/imagenet_00_243.jpg")).unwrap();
     std::fs::write(images.join("truncated_5.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
     std::fs::write(images.join("empty_1.jpg"), b"").unwrap();
@@ -47,11 +55,11 @@ fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
     for s in skipped {
         assert!(!s["reason"].as_str().unwrap().is_empty());
     }
-    assert_eq!(run["counts"]["images_processed"], 2);
+    assert_eq!(run["counts"]["images_processed"], 6);
     // every good image is in every output
     run_python(
         "python/check_outputs.py",
-        &[&out.display().to_string(), "2"],
+        &[&out.display().to_string(), "6"],
     );
 }
 

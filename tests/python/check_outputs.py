@@ -86,4 +86,17 @@ where s.label is null
 dm, dn, dsd = con.execute(q).fetchone()
 if dn != 0 or (dm is not None and dm > 1e-9) or (dsd is not None and dsd > 1e-9):
     fail(f"scores disagree with a DuckDB recomputation from neurons: mean {dm}, n {dn}, std {dsd}")
+# per class, where images carry labels
+q = f"""
+with per as (
+  select layer, channel, term, label, avg(response_share) as m, count(*) as n
+  from read_parquet('{out}/neurons/*.parquet') where label is not null group by all)
+select count(*), max(abs(per.m - s.response_share_mean)), max(abs(per.n - s.n_images))
+from per join read_parquet('{out}/scores/*.parquet') s using (layer, channel, term, label)
+"""
+rows, dm, dn = con.execute(q).fetchone()
+labelled = neu.label.notna().any()
+expected_rows = len(neu[neu.label.notna()][["layer", "channel", "term", "label"]].drop_duplicates())
+if rows != expected_rows or (labelled and (dm > 1e-9 or dn != 0)):
+    fail(f"per-class scores disagree with DuckDB: {rows} of {expected_rows} groups, mean {dm}, n {dn}")
 print(f"check_outputs: ok ({len(img)} images, {len(spec)} spectra rows, {len(neu)} neuron rows)")
