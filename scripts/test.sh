@@ -9,4 +9,7 @@ if ! .venv/bin/python -c "import pandas, pyarrow, duckdb, numpy, PIL" 2>/dev/nul
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
 export FREQTAG_TEST_PYTHON="$PWD/.venv/bin/python"
+if [ ! -d ../shared/data/weights ]; then
+  echo "!!! ../shared/data is absent: the tests that need the real CIFAR-10 checkpoints will be SKIPPED !!!" >&2
+fi
 cargo test "$@"

@@ -40,8 +40,16 @@ pub fn list(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     walk(dir, dir, &mut files, &mut skipped);
-    files.sort();
     let exts: Vec<String> = cfg.extensions.iter().map(|e| e.to_lowercase()).collect();
+    files.retain(|rel| {
+        let ext = Path::new(rel)
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        exts.contains(&ext)
+    });
+    files.sort();
+    // class index = position of the top-level folder among the sorted folders holding images
     let classes: Vec<String> = if cfg.labels == LabelSource::Folders {
         let mut c: Vec<String> = files
             .iter()
@@ -55,13 +63,6 @@ pub fn list(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
     };
     let mut out = Vec::new();
     for rel in files {
-        let ext = Path::new(&rel)
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
-        if !exts.contains(&ext) {
-            continue;
-        }
         let label = match cfg.labels {
             LabelSource::None => None,
             LabelSource::Folders => rel
@@ -229,6 +230,42 @@ pub fn prepare(path: &Path, pre: Preprocess) -> Result<Vec<f32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_from_sorted_class_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "b/y.png",
+            "b/z.JPG",
+            "a/x.png",
+            "top.png",
+            "c/notes.txt",
+            "d/e/deep.jpg",
+        ] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"").unwrap();
+        }
+        let cfg: SourceConfig = toml::from_str("path = \".\"\nlabels = \"folders\"").unwrap();
+        let (images, skipped) = list(dir.path(), &cfg);
+        let got: Vec<(&str, Option<i64>, u64)> = images
+            .iter()
+            .map(|r| (r.id.as_str(), r.label, r.seq))
+            .collect();
+        // c holds no image, so it is not a class; d/e/deep.jpg belongs to class d
+        assert_eq!(
+            got,
+            vec![
+                ("a/x.png", Some(0), 0),
+                ("b/y.png", Some(1), 1),
+                ("b/z.JPG", Some(1), 2),
+                ("d/e/deep.jpg", Some(2), 3)
+            ]
+        );
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].id, "top.png");
+        assert!(skipped[0].reason.contains("no label"));
+    }
 
     #[test]
     fn labels_from_file_names() {

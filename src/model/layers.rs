@@ -1,25 +1,34 @@
-//! Inference-only layers: convolution (bias optional), batch norm folded to scale and shift,
-//! linear, and a direct depthwise 3x3 convolution for the CPU (candle runs a grouped convolution
-//! as one convolution per group, hundreds of them in MobileNetV2).
+//! Inference-only layers, channels-last (`[B, H, W, C]`): convolution as an im2col copy plus one
+//! matmul (1x1 convolutions are a plain matmul), a direct depthwise 3x3 kernel, batch norm folded
+//! to scale and shift, linear. candle's own `conv2d` is several times slower on this kind of CPU
+//! and runs a grouped convolution as one convolution per group (hundreds in MobileNetV2).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::weights::Params;
 
-/// A 2-D convolution.
+enum ConvKind {
+    /// 1x1, stride 1: `[B*H*W, Cin] x [Cin, Cout]`.
+    Pointwise(Tensor),
+    /// im2col then `[B*Ho*Wo, k*k*Cin] x [k*k*Cin, Cout]`; weight rows ordered (ky, kx, cin).
+    Im2col(Tensor),
+    /// Depthwise 3x3: weights `[9, C]`, ordered (ky, kx), channel fastest.
+    Depthwise(Vec<f32>),
+}
+
+/// A 2-D convolution on channels-last input, padding `k/2`.
 pub struct Conv {
-    weight: Tensor,
+    kind: ConvKind,
     bias: Option<Tensor>,
+    k: usize,
     stride: usize,
-    padding: usize,
-    groups: usize,
-    /// Flattened weights when this is a depthwise 3x3 convolution (run by [`Depthwise3x3`]).
-    depthwise: Option<Vec<f32>>,
+    cout: usize,
 }
 
 impl Conv {
-    /// Loads `{name}.weight` `[out, in/groups, k, k]` (and `{name}.bias` if `bias`).
+    /// Loads `{name}.weight` `[out, in/groups, k, k]` (PyTorch layout) and `{name}.bias` if
+    /// `bias`. Groups must be 1 or depthwise (`groups == in == out`, k = 3).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: &mut Params,
@@ -30,39 +39,215 @@ impl Conv {
         stride: usize,
         groups: usize,
         bias: bool,
-    ) -> Self {
+    ) -> Result<Self> {
         let weight = p.get(&format!("{name}.weight"), &[cout, cin / groups, k, k]);
         let bias = bias.then(|| p.get(&format!("{name}.bias"), &[cout]));
-        let depthwise = (groups > 1 && groups == cin && groups == cout && k == 3)
-            .then(|| weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok())
-            .flatten();
-        Conv {
-            weight,
+        let kind = if groups == 1 && k == 1 && stride == 1 {
+            ConvKind::Pointwise(weight.reshape((cout, cin))?.t()?.contiguous()?)
+        } else if groups == 1 {
+            let w = weight.permute((2, 3, 1, 0))?.contiguous()?;
+            ConvKind::Im2col(w.reshape((k * k * cin, cout))?)
+        } else if groups == cin && groups == cout && k == 3 {
+            let w = weight.reshape((cout, 9))?.t()?.contiguous()?;
+            ConvKind::Depthwise(w.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            candle_core::bail!(
+                "{name}: grouped convolutions other than depthwise 3x3 are not supported"
+            )
+        };
+        Ok(Conv {
+            kind,
             bias,
+            k,
             stride,
-            padding: k / 2,
-            groups,
-            depthwise,
-        }
+            cout,
+        })
     }
 
-    /// Applies the convolution.
+    /// Applies the convolution to `[B, H, W, Cin]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.depthwise {
-            Some(w) if x.device().is_cpu() => x.contiguous()?.apply_op1_no_bwd(&Depthwise3x3 {
-                weight: w,
+        let (b, h, w, c) = x.dims4()?;
+        let y = match &self.kind {
+            ConvKind::Pointwise(wt) => x
+                .reshape((b * h * w, c))?
+                .matmul(wt)?
+                .reshape((b, h, w, self.cout))?,
+            ConvKind::Im2col(wt) => {
+                let op = Im2col {
+                    k: self.k,
+                    stride: self.stride,
+                };
+                let (ho, wo) = op.out_size(h, w);
+                x.contiguous()?
+                    .apply_op1_no_bwd(&op)?
+                    .matmul(wt)?
+                    .reshape((b, ho, wo, self.cout))?
+            }
+            ConvKind::Depthwise(wt) => x.contiguous()?.apply_op1_no_bwd(&Depthwise3x3 {
+                weight: wt,
                 stride: self.stride,
             })?,
-            _ => x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
             None => Ok(y),
         }
     }
 }
 
-/// Batch norm in inference mode as `x * scale + shift`.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 input expected")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected")
+    };
+    Ok(&data[start..end])
+}
+
+/// im2col for channels-last input: `[B, H, W, C]` -> `[B*Ho*Wo, k*k*C]`, zero padding `k/2`.
+pub struct Im2col {
+    /// Kernel side.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+}
+
+impl Im2col {
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let p = self.k / 2;
+        (
+            (h + 2 * p - self.k) / self.stride + 1,
+            (w + 2 * p - self.k) / self.stride + 1,
+        )
+    }
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "im2col-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = layout.shape().dims4()?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let (k, s, p) = (self.k, self.stride, (self.k / 2) as isize);
+        let (ho, wo) = self.out_size(h, w);
+        let row_len = wo * k * k * c;
+        let mut out = vec![0f32; b * ho * row_len];
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let (bi, oy) = (row / ho, row % ho);
+                for ky in 0..k {
+                    let iy = (oy * s + ky) as isize - p;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
+                    for ox in 0..wo {
+                        for kx in 0..k {
+                            let ix = (ox * s + kx) as isize - p;
+                            if ix < 0 || ix >= w as isize {
+                                continue;
+                            }
+                            let dst = ((ox * k + ky) * k + kx) * c;
+                            o[dst..dst + c].copy_from_slice(&src_row[ix as usize * c..][..c]);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b * ho * wo, k * k * c))))
+    }
+}
+
+/// Mean over H and W of contiguous channels-last f32 `[B, H, W, C]` -> `[B, C]` (candle's
+/// reduction over middle dimensions is slow).
+pub struct SpatialMean;
+
+impl CustomOp1 for SpatialMean {
+    fn name(&self) -> &'static str {
+        "spatial-mean-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = layout.shape().dims4()?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let mut out = vec![0f32; b * c];
+        let n = h * w;
+        for (bi, o) in out.chunks_mut(c).enumerate() {
+            // sum in f64 so the mean of large maps keeps f32 precision
+            let mut acc = vec![0f64; c];
+            for px in x[bi * n * c..(bi + 1) * n * c].chunks_exact(c) {
+                for (a, v) in acc.iter_mut().zip(px) {
+                    *a += *v as f64;
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = (a / n as f64) as f32;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c))))
+    }
+}
+
+/// The spatial mean `[B, C]` of channels-last `x` `[B, H, W, C]`.
+pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1_no_bwd(&SpatialMean)
+    } else {
+        x.mean((1, 2))
+    }
+}
+
+/// Depthwise 3x3 convolution, padding 1, on contiguous channels-last f32 `[B, H, W, C]`; the
+/// inner loop runs over channels, which are contiguous.
+pub struct Depthwise3x3<'a> {
+    /// `[9, C]` weights, (ky, kx) major.
+    pub weight: &'a [f32],
+    /// Stride (1 or 2).
+    pub stride: usize,
+}
+
+impl CustomOp1 for Depthwise3x3<'_> {
+    fn name(&self) -> &'static str {
+        "depthwise3x3-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = layout.shape().dims4()?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let s = self.stride;
+        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let mut out = vec![0f32; b * ho * wo * c];
+        out.par_chunks_mut(wo * c).enumerate().for_each(|(row, o)| {
+            let (bi, oy) = (row / ho, row % ho);
+            for ky in 0..3 {
+                let iy = (oy * s + ky) as isize - 1;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
+                for kx in 0..3 {
+                    let wk = &self.weight[(ky * 3 + kx) * c..][..c];
+                    for ox in 0..wo {
+                        let ix = (ox * s + kx) as isize - 1;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let src = &src_row[ix as usize * c..][..c];
+                        for ((acc, v), k) in o[ox * c..][..c].iter_mut().zip(src).zip(wk) {
+                            *acc += v * k;
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, ho, wo, c))))
+    }
+}
+
+/// Batch norm in inference mode as `x * scale + shift`, channels last.
 pub struct BatchNorm {
     scale: Tensor,
     shift: Tensor,
@@ -78,8 +263,8 @@ impl BatchNorm {
         let scale = w.broadcast_div(&(v + eps)?.sqrt()?)?;
         let shift = (b - m.mul(&scale)?)?;
         Ok(BatchNorm {
-            scale: scale.reshape((1, c, 1, 1))?,
-            shift: shift.reshape((1, c, 1, 1))?,
+            scale: scale.reshape((1, 1, 1, c))?,
+            shift: shift.reshape((1, 1, 1, c))?,
         })
     }
 
@@ -112,96 +297,76 @@ impl Linear {
     }
 }
 
-/// Depthwise 3x3 convolution, padding 1, on contiguous f32 `[B, C, H, W]`: each channel's plane is
-/// copied into a zero-bordered scratch plane, then the 9 taps are accumulated row by row.
-pub struct Depthwise3x3<'a> {
-    /// `[C, 1, 3, 3]` weights, flattened.
-    pub weight: &'a [f32],
-    /// Stride (1 or 2).
-    pub stride: usize,
-}
-
-impl CustomOp1 for Depthwise3x3<'_> {
-    fn name(&self) -> &'static str {
-        "depthwise3x3"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("depthwise3x3: f32 input expected")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("depthwise3x3: contiguous input expected")
-        };
-        let x = &data[start..end];
-        let s = self.stride;
-        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
-        let (ph, pw) = (h + 2, w + 2);
-        let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-            || vec![0f32; ph * pw],
-            |pad, (plane, o)| {
-                let src = &x[plane * h * w..(plane + 1) * h * w];
-                for y in 0..h {
-                    pad[(y + 1) * pw + 1..(y + 1) * pw + 1 + w]
-                        .copy_from_slice(&src[y * w..(y + 1) * w]);
-                }
-                let k = &self.weight[(plane % c) * 9..(plane % c) * 9 + 9];
-                for oy in 0..ho {
-                    let row = &mut o[oy * wo..(oy + 1) * wo];
-                    for ky in 0..3 {
-                        let prow = &pad[(oy * s + ky) * pw..(oy * s + ky + 1) * pw];
-                        for kx in 0..3 {
-                            let kv = k[ky * 3 + kx];
-                            if s == 1 {
-                                for (r, p) in row.iter_mut().zip(&prow[kx..kx + wo]) {
-                                    *r += kv * p;
-                                }
-                            } else {
-                                for (ox, r) in row.iter_mut().enumerate() {
-                                    *r += kv * prow[ox * s + kx];
-                                }
-                            }
-                        }
-                    }
-                }
-            },
-        );
-        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+
+    fn max_err(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     #[test]
-    fn depthwise_matches_candle_grouped_conv() {
+    fn spatial_mean_matches_candle_mean() {
+        let x = Tensor::randn(0f32, 1.0, (3, 7, 5, 4), &Device::Cpu).unwrap();
+        let err = max_err(&spatial_mean(&x).unwrap(), &x.mean((1, 2)).unwrap());
+        assert!(err < 1e-6, "{err}");
+    }
+
+    /// The channels-last convolutions against candle's own NCHW `conv2d` on random tensors.
+    #[test]
+    fn convolutions_match_candle_conv2d() {
         let dev = Device::Cpu;
-        for (h, stride) in [(9usize, 1usize), (10, 2), (7, 2), (1, 1)] {
-            let x = Tensor::randn(0f32, 1.0, (2, 5, h, h + 1), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (5, 1, 3, 3), &dev).unwrap();
-            let want = x.conv2d(&k, 1, stride, 1, 5).unwrap();
-            let got = x
-                .apply_op1_no_bwd(&Depthwise3x3 {
-                    weight: &k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    stride,
-                })
+        // (cin, cout, k, stride, groups, h, w, bias)
+        let cases = [
+            (3, 8, 3, 1, 1, 9, 10, true),
+            (4, 6, 3, 2, 1, 10, 7, false),
+            (5, 7, 1, 1, 1, 6, 5, true),
+            (6, 6, 3, 1, 6, 9, 8, false),
+            (6, 6, 3, 2, 6, 10, 9, false),
+            (6, 6, 3, 2, 6, 1, 1, false),
+            (3, 4, 3, 2, 1, 224, 224, false),
+        ];
+        for (cin, cout, k, stride, groups, h, w, bias) in cases {
+            let weight = Tensor::randn(0f32, 1.0, (cout, cin / groups, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let mut t = HashMap::new();
+            t.insert("c.weight".to_string(), weight.clone());
+            t.insert("c.bias".to_string(), b.clone());
+            let mut p = Params::new(std::path::Path::new("test"), t);
+            let conv = Conv::new(&mut p, "c", cin, cout, k, stride, groups, bias).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let mut want = x.conv2d(&weight, k / 2, stride, 1, groups).unwrap();
+            if bias {
+                want = want
+                    .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            let got = conv
+                .forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap())
+                .unwrap()
+                .permute((0, 3, 1, 2))
                 .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let err = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(err < 1e-5, "h {h} stride {stride}: {err}");
+            assert_eq!(
+                got.dims(),
+                want.dims(),
+                "{cin} {cout} {k} {stride} {groups}"
+            );
+            let err = max_err(&got, &want);
+            assert!(
+                err < 1e-4,
+                "case {cin} {cout} {k} {stride} {groups} {h}x{w}: {err}"
+            );
         }
     }
 }

@@ -158,7 +158,7 @@ impl MobileNetV2 {
             let mut us = Vec::new();
             for (tap, bn, ci, co, k, s, g, relu6) in units(&name, cin, cout, stride, t, k) {
                 us.push(Unit {
-                    conv: Conv::new(p, &tap, ci, co, k, s, g, false),
+                    conv: Conv::new(p, &tap, ci, co, k, s, g, false)?,
                     bn: BatchNorm::new(p, &bn, co, EPS)?,
                     tap,
                     relu6,
@@ -174,7 +174,7 @@ impl MobileNetV2 {
         Ok(MobileNetV2 { blocks, classifier })
     }
 
-    /// Forward pass recording taps.
+    /// Forward pass of channels-last frames `[B, H, W, 3]`, recording taps.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let mut x = x.clone();
         for b in &self.blocks {
@@ -190,7 +190,7 @@ impl MobileNetV2 {
             x = if b.residual { (y + &x)? } else { y };
             rec.tap(&b.name, &x)?;
         }
-        let pooled = x.mean((2, 3))?;
+        let pooled = super::layers::spatial_mean(&x)?;
         let logits = self.classifier.forward(&pooled)?;
         rec.tap("logits", &logits)?;
         Ok(logits)

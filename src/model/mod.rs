@@ -3,6 +3,7 @@
 //! per channel, reduced where the activation is, so only `frames x channels` leave the forward.
 //!
 //! In: frames `[B, 3, H, W]`. Out: logits `[B, classes]` and, per recorded tap, `[B, channels]`.
+//! Inside, activations are channels-last (`[B, H, W, C]`): convolutions become matmuls.
 
 pub mod fetch;
 pub mod layers;
@@ -219,11 +220,12 @@ impl Recorder {
         }
     }
 
-    /// Offers the activation of tap `name`: kept as its spatial mean `[B, C]` if recorded.
+    /// Offers the activation of tap `name` (channels last, `[B, H, W, C]`, or `[B, C]`): kept
+    /// as its spatial mean `[B, C]` if recorded.
     pub fn tap(&mut self, name: &str, x: &Tensor) -> candle_core::Result<()> {
         if let Some(i) = self.slots.get(name) {
             let v = if x.rank() == 4 {
-                x.mean((2, 3))?
+                layers::spatial_mean(x)?
             } else {
                 x.clone()
             };
@@ -264,11 +266,13 @@ impl Network {
         Ok(net)
     }
 
-    /// Logits of `x` `[B, 3, H, W]`, recording taps into `rec`.
+    /// Logits of frames `x` `[B, 3, H, W]` (as PyTorch lays them out), recording taps into
+    /// `rec`. The layers run channels-last.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> candle_core::Result<Tensor> {
+        let x = x.permute((0, 2, 3, 1))?.contiguous()?;
         match self {
-            Network::ResNet(n) => n.forward(x, rec),
-            Network::MobileNetV2(n) => n.forward(x, rec),
+            Network::ResNet(n) => n.forward(&x, rec),
+            Network::MobileNetV2(n) => n.forward(&x, rec),
         }
     }
 }

@@ -56,7 +56,7 @@ pub struct ResNet {
 impl ResNet {
     /// Builds ResNet-`depth` from checkpoint tensors.
     pub fn new(depth: usize, p: &mut Params) -> Result<Self> {
-        let conv1 = Conv::new(p, "conv1", 3, 16, 3, 1, 1, false);
+        let conv1 = Conv::new(p, "conv1", 3, 16, 3, 1, 1, false)?;
         let bn1 = BatchNorm::new(p, "bn1", 16, EPS)?;
         let mut all = Vec::new();
         let mut cin = 16;
@@ -74,9 +74,9 @@ impl ResNet {
                         stride,
                         1,
                         false,
-                    ),
+                    )?,
                     bn1: BatchNorm::new(p, &format!("{name}.bn1"), planes, EPS)?,
-                    conv2: Conv::new(p, &format!("{name}.conv2"), planes, planes, 3, 1, 1, false),
+                    conv2: Conv::new(p, &format!("{name}.conv2"), planes, planes, 3, 1, 1, false)?,
                     bn2: BatchNorm::new(p, &format!("{name}.bn2"), planes, EPS)?,
                     pad: (stride != 1 || cin != planes).then_some(planes / 4),
                     name,
@@ -93,7 +93,7 @@ impl ResNet {
         })
     }
 
-    /// Forward pass recording taps.
+    /// Forward pass of channels-last frames `[B, H, W, 3]`, recording taps.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let y = self.conv1.forward(x)?;
         rec.tap("conv1", &y)?;
@@ -107,21 +107,21 @@ impl ResNet {
             let y = b.bn2.forward(&y)?;
             let short = match b.pad {
                 Some(pad) => {
-                    let (n, c, h, w) = x.dims4()?;
-                    // x[:, :, ::2, ::2]: keep even rows and columns
+                    let (n, h, w, c) = x.dims4()?;
+                    // x[:, :, ::2, ::2] in NCHW terms: keep even rows and columns
                     let s = x
-                        .reshape((n, c, h / 2, 2, w / 2, 2))?
-                        .narrow(3, 0, 1)?
-                        .narrow(5, 0, 1)?
-                        .reshape((n, c, h / 2, w / 2))?;
-                    s.pad_with_zeros(1, pad, pad)?
+                        .reshape((n, h / 2, 2, w / 2, 2, c))?
+                        .narrow(2, 0, 1)?
+                        .narrow(4, 0, 1)?
+                        .reshape((n, h / 2, w / 2, c))?;
+                    s.pad_with_zeros(3, pad, pad)?
                 }
                 None => x.clone(),
             };
             x = (y + short)?.relu()?;
             rec.tap(&b.name, &x)?;
         }
-        let pooled = x.mean((2, 3))?;
+        let pooled = super::layers::spatial_mean(&x)?;
         let logits = self.linear.forward(&pooled)?;
         rec.tap("logits", &logits)?;
         Ok(logits)

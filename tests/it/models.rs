@@ -82,6 +82,30 @@ fn mobilenet_v2_real_weights_classify_at_least_17_of_20_imagenet_images() {
 }
 
 #[test]
+fn safetensors_checkpoint_with_module_prefix_gives_the_same_network() {
+    let Some(shared) = shared_data("safetensors") else {
+        return;
+    };
+    let tensors = freqtag::model::weights::load(&resnet32(&shared)).unwrap();
+    let prefixed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("module.{k}"), v))
+        .collect();
+    let dir = tmp();
+    let st = dir.path().join("resnet32.safetensors");
+    candle_core::safetensors::save(&prefixed, &st).unwrap();
+    let (c, n) = accuracy(Arch::ResNetCifar(32), &st, "cifar10-foolbox-20");
+    assert_eq!(
+        (c, n),
+        accuracy(
+            Arch::ResNetCifar(32),
+            &resnet32(&shared),
+            "cifar10-foolbox-20"
+        )
+    );
+}
+
+#[test]
 fn wrong_architecture_names_the_tensors() {
     let Some(shared) = shared_data("mismatched weights") else {
         return;
