@@ -8,7 +8,8 @@
 //! aggregates cross workers, by key, so each key's total is exact and owned by one worker.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use serde::Serialize;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::operators::{Capability, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::config::{Plan, WeightsSource};
@@ -350,45 +351,40 @@ fn run_worker(
             processed.clone(),
         );
         let tm = times.clone();
-        let updates = analysed.unary(Pipeline, "WriteImages", move |_, _| {
-            move |input, output| {
+        // Writes each image's rows as it arrives and folds its score updates into one partial
+        // sum per key and timestamp (a chunk of images), emitted once the frontier passes the
+        // chunk: far fewer records enter the exchange than one per image.
+        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |_, _| {
+            let mut stash: BTreeMap<u64, (Capability<u64>, HashMap<ScoreKey, Acc>)> =
+                BTreeMap::new();
+            move |(input, frontier), output| {
                 let started = Instant::now();
                 input.for_each(|cap, data| {
                     let Some(time) = cap.least().copied() else {
                         return;
                     };
-                    let mut session = output.session(&cap);
-                    for (r, res) in data.drain(..) {
-                        let a = match res {
-                            Ok(a) => a,
-                            Err(reason) => {
-                                tracing::warn!(image = %r.id, %reason, "skipped");
-                                sk.borrow_mut().push(Skipped { id: r.id, reason });
-                                continue;
-                            }
-                        };
-                        if let Some(t) = t.borrow_mut().as_mut() {
-                            if let Err(e) =
-                                t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons)
-                            {
-                                er.borrow_mut().push(e.to_string());
-                            }
-                        }
-                        *pr.borrow_mut() += 1;
-                        let groups: Vec<Option<i64>> = match (per_class, a.image.label) {
-                            (true, Some(l)) => vec![None, Some(l)],
-                            _ => vec![None],
-                        };
-                        for nr in &a.neurons {
-                            for g in &groups {
-                                for (ti, s) in nr.terms.iter().enumerate() {
-                                    let acc = Acc::of(&s.as_array(nr.mean_snr_db));
-                                    session.give(((nr.tap, nr.channel, ti as u32, *g), time, acc));
-                                }
-                            }
+                    let (_, partial) = match stash.entry(time) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
+                            Some(c) => v.insert((c, HashMap::new())),
+                            None => return,
+                        },
+                    };
+                    fold_into(partial, data, &t, &sk, &er, &pr, per_class);
+                });
+                let done: Vec<u64> = stash
+                    .keys()
+                    .copied()
+                    .filter(|time| !frontier.frontier().less_equal(time))
+                    .collect();
+                for time in done {
+                    if let Some((cap, partial)) = stash.remove(&time) {
+                        let mut session = output.session(&cap);
+                        for (k, acc) in partial {
+                            session.give((k, time, acc));
                         }
                     }
-                });
+                }
                 tm.borrow_mut().write += started.elapsed().as_secs_f64();
             }
         });
@@ -411,20 +407,26 @@ fn run_worker(
                 tm.borrow_mut().aggregate += started.elapsed().as_secs_f64();
             });
     });
-    const IN_FLIGHT: u64 = 4;
-    let mut t = 0u64;
+    // Images of one chunk share a timestamp (their score updates are summed before they are
+    // exchanged); at most IN_FLIGHT chunks are ahead of the aggregation.
+    const CHUNK: u64 = 8;
+    const IN_FLIGHT: u64 = 2;
+    let mut n = 0u64;
     let started = Instant::now();
     for r in images.iter().filter(|r| r.seq as usize % peers == index) {
         input.send(r.clone());
-        t += 1;
-        input.advance_to(t);
-        let wait = t.saturating_sub(IN_FLIGHT);
-        worker.step_while(|| probe.less_than(&wait));
-        if t.is_multiple_of(50) {
+        n += 1;
+        if n.is_multiple_of(CHUNK) {
+            let chunk = n / CHUNK;
+            input.advance_to(chunk);
+            let wait = chunk.saturating_sub(IN_FLIGHT);
+            worker.step_while(|| probe.less_than(&wait));
+        }
+        if n.is_multiple_of(50) {
             tracing::info!(
                 worker = index,
-                images = t,
-                per_s = t as f64 / started.elapsed().as_secs_f64(),
+                images = n,
+                per_s = n as f64 / started.elapsed().as_secs_f64(),
                 "progress"
             );
         }
@@ -453,4 +455,48 @@ fn run_worker(
         skipped,
         stages,
     })
+}
+
+/// Writes the images of one batch and folds their score updates into `partial`.
+#[allow(clippy::too_many_arguments)]
+fn fold_into(
+    partial: &mut HashMap<ScoreKey, Acc>,
+    data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
+    tables: &RefCell<Option<ImageTables>>,
+    skipped: &RefCell<Vec<Skipped>>,
+    errors: &RefCell<Vec<String>>,
+    processed: &RefCell<u64>,
+    per_class: bool,
+) {
+    for (r, res) in data.drain(..) {
+        let a = match res {
+            Ok(a) => a,
+            Err(reason) => {
+                tracing::warn!(image = %r.id, %reason, "skipped");
+                skipped.borrow_mut().push(Skipped { id: r.id, reason });
+                continue;
+            }
+        };
+        if let Some(t) = tables.borrow_mut().as_mut() {
+            if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                errors.borrow_mut().push(e.to_string());
+            }
+        }
+        *processed.borrow_mut() += 1;
+        let groups: Vec<Option<i64>> = match (per_class, a.image.label) {
+            (true, Some(l)) => vec![None, Some(l)],
+            _ => vec![None],
+        };
+        for nr in &a.neurons {
+            for (ti, s) in nr.terms.iter().enumerate() {
+                let acc = Acc::of(&s.as_array(nr.mean_snr_db));
+                for g in &groups {
+                    partial
+                        .entry((nr.tap, nr.channel, ti as u32, *g))
+                        .or_insert_with(Acc::zero)
+                        .plus_equals(&acc);
+                }
+            }
+        }
+    }
 }
