@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use std::time::Duration;
+
+use crate::cluster::Cluster;
 use crate::config;
 use crate::dataflow::{self, RunOptions};
 use crate::model::{fetch, Arch};
@@ -33,12 +36,24 @@ pub enum Command {
         /// Output folder [default: out/<pipeline name>].
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Worker threads [default: number of cores].
+        /// Worker threads (per process) [default: number of cores].
         #[arg(long)]
         workers: Option<usize>,
         /// Override a setting by its dotted path, e.g. --set stimulus.fps=60 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Number of processes of a cluster run (timely cluster mode; needs --hostfile).
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// This process's index in a cluster run, 0 to processes-1.
+        #[arg(long, default_value_t = 0)]
+        process: usize,
+        /// File with one host:port per process, in process order.
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Seconds to wait for every process of a cluster run to connect.
+        #[arg(long, default_value_t = 120)]
+        connect_timeout: u64,
     },
     /// Check a pipeline, report every problem at once, and print the resolved plan.
     Validate {
@@ -81,7 +96,25 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             out,
             workers,
             sets,
-        } => cmd_run(pipeline, out, workers, &sets),
+            processes,
+            process,
+            hostfile,
+            connect_timeout,
+        } => {
+            let cluster = match (processes, hostfile) {
+                (1, None) => None,
+                (_, Some(h)) => Some(Cluster::new(
+                    processes,
+                    process,
+                    &h,
+                    Duration::from_secs(connect_timeout),
+                )?),
+                (_, None) => anyhow::bail!(
+                    "--processes {processes} needs --hostfile FILE with one host:port line per process"
+                ),
+            };
+            cmd_run(pipeline, out, workers, &sets, cluster)
+        }
         Command::Validate { pipeline, sets } => cmd_validate(pipeline, &sets),
         Command::Weights { action } => match action {
             WeightsAction::Fetch { model } => {
@@ -116,6 +149,7 @@ fn cmd_run(
     out: Option<PathBuf>,
     workers: Option<usize>,
     sets: &[String],
+    cluster: Option<Cluster>,
 ) -> anyhow::Result<i32> {
     let plan = config::load(&pipeline, sets)?;
     for w in &plan.warnings {
@@ -139,8 +173,13 @@ fn cmd_run(
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / workers).max(1).to_string());
     }
-    let summary = dataflow::run(plan, &RunOptions { out, workers })
-        .with_context(|| format!("running {}", pipeline.display()))?;
+    let opts = RunOptions {
+        out,
+        workers,
+        cluster,
+    };
+    let summary =
+        dataflow::run(plan, &opts).with_context(|| format!("running {}", pipeline.display()))?;
     println!(
         "processed {} of {} images in {:.1} s ({:.2} images/s, {} workers); skipped {}",
         summary.images_processed,

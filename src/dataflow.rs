@@ -24,6 +24,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
+use crate::cluster::{self, Cluster};
 use crate::config::{Plan, WeightsSource};
 use crate::error::{Error, Result};
 use crate::model::record::record;
@@ -38,8 +39,10 @@ use crate::spectrum::Spectrum;
 pub struct RunOptions {
     /// Output folder.
     pub out: PathBuf,
-    /// Worker threads.
+    /// Worker threads (per process).
     pub workers: usize,
+    /// This process's place in a cluster run, if any.
+    pub cluster: Option<Cluster>,
 }
 
 /// What a run did, also written to `run.json`.
@@ -152,7 +155,12 @@ fn check_writable(out: &Path) -> Result<()> {
 /// Runs a compiled pipeline end to end and commits its outputs.
 pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
-    check_writable(&opts.out)?;
+    // in a cluster every process writes its own complete set of tables under process-<i>/
+    let out = match &opts.cluster {
+        Some(c) => opts.out.join(format!("process-{}", c.process)),
+        None => opts.out.clone(),
+    };
+    check_writable(&out)?;
     let weights = weights_path(&plan)?;
     let net = Arc::new(Network::load(plan.arch, &weights)?);
     let (images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
@@ -162,25 +170,83 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         workers = opts.workers,
         "starting run"
     );
-    let staging = opts.out.join(format!(".staging-{}", std::process::id()));
+    let staging = out.join(format!(".staging-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
+    let fingerprint = cluster::fingerprint(&plan, &images);
     let plan = Arc::new(plan);
     let images = Arc::new(images);
-    let config = timely::Config::process(opts.workers.max(1));
-    let (p, n, i, s) = (plan.clone(), net.clone(), images.clone(), staging.clone());
-    let guards = timely::execute(config, move |worker| {
-        run_worker(worker, p.clone(), n.clone(), i.clone(), &s)
-    })
-    .map_err(|e| Error::Output {
+    let workers = opts.workers.max(1);
+    let config = match &opts.cluster {
+        None => timely::Config::process(workers),
+        Some(c) => timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process: c.process,
+                addresses: c.hosts.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        },
+    };
+    let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, n, i, s, j) = (
+        plan.clone(),
+        net.clone(),
+        images.clone(),
+        staging.clone(),
+        joined.clone(),
+    );
+    let check = opts.cluster.is_some().then(|| fingerprint.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = timely::execute(config, move |worker| {
+            j.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(f) = &check {
+                cluster::check_fingerprints(worker, f)?;
+            }
+            run_worker(worker, p.clone(), n.clone(), i.clone(), &s)
+        })
+        .map(|guards| guards.join());
+        let _ = tx.send(result);
+    });
+    let timeout = opts.cluster.as_ref().map(|c| c.connect_timeout);
+    let result = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err("the worker threads stopped unexpectedly".into())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let waiting = !joined.load(std::sync::atomic::Ordering::SeqCst);
+                if let (Some(t), Some(c)) = (timeout, &opts.cluster) {
+                    if waiting && started.elapsed() > t {
+                        let _ = std::fs::remove_dir_all(&staging);
+                        return Err(Error::Output {
+                            file: opts.out.clone(),
+                            msg: format!(
+                                "process {} could not connect to all {} processes within {} s: {}",
+                                c.process,
+                                c.processes,
+                                t.as_secs(),
+                                c.unreachable()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    };
+    let results = result.map_err(|e| Error::Output {
         file: opts.out.clone(),
         msg: format!("cannot start workers: {e}"),
     })?;
     let mut processed = 0;
     let mut stages = StageTimes::default();
     let mut failures = Vec::new();
-    for r in guards.join() {
+    for r in results {
         match r {
             Ok(Ok(rep)) => {
                 processed += rep.processed;
@@ -194,7 +260,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     if !failures.is_empty() {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(Error::Output {
-            file: opts.out.clone(),
+            file: out.clone(),
             msg: format!(
                 "run failed, previous outputs left as they were:\n  - {}",
                 failures.join("\n  - ")
@@ -202,7 +268,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         });
     }
     skipped.sort_by(|a, b| a.id.cmp(&b.id));
-    sink::commit(&staging, &opts.out)?;
+    sink::commit(&staging, &out)?;
     let wall_s = started.elapsed().as_secs_f64();
     let summary = Summary {
         images_listed: images.len(),
@@ -212,11 +278,11 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         images_per_s: processed as f64 / wall_s.max(1e-9),
         workers: opts.workers,
         stage_seconds: stages,
-        out: opts.out.clone(),
+        out: out.clone(),
     };
     let report = run_json(&plan, &weights, &summary);
     sink::write_atomic(
-        &opts.out.join("run.json"),
+        &out.join("run.json"),
         &serde_json::to_string_pretty(&report).unwrap_or_default(),
     )?;
     Ok(summary)

@@ -8,6 +8,7 @@
 //! [`dataflow`]; [`config`] compiles pipeline files.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dataflow;
 pub mod error;

@@ -2,6 +2,8 @@
 
 #[path = "it/bad_input.rs"]
 mod bad_input;
+#[path = "it/cluster.rs"]
+mod cluster;
 #[path = "it/common.rs"]
 mod common;
 #[path = "it/models.rs"]

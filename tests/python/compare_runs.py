@@ -1,5 +1,6 @@
 """Compares two freqtag output folders table by table as sorted rows (exact equality).
-Used to check that results do not depend on the number of workers.
+Used to check that results do not depend on the number of workers or processes. A cluster run's
+folder (process-0/, process-1/, ...) is read as the union of its processes' tables.
 
 usage: python compare_runs.py OUT_A OUT_B [--amp-tol T]
 With --amp-tol, only the spectra are compared, each neuron's amplitudes within T of its largest
@@ -16,12 +17,23 @@ KEYS = {
     "images": ["image_id"],
     "scores": ["layer", "channel", "term", "label"],
 }
+
+
+def read(out, table):
+    import glob
+
+    parts = sorted(glob.glob(f"{out}/process-*/{table}"))
+    if parts:
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return pd.read_parquet(f"{out}/{table}")
+
+
 a, b = sys.argv[1], sys.argv[2]
 if len(sys.argv) == 5 and sys.argv[3] == "--amp-tol":
     tol = float(sys.argv[4])
     k = KEYS["spectra"]
-    x = pd.read_parquet(f"{a}/spectra").sort_values(k).reset_index(drop=True)
-    y = pd.read_parquet(f"{b}/spectra").sort_values(k).reset_index(drop=True)
+    x = read(a, "spectra").sort_values(k).reset_index(drop=True)
+    y = read(b, "spectra").sort_values(k).reset_index(drop=True)
     assert (x[k] == y[k]).all().all(), "different neurons"
     ax, ay = np.stack(x.amplitude.to_numpy()), np.stack(y.amplitude.to_numpy())
     err = (np.abs(ax - ay).max(axis=1) / np.maximum(ax.max(axis=1), 1e-30)).max()
@@ -30,8 +42,8 @@ if len(sys.argv) == 5 and sys.argv[3] == "--amp-tol":
     print(f"compare_runs: spectra agree within {err:.2e} of each neuron's peak")
     sys.exit(0)
 for table, keys in KEYS.items():
-    x = pd.read_parquet(f"{a}/{table}").sort_values(keys, na_position="first").reset_index(drop=True)
-    y = pd.read_parquet(f"{b}/{table}").sort_values(keys, na_position="first").reset_index(drop=True)
+    x = read(a, table).sort_values(keys, na_position="first").reset_index(drop=True)
+    y = read(b, table).sort_values(keys, na_position="first").reset_index(drop=True)
     if table == "spectra":
         x["amplitude"] = x.amplitude.map(tuple)
         y["amplitude"] = y.amplitude.map(tuple)
