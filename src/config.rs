@@ -236,15 +236,32 @@ impl Default for SpectrumConfig {
 /// `[output]`: which tables are written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutputConfig {
-    /// Write the full amplitude spectrum of every neuron to `spectra/` (large for big models).
-    #[serde(default = "default_true")]
-    pub spectra: bool,
+    /// Amplitude spectra in `spectra/`: `full` (every bin of every neuron), `terms` (only the
+    /// term bins, their SNR neighbourhoods and DC: a fraction of the size), or `none`.
+    #[serde(default = "default_spectra")]
+    pub spectra: SpectraMode,
     /// Write the per-image term scores to `neurons/`.
     #[serde(default = "default_true")]
     pub neurons: bool,
     /// Also aggregate scores per class where images carry labels.
     #[serde(default = "default_true")]
     pub per_class: bool,
+}
+
+/// How much of each spectrum is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpectraMode {
+    /// All N/2+1 bins.
+    Full,
+    /// DC, the term bins and their SNR neighbourhoods.
+    Terms,
+    /// No `spectra/` table.
+    None,
+}
+
+fn default_spectra() -> SpectraMode {
+    SpectraMode::Full
 }
 
 impl Default for OutputConfig {

@@ -12,6 +12,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -132,6 +133,92 @@ pub fn weights_path(plan: &Plan) -> Result<PathBuf> {
     }
 }
 
+/// Progress of this process: a bar on a terminal, else a log line every 30 seconds.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl Progress {
+    fn new(total: u64, process: usize) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(&format!(
+                "process {process} [{{bar:30}}] {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b
+        });
+        Progress {
+            bar,
+            total,
+            started: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        match &self.bar {
+            Some(b) => b.set_position(done),
+            None if self.last_log.elapsed().as_secs() >= 30 => {
+                self.last_log = Instant::now();
+                let rate = done as f64 / self.started.elapsed().as_secs_f64();
+                let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
+                tracing::info!(
+                    done,
+                    total = self.total,
+                    per_s = format!("{rate:.2}"),
+                    eta_s = eta.round(),
+                    "progress"
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Upper estimate of the uncompressed size of a run's tables (zstd usually halves it).
+pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
+    use crate::config::SpectraMode;
+    let out = &plan.pipeline.output;
+    let neurons: u64 = plan
+        .taps
+        .iter()
+        .filter_map(|t| plan.arch.tap_channels(t))
+        .sum::<usize>() as u64;
+    let sp = &plan.pipeline.spectrum;
+    let bins = match out.spectra {
+        SpectraMode::Full => (plan.stimulus.frames / 2 + 1) as u64 * 4,
+        SpectraMode::Terms => plan.terms.kept_bins(sp.skip + sp.neighbours).len() as u64 * 8,
+        SpectraMode::None => 0,
+    };
+    let spectra = if bins > 0 { bins + 40 } else { 0 };
+    let terms = plan.terms.terms.len() as u64;
+    let per_term = if out.neurons { 140 } else { 0 };
+    images as u64 * neurons * (spectra + terms * per_term)
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
 fn check_writable(out: &Path) -> Result<()> {
     let err = |msg: String| Error::Output {
         file: out.to_path_buf(),
@@ -164,12 +251,20 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     let weights = weights_path(&plan)?;
     let net = Arc::new(Network::load(plan.arch, &weights)?);
     let (images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
+    let expected = expected_output_bytes(&plan, images.len());
     tracing::info!(
         images = images.len(),
         skipped = skipped.len(),
         workers = opts.workers,
+        expected_output = %human_bytes(expected),
         "starting run"
     );
+    if expected > 20 << 30 {
+        tracing::warn!(
+            expected_output = %human_bytes(expected),
+            "large output: set output.spectra = \"terms\" or \"none\" (and output.neurons = false) to shrink it"
+        );
+    }
     let staging = out.join(format!(".staging-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -192,6 +287,8 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         },
     };
     let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
     let (p, n, i, s, j) = (
         plan.clone(),
         net.clone(),
@@ -207,15 +304,29 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             if let Some(f) = &check {
                 cluster::check_fingerprints(worker, f)?;
             }
-            run_worker(worker, p.clone(), n.clone(), i.clone(), &s)
+            run_worker(worker, p.clone(), n.clone(), i.clone(), &s, d.clone())
         })
         .map(|guards| guards.join());
         let _ = tx.send(result);
     });
     let timeout = opts.cluster.as_ref().map(|c| c.connect_timeout);
+    let (processes, process) = opts
+        .cluster
+        .as_ref()
+        .map_or((1, 0), |c| (c.processes, c.process));
+    // this process's share of the images
+    let mine = images
+        .iter()
+        .filter(|r| (r.seq as usize % (workers * processes)) / workers == process)
+        .count() as u64;
+    let mut progress = Progress::new(mine, process);
     let result = loop {
+        progress.update(done.load(Ordering::Relaxed));
         match rx.recv_timeout(std::time::Duration::from_millis(200)) {
-            Ok(r) => break r,
+            Ok(r) => {
+                progress.finish();
+                break r;
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 break Err("the worker threads stopped unexpectedly".into())
             }
@@ -344,6 +455,7 @@ fn run_worker(
     net: Arc<Network>,
     images: Arc<Vec<ImageRef>>,
     staging: &Path,
+    done: Arc<AtomicU64>,
 ) -> std::result::Result<WorkerReport, String> {
     let index = worker.index();
     let peers = worker.peers();
@@ -417,6 +529,7 @@ fn run_worker(
             processed.clone(),
         );
         let tm = times.clone();
+        let dn = done.clone();
         // Writes each image's rows as it arrives and folds its score updates into one partial
         // sum per key and timestamp (a chunk of images), emitted once the frontier passes the
         // chunk: far fewer records enter the exchange than one per image.
@@ -436,14 +549,16 @@ fn run_worker(
                             None => return,
                         },
                     };
+                    let n = data.len() as u64;
                     fold_into(partial, data, &t, &sk, &er, &pr, per_class);
+                    dn.fetch_add(n, Ordering::Relaxed);
                 });
-                let done: Vec<u64> = stash
+                let finished: Vec<u64> = stash
                     .keys()
                     .copied()
                     .filter(|time| !frontier.frontier().less_equal(time))
                     .collect();
-                for time in done {
+                for time in finished {
                     if let Some((cap, partial)) = stash.remove(&time) {
                         let mut session = output.session(&cap);
                         for (k, acc) in partial {
@@ -478,7 +593,6 @@ fn run_worker(
     const CHUNK: u64 = 8;
     const IN_FLIGHT: u64 = 2;
     let mut n = 0u64;
-    let started = Instant::now();
     for r in images.iter().filter(|r| r.seq as usize % peers == index) {
         input.send(r.clone());
         n += 1;
@@ -487,14 +601,6 @@ fn run_worker(
             input.advance_to(chunk);
             let wait = chunk.saturating_sub(IN_FLIGHT);
             worker.step_while(|| probe.less_than(&wait));
-        }
-        if n.is_multiple_of(50) {
-            tracing::info!(
-                worker = index,
-                images = n,
-                per_s = n as f64 / started.elapsed().as_secs_f64(),
-                "progress"
-            );
         }
     }
     drop(input);

@@ -20,7 +20,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::config::Plan;
+use crate::config::{Plan, SpectraMode};
 use crate::error::{Error, Result};
 use crate::score::{Acc, NeuronResult, SCORE_NAMES};
 use crate::source::ImageRef;
@@ -40,6 +40,11 @@ pub fn spectra_schema() -> SchemaRef {
         field("layer", DataType::Utf8, false),
         field("channel", DataType::Int32, false),
         field("bin_hz", DataType::Float64, false),
+        field(
+            "bins",
+            DataType::List(Arc::new(Field::new("item", DataType::Int32, true))),
+            true,
+        ),
         field(
             "amplitude",
             DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
@@ -181,6 +186,8 @@ fn opt_f64(b: &mut Float64Builder, v: Option<f64>) {
 /// A worker's per-image tables.
 pub struct ImageTables {
     spectra: Option<Part>,
+    /// The bins written with `spectra = "terms"` (`None`: all of them).
+    kept: Option<Vec<usize>>,
     neurons: Option<Part>,
     images: Part,
     plan: Arc<Plan>,
@@ -192,10 +199,13 @@ impl ImageTables {
         let name = format!("part-{worker:05}.parquet");
         let out = &plan.pipeline.output;
         Ok(ImageTables {
-            spectra: out
-                .spectra
+            spectra: (out.spectra != SpectraMode::None)
                 .then(|| Part::create(&staging.join("spectra"), &name, spectra_schema()))
                 .transpose()?,
+            kept: (out.spectra == SpectraMode::Terms).then(|| {
+                let sp = &plan.pipeline.spectrum;
+                plan.terms.kept_bins(sp.skip + sp.neighbours)
+            }),
             neurons: out
                 .neurons
                 .then(|| Part::create(&staging.join("neurons"), &name, neurons_schema()))
@@ -223,6 +233,7 @@ impl ImageTables {
             let mut layer = StringBuilder::new();
             let mut channel = Int32Builder::new();
             let mut bin_hz = Float64Builder::new();
+            let mut bins = ListBuilder::new(Int32Builder::new());
             let mut amp = ListBuilder::new(Float32Builder::new());
             for nr in neurons {
                 id.append_value(&img.id);
@@ -230,7 +241,19 @@ impl ImageTables {
                 layer.append_value(&plan.taps[nr.tap as usize]);
                 channel.append_value(nr.channel as i32);
                 bin_hz.append_value(st.fps / st.frames as f64);
-                amp.values().append_slice(&nr.amplitude);
+                match &self.kept {
+                    Some(kept) => {
+                        for k in kept {
+                            bins.values().append_value(*k as i32);
+                            amp.values().append_value(nr.amplitude[*k]);
+                        }
+                        bins.append(true);
+                    }
+                    None => {
+                        amp.values().append_slice(&nr.amplitude);
+                        bins.append_null();
+                    }
+                }
                 amp.append(true);
             }
             let cols: Vec<ArrayRef> = vec![
@@ -239,6 +262,7 @@ impl ImageTables {
                 Arc::new(layer.finish()),
                 Arc::new(channel.finish()),
                 Arc::new(bin_hz.finish()),
+                Arc::new(bins.finish()),
                 Arc::new(amp.finish()),
             ];
             part.write(&batch(spectra_schema(), cols)?)?;

@@ -59,6 +59,21 @@ pub struct TermSet {
     pub lattice_step: Option<usize>,
 }
 
+impl TermSet {
+    /// The bins `spectra = "terms"` keeps: DC, every term bin and its SNR neighbourhood
+    /// (`reach` = skip + neighbours bins each side), sorted, within `0..=N/2`.
+    pub fn kept_bins(&self, reach: usize) -> Vec<usize> {
+        let last = self.lattice.len() - 1;
+        let mut bins = vec![0];
+        for t in &self.terms {
+            bins.extend(t.bin.saturating_sub(reach)..=(t.bin + reach).min(last));
+        }
+        bins.sort_unstable();
+        bins.dedup();
+        bins
+    }
+}
+
 /// Folds `f` into `[0, fps/2]`: `|((f + fps/2) mod fps) - fps/2|`.
 pub fn alias(f: f64, fps: f64) -> f64 {
     ((f + fps / 2.0).rem_euclid(fps) - fps / 2.0).abs()
@@ -231,6 +246,11 @@ mod tests {
             ]
         );
         assert_eq!(t.lattice_step, Some(3));
+        let kept = t.kept_bins(4);
+        assert_eq!(kept[..2], [0, 1]); // DC, then f2-f1's window from bin 0
+        assert!(
+            kept.contains(&8) && kept.contains(&34) && !kept.contains(&35) && !kept.contains(&60)
+        );
         assert!(t.lattice[9] && t.lattice[12] && !t.lattice[13] && !t.lattice[14]);
     }
 
