@@ -34,13 +34,19 @@ pub struct Pipeline {
     pub output: OutputConfig,
 }
 
-/// `[source]`: a folder of images, read recursively.
+/// `[source]`: where images come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceConfig {
-    /// Folder of JPEG/PNG images; relative paths resolve against the pipeline file's folder.
+    /// `folder` (read recursively), `list` (a text file of `path [label]` lines), `tar`
+    /// (WebDataset shards) or `parquet` (Hugging Face layout).
+    #[serde(default = "default_kind")]
+    pub kind: SourceKind,
+    /// The folder, the list file, or a shard file or glob (`shards/train-*.tar`); relative paths
+    /// resolve against the pipeline file's folder.
     pub path: PathBuf,
     /// Where labels come from: `folders` (sorted class sub-folders), `filename` (the number at
-    /// the end of the file name), or `none`.
+    /// the end of the file name), `source` (the list's second column, `key.cls`, the Parquet
+    /// `label` column), or `none`.
     #[serde(default = "default_labels")]
     pub labels: LabelSource,
     /// File extensions taken, case-insensitive.
@@ -59,8 +65,28 @@ pub enum LabelSource {
     Folders,
     /// The integer at the end of the file stem (`cifar10_03_0.png` has label 0).
     Filename,
+    /// The source's own labels: list second column, `key.cls`, Parquet `label`.
+    Source,
     /// No labels.
     None,
+}
+
+/// The kind of image source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A folder of image files.
+    Folder,
+    /// A list file.
+    List,
+    /// WebDataset tar shards.
+    Tar,
+    /// Parquet files in the Hugging Face layout.
+    Parquet,
+}
+
+fn default_kind() -> SourceKind {
+    SourceKind::Folder
 }
 
 fn default_labels() -> LabelSource {
@@ -358,11 +384,28 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
         }
     };
     let source_dir = resolve("source.path", &pipeline.source.path);
-    if !source_dir.is_dir() {
-        problems.push(format!(
+    match pipeline.source.kind {
+        SourceKind::Folder if !source_dir.is_dir() => problems.push(format!(
             "source.path: {} is not a folder of images: set source.path to a folder (or --set source.path=DIR)",
             source_dir.display()
-        ));
+        )),
+        SourceKind::List if !source_dir.is_file() => problems.push(format!(
+            "source.path: list file {} does not exist",
+            source_dir.display()
+        )),
+        SourceKind::Tar | SourceKind::Parquet => {
+            if let Err(e) = crate::source::shard_paths(&source_dir) {
+                problems.push(format!("source.path: {e}"));
+            }
+        }
+        _ => {}
+    }
+    if pipeline.source.labels == LabelSource::Folders && pipeline.source.kind != SourceKind::Folder
+    {
+        problems.push("source.labels = \"folders\" needs a folder source; use \"source\" for the labels a list, tar or parquet source carries".into());
+    }
+    if pipeline.source.labels == LabelSource::Source && pipeline.source.kind == SourceKind::Folder {
+        problems.push("source.labels = \"source\" needs a list, tar or parquet source; use \"folders\" or \"filename\" for a folder".into());
     }
     if pipeline.model.batch_size == 0 {
         problems.push("model.batch_size must be at least 1".into());

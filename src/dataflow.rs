@@ -481,7 +481,7 @@ fn run_worker(
             .input_from(&mut input)
             .container::<Vec<ImageRef>>()
             .map(move |r| {
-                let rgb = timed(&tm, |t| &mut t.decode, || source::prepare(&r.path, pre));
+                let rgb = timed(&tm, |t| &mut t.decode, || source::prepare(&r.loc, pre));
                 (r, rgb)
             });
         let tm = times.clone();

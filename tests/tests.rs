@@ -12,3 +12,5 @@ mod models;
 mod pipeline;
 #[path = "it/python.rs"]
 mod python;
+#[path = "it/sources.rs"]
+mod sources;

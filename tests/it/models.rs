@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 use freqtag::model::{fetch, Arch, Network, Recorder};
-use freqtag::source::{label_from_name, prepare};
+use freqtag::source::{label_from_name, prepare_bytes};
 
 use crate::common::{resnet32, root, shared_data, tmp};
 
@@ -17,7 +17,7 @@ fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usiz
     files.sort();
     let mut correct = 0;
     for f in &files {
-        let rgb = prepare(f, pre).unwrap();
+        let rgb = prepare_bytes(&std::fs::read(f).unwrap(), pre).unwrap();
         let mut x = rgb.clone();
         let n = x.len() / 3;
         for c in 0..3 {

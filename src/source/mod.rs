@@ -1,27 +1,70 @@
-//! Image sources: a folder read recursively (JPEG and PNG), labels from class sub-folders or
-//! file names, decoding and the model's preprocessing.
+//! Image sources, decoding and the model's preprocessing. Kinds (`source.kind`):
+//! - `folder`: a folder read recursively (JPEG and PNG); id = path relative to the folder;
+//! - `list`: a text file, one `path [label]` per line (paths relative to the list's folder);
+//! - `tar`: WebDataset shards (`key.jpg`/`key.png`, label in `key.cls`), a file or a glob;
+//! - `parquet`: files in the Hugging Face layout (`image` struct of `bytes` and `path`, integer
+//!   `label`), a file or a glob.
 //!
-//! In: the `[source]` settings. Out: [`ImageRef`]s in a fixed order (sorted paths; the image id is
-//! the path relative to the folder), then per image RGB in [0,1] as `[3, crop, crop]`, or the
-//! reason it was skipped.
+//! In: the `[source]` settings. Out: [`ImageRef`]s in a fixed order (the listing only reads names,
+//! headers and labels; image bytes are read when an image is decoded), then per image RGB in
+//! [0,1] as `[3, crop, crop]`, or the reason it was skipped.
+
+mod listfile;
+mod parquet_rows;
+mod tar;
 
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LabelSource, SourceConfig};
+use crate::config::{LabelSource, SourceConfig, SourceKind};
 use crate::model::Preprocess;
+
+/// Where an image's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Locator {
+    /// A file.
+    File(PathBuf),
+    /// A member of a tar shard: data offset and length.
+    Tar {
+        /// The shard.
+        tar: PathBuf,
+        /// Offset of the member's data.
+        offset: u64,
+        /// Length of the member's data.
+        len: u64,
+    },
+    /// A row of a Parquet file in the Hugging Face layout.
+    ParquetRow {
+        /// The file.
+        file: PathBuf,
+        /// Row index in the file.
+        row: u64,
+    },
+}
+
+impl Locator {
+    /// Reads the encoded image.
+    pub fn read(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Locator::File(p) => std::fs::read(p).map_err(|e| format!("cannot read: {e}")),
+            Locator::Tar { tar, offset, len } => tar::read_member(tar, *offset, *len),
+            Locator::ParquetRow { file, row } => parquet_rows::read_row(file, *row),
+        }
+    }
+}
 
 /// One image to process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
-    /// Position in the sorted listing; images are sharded by it.
+    /// Position in the listing; images are sharded by it.
     pub seq: u64,
-    /// Path relative to the source folder, `/`-separated.
+    /// Id: path relative to the source folder (`/`-separated), the path in a list file,
+    /// `shard.tar/key.ext`, or `file.parquet#row`.
     pub id: String,
-    /// Full path.
-    pub path: PathBuf,
+    /// Where its bytes are.
+    pub loc: Locator,
     /// Label, if the source gives one.
     pub label: Option<i64>,
 }
@@ -35,8 +78,89 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Lists the images of `dir` in sorted order, with labels; unreadable entries are skipped.
-pub fn list(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
+/// Lists the images of a source, with labels; unreadable entries are skipped with a reason.
+/// `path` is the resolved `source.path` (a folder, a list file, or a file or glob of shards).
+pub fn list(path: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
+    let (mut out, mut skipped) = match cfg.kind {
+        SourceKind::Folder => list_folder(path, cfg),
+        SourceKind::List => listfile::list(path, cfg),
+        SourceKind::Tar => per_shard(path, cfg, tar::list),
+        SourceKind::Parquet => per_shard(path, cfg, parquet_rows::list),
+    };
+    if cfg.kind != SourceKind::Folder {
+        // labels from file names apply to any kind; `source` labels were set by the reader
+        if cfg.labels == LabelSource::Filename {
+            for r in &mut out {
+                r.label = label_from_name(&r.id);
+            }
+        }
+        let needs = cfg.labels != LabelSource::None;
+        out.retain(|r| {
+            let ok = !needs || r.label.is_some();
+            if !ok {
+                skipped.push(Skipped {
+                    id: r.id.clone(),
+                    reason: "no label found for this image (source.labels)".into(),
+                });
+            }
+            ok
+        });
+    }
+    if let Some(l) = cfg.limit {
+        out.truncate(l);
+    }
+    for (i, r) in out.iter_mut().enumerate() {
+        r.seq = i as u64;
+    }
+    (out, skipped)
+}
+
+/// The files a `tar`/`parquet` source path names: the file itself or the sorted matches of a glob.
+pub fn shard_paths(path: &Path) -> Result<Vec<PathBuf>, String> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let pattern = path.to_string_lossy();
+    let mut files: Vec<PathBuf> = glob::glob(&pattern)
+        .map_err(|e| format!("bad glob pattern {pattern}: {e}"))?
+        .filter_map(|p| p.ok())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("{pattern} matches no file"));
+    }
+    Ok(files)
+}
+
+/// Lists one shard into the images and skips found so far.
+type ShardLister = fn(&Path, &SourceConfig, &mut Vec<ImageRef>, &mut Vec<Skipped>);
+
+fn per_shard(path: &Path, cfg: &SourceConfig, each: ShardLister) -> (Vec<ImageRef>, Vec<Skipped>) {
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    match shard_paths(path) {
+        Ok(files) => {
+            for f in files {
+                each(&f, cfg, &mut out, &mut skipped);
+            }
+        }
+        Err(reason) => skipped.push(Skipped {
+            id: path.display().to_string(),
+            reason,
+        }),
+    }
+    (out, skipped)
+}
+
+/// The file name of a shard, used in image ids.
+fn shard_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+fn list_folder(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     walk(dir, dir, &mut files, &mut skipped);
@@ -69,7 +193,7 @@ pub fn list(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
                 .split_once('/')
                 .and_then(|(d, _)| classes.iter().position(|c| c == d))
                 .map(|i| i as i64),
-            LabelSource::Filename => label_from_name(&rel),
+            LabelSource::Filename | LabelSource::Source => label_from_name(&rel),
         };
         if cfg.labels != LabelSource::None && label.is_none() {
             skipped.push(Skipped {
@@ -86,16 +210,13 @@ pub fn list(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
         }
         out.push(ImageRef {
             seq: 0,
-            path: dir.join(&rel),
+            loc: Locator::File(dir.join(&rel)),
             id: rel,
             label,
         });
         if cfg.limit.is_some_and(|l| out.len() >= l) {
             break;
         }
-    }
-    for (i, r) in out.iter_mut().enumerate() {
-        r.seq = i as u64;
     }
     (out, skipped)
 }
@@ -152,15 +273,19 @@ pub fn label_from_name(rel: &str) -> Option<i64> {
 /// Largest image decoded, in pixels; larger ones are refused before their pixels are allocated.
 pub const MAX_PIXELS: u64 = 100_000_000;
 
-/// Decodes `path` and applies `pre`: short side resized to `pre.resize` (triangle filter, as
+/// Reads and decodes the image at `loc` and applies `pre` (see [`prepare_bytes`]).
+pub fn prepare(loc: &Locator, pre: Preprocess) -> Result<Vec<f32>, String> {
+    prepare_bytes(&loc.read()?, pre)
+}
+
+/// Decodes `bytes` and applies `pre`: short side resized to `pre.resize` (triangle filter, as
 /// bilinear with antialiasing), centre crop `pre.crop`; returns RGB in [0,1] as `[3, crop, crop]`.
-pub fn prepare(path: &Path, pre: Preprocess) -> Result<Vec<f32>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+pub fn prepare_bytes(bytes: &[u8], pre: Preprocess) -> Result<Vec<f32>, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
     }
     let reader = || {
-        image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+        image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| format!("cannot read: {e}"))
     };

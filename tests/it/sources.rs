@@ -1,0 +1,96 @@
+//! Every source kind gives the same results as the folder of the same images; broken shards are
+//! reported and the run goes on.
+
+use std::path::Path;
+
+use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+
+fn run(out: &Path, weights: &Path, kind: &str, path: &Path, expect: i32) -> serde_json::Value {
+    let o = freqtag(&[
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &out.display().to_string(),
+        "--workers",
+        "2",
+        "--set",
+        &format!("model.weights={}", weights.display()),
+        "--set",
+        &format!("source.kind={kind}"),
+        "--set",
+        &format!("source.path={}", path.display()),
+        "--set",
+        if kind == "folder" {
+            "source.labels=filename"
+        } else {
+            "source.labels=source"
+        },
+    ]);
+    assert_eq!(o.status.code(), Some(expect), "{}", show(&o));
+    serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn list_tar_and_parquet_sources_equal_the_folder() {
+    let Some(shared) = shared_data("sources") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let d = dir.path();
+    let images = d.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let src = root().join("data/cifar10-foolbox-20");
+    for f in [
+        "cifar10_00_3.png",
+        "cifar10_01_8.png",
+        "cifar10_02_8.png",
+        "cifar10_03_0.png",
+    ] {
+        std::fs::copy(src.join(f), images.join(f)).unwrap();
+    }
+    let made = d.join("made");
+    run_python(
+        "python/make_sources.py",
+        &[
+            &images.display().to_string(),
+            "4",
+            &made.display().to_string(),
+        ],
+    );
+    let folder = d.join("folder");
+    run(&folder, &w, "folder", &images, 0);
+    let ids = made.join("ids.json").display().to_string();
+    for (kind, path) in [
+        ("list", made.join("list.txt")),
+        ("tar", made.join("shard-*.tar")),
+        ("parquet", made.join("hf/train-*.parquet")),
+    ] {
+        let out = d.join(kind);
+        run(&out, &w, kind, &path, 0);
+        run_python(
+            "python/compare_sources.py",
+            &[
+                &folder.display().to_string(),
+                &out.display().to_string(),
+                &ids,
+                "4",
+            ],
+        );
+    }
+    // a tar shard cut short: the complete members before the cut are processed, the cut reported
+    let cut = d.join("cut-run");
+    let report = run(&cut, &w, "tar", &made.join("cut/cut.tar"), 1);
+    assert_eq!(report["counts"]["images_processed"], 1, "{report}");
+    let reasons = report["skipped"].to_string();
+    assert!(reasons.contains("cut short"), "{reasons}");
+    // a parquet file with another schema is skipped with the reason, the good one processed
+    let mixed = d.join("mixed");
+    let report = run(&mixed, &w, "parquet", &made.join("hf/*.parquet"), 1);
+    assert_eq!(report["counts"]["images_processed"], 4, "{report}");
+    let reasons = report["skipped"].to_string();
+    assert!(
+        reasons.contains("wrong-schema.parquet") && reasons.contains("wrong schema"),
+        "{reasons}"
+    );
+}
