@@ -54,6 +54,12 @@ pub enum Command {
         /// Seconds to wait for every process of a cluster run to connect.
         #[arg(long, default_value_t = 120)]
         connect_timeout: u64,
+        /// Continue the unfinished run in the output folder (after a crash, kill or Ctrl-C).
+        #[arg(long)]
+        resume: bool,
+        /// Images per worker committed together (one segment of every table).
+        #[arg(long, default_value_t = 16)]
+        chunk: u64,
     },
     /// Check a pipeline, report every problem at once, and print the resolved plan.
     Validate {
@@ -100,6 +106,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             process,
             hostfile,
             connect_timeout,
+            resume,
+            chunk,
         } => {
             let cluster = match (processes, hostfile) {
                 (1, None) => None,
@@ -113,7 +121,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     "--processes {processes} needs --hostfile FILE with one host:port line per process"
                 ),
             };
-            cmd_run(pipeline, out, workers, &sets, cluster)
+            let how = How {
+                workers,
+                cluster,
+                resume,
+                chunk,
+            };
+            cmd_run(pipeline, out, &sets, how)
         }
         Command::Validate { pipeline, sets } => cmd_validate(pipeline, &sets),
         Command::Weights { action } => match action {
@@ -144,13 +158,26 @@ fn cmd_validate(pipeline: PathBuf, sets: &[String]) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// How `run` runs (flags), as typed.
+struct How {
+    workers: Option<usize>,
+    cluster: Option<Cluster>,
+    resume: bool,
+    chunk: u64,
+}
+
 fn cmd_run(
     pipeline: PathBuf,
     out: Option<PathBuf>,
-    workers: Option<usize>,
     sets: &[String],
-    cluster: Option<Cluster>,
+    how: How,
 ) -> anyhow::Result<i32> {
+    let How {
+        workers,
+        cluster,
+        resume,
+        chunk,
+    } = how;
     let plan = config::load(&pipeline, sets)?;
     for w in &plan.warnings {
         tracing::warn!("{w}");
@@ -177,9 +204,23 @@ fn cmd_run(
         out,
         workers,
         cluster,
+        resume,
+        chunk,
     };
-    let summary =
-        dataflow::run(plan, &opts).with_context(|| format!("running {}", pipeline.display()))?;
+    // Ctrl-C: stop taking images, commit the chunks in flight, exit saying how to resume
+    let _ = ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: finishing the images in flight (Ctrl-C again to abort)");
+        if dataflow::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    let summary = match dataflow::run(plan, &opts) {
+        Err(e @ crate::Error::Interrupted { .. }) => {
+            eprintln!("{e}");
+            return Ok(130);
+        }
+        r => r.with_context(|| format!("running {}", pipeline.display()))?,
+    };
     println!(
         "processed {} of {} images in {:.1} s ({:.2} images/s, {} workers); skipped {}",
         summary.images_processed,

@@ -30,6 +30,7 @@ use crate::config::{Plan, WeightsSource};
 use crate::error::{Error, Result};
 use crate::model::record::record;
 use crate::model::{fetch, Network};
+use crate::resume::{self, Segment, WorkDir};
 use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
@@ -44,7 +45,14 @@ pub struct RunOptions {
     pub workers: usize,
     /// This process's place in a cluster run, if any.
     pub cluster: Option<Cluster>,
+    /// Continue the unfinished run in `out` instead of starting over.
+    pub resume: bool,
+    /// Images per worker in one chunk: one timestamp, one committed segment.
+    pub chunk: u64,
 }
+
+/// Set by Ctrl-C: workers stop taking new images, finish the chunk in flight and commit it.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What a run did, also written to `run.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -57,8 +65,10 @@ pub struct Summary {
     pub skipped: Vec<Skipped>,
     /// Wall time of the whole run, seconds.
     pub wall_s: f64,
-    /// Processed images per second of wall time.
+    /// Images processed by this attempt per second of wall time.
     pub images_per_s: f64,
+    /// Images committed by earlier attempts of a resumed run.
+    pub resumed_images: u64,
     /// Worker threads.
     pub workers: usize,
     /// Seconds per stage, summed over workers.
@@ -71,6 +81,7 @@ struct WorkerReport {
     processed: u64,
     skipped: Vec<Skipped>,
     stages: StageTimes,
+    interrupted: bool,
 }
 
 /// Seconds spent in each stage, summed over workers (thread time, not wall time).
@@ -250,7 +261,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     check_writable(&out)?;
     let weights = weights_path(&plan)?;
     let net = Arc::new(Network::load(plan.arch, &weights)?);
-    let (images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
+    let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
     let expected = expected_output_bytes(&plan, images.len());
     tracing::info!(
         images = images.len(),
@@ -265,11 +276,35 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             "large output: set output.spectra = \"terms\" or \"none\" (and output.neurons = false) to shrink it"
         );
     }
-    let staging = out.join(format!(".staging-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    }
     let fingerprint = cluster::fingerprint(&plan, &images);
+    let listed = images.len();
+    let (work, seeds, before) = if opts.resume {
+        if opts.cluster.is_some() {
+            return Err(Error::Output {
+                file: out.clone(),
+                msg: "--resume is not supported for cluster runs yet: rerun the cluster without it"
+                    .into(),
+            });
+        }
+        let (work, resumed) = WorkDir::resume(&out, &plan)?;
+        let seeds = resume::aggregates_from_neurons(&resumed.neuron_parts, &plan)?;
+        let before = (resumed.done.len() - resumed.skipped.len()) as u64;
+        tracing::info!(
+            committed = before,
+            skipped = resumed.skipped.len(),
+            "resuming"
+        );
+        images.retain(|r| !resumed.done.contains(&r.id));
+        for (i, r) in images.iter_mut().enumerate() {
+            r.seq = i as u64;
+        }
+        skipped.extend(resumed.skipped);
+        (work, Some(Arc::new(seeds)), before)
+    } else {
+        (WorkDir::fresh(&out, &plan)?, None, 0)
+    };
+    let staging = work.tables();
+    let work = Arc::new(work);
     let plan = Arc::new(plan);
     let images = Arc::new(images);
     let workers = opts.workers.max(1);
@@ -289,13 +324,14 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
-    let (p, n, i, s, j) = (
+    let (p, n, i, w, j) = (
         plan.clone(),
         net.clone(),
         images.clone(),
-        staging.clone(),
+        work.clone(),
         joined.clone(),
     );
+    let chunk = opts.chunk.max(1);
     let check = opts.cluster.is_some().then(|| fingerprint.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -304,7 +340,13 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             if let Some(f) = &check {
                 cluster::check_fingerprints(worker, f)?;
             }
-            run_worker(worker, p.clone(), n.clone(), i.clone(), &s, d.clone())
+            let ctx = WorkerCtx::new(worker.index(), p.clone(), w.clone(), d.clone());
+            let seeds = if worker.index() == 0 {
+                seeds.clone()
+            } else {
+                None
+            };
+            run_worker(worker, ctx, n.clone(), i.clone(), seeds, chunk)
         })
         .map(|guards| guards.join());
         let _ = tx.send(result);
@@ -354,7 +396,8 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         file: opts.out.clone(),
         msg: format!("cannot start workers: {e}"),
     })?;
-    let mut processed = 0;
+    let mut processed = before;
+    let mut interrupted = false;
     let mut stages = StageTimes::default();
     let mut failures = Vec::new();
     for r in results {
@@ -363,30 +406,45 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
                 processed += rep.processed;
                 skipped.extend(rep.skipped);
                 stages.add(&rep.stages);
+                interrupted |= rep.interrupted;
             }
             Ok(Err(e)) => failures.push(e),
             Err(e) => failures.push(format!("worker failed: {e}")),
         }
     }
     if !failures.is_empty() {
-        let _ = std::fs::remove_dir_all(&staging);
         return Err(Error::Output {
             file: out.clone(),
             msg: format!(
-                "run failed, previous outputs left as they were:\n  - {}",
+                "run failed, previous outputs left as they were (committed parts kept for --resume):\n  - {}",
                 failures.join("\n  - ")
             ),
         });
     }
+    if interrupted {
+        return Err(Error::Interrupted {
+            out: out.clone(),
+            processed,
+        });
+    }
     skipped.sort_by(|a, b| a.id.cmp(&b.id));
-    sink::commit(&staging, &out)?;
+    let mut tables = vec!["images", "scores"];
+    if plan.pipeline.output.neurons {
+        tables.push("neurons");
+    }
+    if plan.pipeline.output.spectra != crate::config::SpectraMode::None {
+        tables.push("spectra");
+    }
+    sink::commit(&staging, &out, &tables)?;
+    work.remove()?;
     let wall_s = started.elapsed().as_secs_f64();
     let summary = Summary {
-        images_listed: images.len(),
+        images_listed: listed,
         images_processed: processed,
         skipped,
         wall_s,
-        images_per_s: processed as f64 / wall_s.max(1e-9),
+        images_per_s: (processed - before) as f64 / wall_s.max(1e-9),
+        resumed_images: before,
         workers: opts.workers,
         stage_seconds: stages,
         out: out.clone(),
@@ -438,6 +496,7 @@ fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
         "counts": {
             "images_listed": s.images_listed,
             "images_processed": s.images_processed,
+            "images_from_earlier_attempts": s.resumed_images,
             "skipped": s.skipped.len(),
         },
         "workers": s.workers,
@@ -448,25 +507,145 @@ fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
     })
 }
 
+/// What a worker's operators share.
+struct WorkerCtx {
+    index: usize,
+    plan: Arc<Plan>,
+    work: Arc<WorkDir>,
+    done: Arc<AtomicU64>,
+    skipped: RefCell<Vec<Skipped>>,
+    errors: RefCell<Vec<String>>,
+    processed: std::cell::Cell<u64>,
+    times: RefCell<StageTimes>,
+}
+
+impl WorkerCtx {
+    fn new(index: usize, plan: Arc<Plan>, work: Arc<WorkDir>, done: Arc<AtomicU64>) -> Rc<Self> {
+        Rc::new(WorkerCtx {
+            index,
+            plan,
+            work,
+            done,
+            skipped: RefCell::new(Vec::new()),
+            errors: RefCell::new(Vec::new()),
+            processed: std::cell::Cell::new(0),
+            times: RefCell::new(StageTimes::default()),
+        })
+    }
+}
+
+/// One chunk (timestamp) of a worker's images while it is written: its parts, the partial sums
+/// of its scores, and what it covers.
+struct ChunkState {
+    cap: Capability<u64>,
+    partial: HashMap<ScoreKey, Acc>,
+    tables: Option<ImageTables>,
+    images: Vec<String>,
+    skipped: Vec<Skipped>,
+}
+
+impl ChunkState {
+    fn new(cap: Capability<u64>) -> Self {
+        ChunkState {
+            cap,
+            partial: HashMap::new(),
+            tables: None,
+            images: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Writes the images of a batch and folds their score updates into the partial sums.
+    fn fold(
+        &mut self,
+        ctx: &WorkerCtx,
+        time: u64,
+        data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
+    ) {
+        let per_class = ctx.plan.pipeline.output.per_class;
+        for (r, res) in data.drain(..) {
+            ctx.done.fetch_add(1, Ordering::Relaxed);
+            let a = match res {
+                Ok(a) => a,
+                Err(reason) => {
+                    tracing::warn!(image = %r.id, %reason, "skipped");
+                    let s = Skipped { id: r.id, reason };
+                    ctx.skipped.borrow_mut().push(s.clone());
+                    self.skipped.push(s);
+                    continue;
+                }
+            };
+            if self.tables.is_none() {
+                let name = ctx.work.part_name(ctx.index, time);
+                match ImageTables::create(&ctx.work.tables(), &name, ctx.plan.clone()) {
+                    Ok(t) => self.tables = Some(t),
+                    Err(e) => ctx.errors.borrow_mut().push(e.to_string()),
+                }
+            }
+            if let Some(t) = self.tables.as_mut() {
+                if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                }
+            }
+            self.images.push(a.image.id.clone());
+            ctx.processed.set(ctx.processed.get() + 1);
+            let groups: &[Option<i64>] = match (per_class, a.image.label) {
+                (true, Some(l)) => &[None, Some(l)],
+                _ => &[None],
+            };
+            for nr in &a.neurons {
+                for (ti, s) in nr.terms.iter().enumerate() {
+                    let acc = Acc::of(&s.as_array(nr.mean_snr_db));
+                    for g in groups {
+                        self.partial
+                            .entry((nr.tap, nr.channel, ti as u32, *g))
+                            .or_insert_with(Acc::zero)
+                            .plus_equals(&acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the chunk's parts and manifest line; returns its partial sums to emit.
+    fn commit(self, ctx: &WorkerCtx, time: u64) -> (Capability<u64>, HashMap<ScoreKey, Acc>) {
+        let part = match self.tables {
+            Some(t) => match t.finish() {
+                Ok(()) => ctx.work.part_name(ctx.index, time),
+                Err(e) => {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    String::new()
+                }
+            },
+            None => String::new(),
+        };
+        if !self.images.is_empty() || !self.skipped.is_empty() {
+            let seg = Segment {
+                part,
+                images: self.images,
+                skipped: self.skipped,
+            };
+            if let Err(e) = ctx.work.commit_segment(ctx.index, &seg) {
+                ctx.errors.borrow_mut().push(e.to_string());
+            }
+        }
+        (self.cap, self.partial)
+    }
+}
+
 /// Builds and drives one worker's dataflow.
 fn run_worker(
     worker: &mut timely::worker::Worker,
-    plan: Arc<Plan>,
+    ctx: Rc<WorkerCtx>,
     net: Arc<Network>,
     images: Arc<Vec<ImageRef>>,
-    staging: &Path,
-    done: Arc<AtomicU64>,
+    seeds: Option<Arc<HashMap<ScoreKey, Acc>>>,
+    chunk: u64,
 ) -> std::result::Result<WorkerReport, String> {
     let index = worker.index();
     let peers = worker.peers();
-    let tables = Rc::new(RefCell::new(Some(
-        ImageTables::create(staging, index, plan.clone()).map_err(|e| e.to_string())?,
-    )));
+    let plan = ctx.plan.clone();
     let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Acc>>> = Rc::new(RefCell::new(BTreeMap::new()));
-    let skipped: Rc<RefCell<Vec<Skipped>>> = Rc::new(RefCell::new(Vec::new()));
-    let errors: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
-    let processed = Rc::new(RefCell::new(0u64));
-    let times = Rc::new(RefCell::new(StageTimes::default()));
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let probe = ProbeHandle::new();
     let pre = plan.arch.preprocess();
@@ -474,27 +653,26 @@ fn run_worker(
         n: plan.pipeline.spectrum.neighbours,
         skip: plan.pipeline.spectrum.skip,
     };
-    let per_class = plan.pipeline.output.per_class;
     worker.dataflow::<u64, _, _>(|scope| {
-        let tm = times.clone();
+        let c = ctx.clone();
         let decoded = scope
             .input_from(&mut input)
             .container::<Vec<ImageRef>>()
             .map(move |r| {
-                let rgb = timed(&tm, |t| &mut t.decode, || source::prepare(&r.loc, pre));
+                let rgb = timed(&c.times, |t| &mut t.decode, || source::prepare(&r.loc, pre));
                 (r, rgb)
             });
-        let tm = times.clone();
-        let (p, n) = (plan.clone(), net.clone());
+        let (c, n) = (ctx.clone(), net.clone());
         let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
                     for (r, rgb) in data.drain(..) {
+                        let p = &c.plan;
                         let rec = rgb.and_then(|rgb| {
                             let batch = p.pipeline.model.batch_size;
                             timed(
-                                &tm,
+                                &c.times,
                                 |t| &mut t.forward,
                                 || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch),
                             )
@@ -505,13 +683,13 @@ fn run_worker(
                 });
             }
         });
-        let p = plan.clone();
-        let mut spectrum = Spectrum::new(p.stimulus.frames, p.pipeline.spectrum.window);
-        let tm = times.clone();
+        let c = ctx.clone();
+        let mut spectrum = Spectrum::new(plan.stimulus.frames, plan.pipeline.spectrum.window);
         let analysed = recorded.map(move |(r, rec)| {
+            let p = &c.plan;
             let out = rec.map(|rec| Analysed {
                 neurons: timed(
-                    &tm,
+                    &c.times,
                     |t| &mut t.spectrum,
                     || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
                 ),
@@ -522,36 +700,32 @@ fn run_worker(
             });
             (r, out)
         });
-        let (t, sk, er, pr) = (
-            tables.clone(),
-            skipped.clone(),
-            errors.clone(),
-            processed.clone(),
-        );
-        let tm = times.clone();
-        let dn = done.clone();
         // Writes each image's rows as it arrives and folds its score updates into one partial
-        // sum per key and timestamp (a chunk of images), emitted once the frontier passes the
-        // chunk: far fewer records enter the exchange than one per image.
-        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |_, _| {
-            let mut stash: BTreeMap<u64, (Capability<u64>, HashMap<ScoreKey, Acc>)> =
-                BTreeMap::new();
+        // sum per key and chunk; once the frontier passes the chunk, its parts and manifest line
+        // are committed and the partial sums emitted: far fewer records enter the exchange than
+        // one per image. Aggregates of images committed by an earlier attempt seed chunk 0.
+        let c = ctx.clone();
+        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
+            let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
+            if let Some(seeds) = seeds {
+                let mut state = ChunkState::new(cap);
+                state.partial = (*seeds).clone();
+                stash.insert(0, state);
+            }
             move |(input, frontier), output| {
                 let started = Instant::now();
                 input.for_each(|cap, data| {
                     let Some(time) = cap.least().copied() else {
                         return;
                     };
-                    let (_, partial) = match stash.entry(time) {
+                    let state = match stash.entry(time) {
                         Entry::Occupied(e) => e.into_mut(),
                         Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
-                            Some(c) => v.insert((c, HashMap::new())),
+                            Some(cap) => v.insert(ChunkState::new(cap)),
                             None => return,
                         },
                     };
-                    let n = data.len() as u64;
-                    fold_into(partial, data, &t, &sk, &er, &pr, per_class);
-                    dn.fetch_add(n, Ordering::Relaxed);
+                    state.fold(&c, time, data);
                 });
                 let finished: Vec<u64> = stash
                     .keys()
@@ -559,18 +733,19 @@ fn run_worker(
                     .filter(|time| !frontier.frontier().less_equal(time))
                     .collect();
                 for time in finished {
-                    if let Some((cap, partial)) = stash.remove(&time) {
+                    if let Some(state) = stash.remove(&time) {
+                        let (cap, partial) = state.commit(&c, time);
                         let mut session = output.session(&cap);
                         for (k, acc) in partial {
                             session.give((k, time, acc));
                         }
                     }
                 }
-                tm.borrow_mut().write += started.elapsed().as_secs_f64();
+                c.times.borrow_mut().write += started.elapsed().as_secs_f64();
             }
         });
         let ag = aggregates.clone();
-        let tm = times.clone();
+        let c = ctx.clone();
         updates
             .container::<Vec<(ScoreKey, u64, Acc)>>()
             .as_collection()
@@ -585,21 +760,25 @@ fn run_worker(
                         ag.entry(k).or_insert_with(Acc::zero).plus_equals(&acc);
                     }
                 });
-                tm.borrow_mut().aggregate += started.elapsed().as_secs_f64();
+                c.times.borrow_mut().aggregate += started.elapsed().as_secs_f64();
             });
     });
-    // Images of one chunk share a timestamp (their score updates are summed before they are
-    // exchanged); at most IN_FLIGHT chunks are ahead of the aggregation.
-    const CHUNK: u64 = 8;
+    // Images of one chunk share a timestamp; at most IN_FLIGHT chunks are ahead of the
+    // aggregation. Ctrl-C (STOP) ends the feeding: the chunks in flight finish and commit.
     const IN_FLIGHT: u64 = 2;
     let mut n = 0u64;
+    let mut interrupted = false;
     for r in images.iter().filter(|r| r.seq as usize % peers == index) {
+        if STOP.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
         input.send(r.clone());
         n += 1;
-        if n.is_multiple_of(CHUNK) {
-            let chunk = n / CHUNK;
-            input.advance_to(chunk);
-            let wait = chunk.saturating_sub(IN_FLIGHT);
+        if n.is_multiple_of(chunk) {
+            let c = n / chunk;
+            input.advance_to(c);
+            let wait = c.saturating_sub(IN_FLIGHT);
             worker.step_while(|| probe.less_than(&wait));
         }
     }
@@ -607,68 +786,21 @@ fn run_worker(
     while !probe.with_frontier(|f| f.is_empty()) {
         worker.step();
     }
-    let mut errs = errors.borrow().clone();
-    if let Some(t) = tables.borrow_mut().take() {
-        if let Err(e) = t.finish() {
+    let mut errs = ctx.errors.borrow().clone();
+    if !interrupted {
+        if let Err(e) = sink::write_scores(&ctx.work.tables(), index, &plan, &aggregates.borrow()) {
             errs.push(e.to_string());
         }
-    }
-    if let Err(e) = sink::write_scores(staging, index, &plan, &aggregates.borrow()) {
-        errs.push(e.to_string());
     }
     if !errs.is_empty() {
         return Err(errs.join("; "));
     }
-    let processed = *processed.borrow();
-    let skipped = skipped.borrow().clone();
-    let stages = *times.borrow();
+    let skipped = ctx.skipped.borrow().clone();
+    let stages = *ctx.times.borrow();
     Ok(WorkerReport {
-        processed,
+        processed: ctx.processed.get(),
         skipped,
         stages,
+        interrupted,
     })
-}
-
-/// Writes the images of one batch and folds their score updates into `partial`.
-#[allow(clippy::too_many_arguments)]
-fn fold_into(
-    partial: &mut HashMap<ScoreKey, Acc>,
-    data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
-    tables: &RefCell<Option<ImageTables>>,
-    skipped: &RefCell<Vec<Skipped>>,
-    errors: &RefCell<Vec<String>>,
-    processed: &RefCell<u64>,
-    per_class: bool,
-) {
-    for (r, res) in data.drain(..) {
-        let a = match res {
-            Ok(a) => a,
-            Err(reason) => {
-                tracing::warn!(image = %r.id, %reason, "skipped");
-                skipped.borrow_mut().push(Skipped { id: r.id, reason });
-                continue;
-            }
-        };
-        if let Some(t) = tables.borrow_mut().as_mut() {
-            if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
-                errors.borrow_mut().push(e.to_string());
-            }
-        }
-        *processed.borrow_mut() += 1;
-        let groups: Vec<Option<i64>> = match (per_class, a.image.label) {
-            (true, Some(l)) => vec![None, Some(l)],
-            _ => vec![None],
-        };
-        for nr in &a.neurons {
-            for (ti, s) in nr.terms.iter().enumerate() {
-                let acc = Acc::of(&s.as_array(nr.mean_snr_db));
-                for g in &groups {
-                    partial
-                        .entry((nr.tap, nr.channel, ti as u32, *g))
-                        .or_insert_with(Acc::zero)
-                        .plus_equals(&acc);
-                }
-            }
-        }
-    }
 }

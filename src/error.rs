@@ -46,6 +46,14 @@ pub enum Error {
         /// What failed and what to do.
         msg: String,
     },
+    /// The run was interrupted (Ctrl-C); committed parts are kept for `--resume`.
+    #[error("interrupted after {processed} images; the committed parts are kept in {}: continue with the same command and --resume", .out.display())]
+    Interrupted {
+        /// The output folder.
+        out: PathBuf,
+        /// Images committed so far.
+        processed: u64,
+    },
     /// A tensor operation failed inside the model.
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),

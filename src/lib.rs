@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataflow;
 pub mod error;
 pub mod model;
+pub mod resume;
 pub mod score;
 pub mod sink;
 pub mod source;

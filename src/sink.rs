@@ -194,23 +194,25 @@ pub struct ImageTables {
 }
 
 impl ImageTables {
-    /// Opens worker `worker`'s parts under `staging`.
-    pub fn create(staging: &Path, worker: usize, plan: Arc<Plan>) -> Result<Self> {
-        let name = format!("part-{worker:05}.parquet");
+    /// Opens the parts `name` of each table under `staging`. The neurons part is always
+    /// written (a resumed run recomputes the aggregates of committed images from it); it is
+    /// committed only when `output.neurons` is on.
+    pub fn create(staging: &Path, name: &str, plan: Arc<Plan>) -> Result<Self> {
         let out = &plan.pipeline.output;
         Ok(ImageTables {
             spectra: (out.spectra != SpectraMode::None)
-                .then(|| Part::create(&staging.join("spectra"), &name, spectra_schema()))
+                .then(|| Part::create(&staging.join("spectra"), name, spectra_schema()))
                 .transpose()?,
             kept: (out.spectra == SpectraMode::Terms).then(|| {
                 let sp = &plan.pipeline.spectrum;
                 plan.terms.kept_bins(sp.skip + sp.neighbours)
             }),
-            neurons: out
-                .neurons
-                .then(|| Part::create(&staging.join("neurons"), &name, neurons_schema()))
-                .transpose()?,
-            images: Part::create(&staging.join("images"), &name, images_schema())?,
+            neurons: Some(Part::create(
+                &staging.join("neurons"),
+                name,
+                neurons_schema(),
+            )?),
+            images: Part::create(&staging.join("images"), name, images_schema())?,
             plan,
         })
     }
@@ -403,11 +405,14 @@ pub fn write_scores(
     part.finish()
 }
 
-/// Replaces `out/<table>` by `staging/<table>` for every table the run wrote (rename, so a
+/// Replaces `out/<table>` by `staging/<table>` for every table in `tables` (rename, so a
 /// reader sees the old or the new table, never a mix), then removes the staging folder.
-pub fn commit(staging: &Path, out: &Path) -> Result<()> {
+pub fn commit(staging: &Path, out: &Path, tables: &[&str]) -> Result<()> {
     for t in TABLES {
         let new = staging.join(t);
+        if !tables.contains(&t) {
+            let _ = std::fs::remove_dir_all(&new);
+        }
         let dest = out.join(t);
         let old = out.join(format!(".{t}.old-{}", std::process::id()));
         if dest.exists() {

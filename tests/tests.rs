@@ -12,5 +12,7 @@ mod models;
 mod pipeline;
 #[path = "it/python.rs"]
 mod python;
+#[path = "it/resume.rs"]
+mod resume;
 #[path = "it/sources.rs"]
 mod sources;

@@ -1,0 +1,320 @@
+//! Committed segments and `--resume`. A run works in `OUT/.freqtag/`: each worker commits its
+//! rows in segments (one chunk of images: parts written, fsynced and renamed, then one manifest
+//! line, fsynced, naming the parts and the images they cover). After a crash, a `kill -9` or
+//! Ctrl-C, `--resume` keeps the committed segments, deletes parts no manifest line names, skips the
+//! committed images and recomputes their aggregates from the committed `neurons` parts (the same
+//! f64 values, so the totals equal an uninterrupted run's exactly). When the run completes, its
+//! tables replace the output tables and the work folder is removed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use arrow_array::{Array, Float64Array, Int32Array, Int64Array, StringArray};
+use differential_dataflow::difference::{Monoid, Semigroup};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Plan;
+use crate::error::{Error, Result};
+use crate::score::{Acc, SCORE_NAMES};
+use crate::sink::ScoreKey;
+use crate::source::Skipped;
+
+/// Name of the work folder inside the output folder.
+pub const WORK: &str = ".freqtag";
+
+/// One committed segment, one line of a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Segment {
+    /// Part file name shared by the segment's tables.
+    pub part: String,
+    /// Ids of the images whose rows the parts hold.
+    pub images: Vec<String>,
+    /// Inputs of the segment that were skipped.
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stamp {
+    attempts: u32,
+    pipeline: serde_json::Value,
+}
+
+/// The work folder of a run.
+#[derive(Debug, Clone)]
+pub struct WorkDir {
+    root: PathBuf,
+    /// This attempt's number (0 for a fresh run), part of every file name.
+    pub attempt: u32,
+}
+
+/// What a resumed run starts from.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// Images already committed (or skipped) by earlier attempts.
+    pub done: HashSet<String>,
+    /// Inputs skipped by earlier attempts.
+    pub skipped: Vec<Skipped>,
+    /// The committed `neurons` parts, whose rows seed the aggregates.
+    pub neuron_parts: Vec<PathBuf>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+impl WorkDir {
+    /// Where the tables are staged.
+    pub fn tables(&self) -> PathBuf {
+        self.root.join("tables")
+    }
+
+    /// The part name of `worker`'s segment `seg` in this attempt.
+    pub fn part_name(&self, worker: usize, seg: u64) -> String {
+        format!("part-a{:02}-w{worker:05}-s{seg:06}.parquet", self.attempt)
+    }
+
+    /// Starts a fresh run in `out`, discarding an earlier run's uncommitted work.
+    pub fn fresh(out: &Path, plan: &Plan) -> Result<WorkDir> {
+        let root = out.join(WORK);
+        if root.exists() {
+            tracing::warn!(folder = %root.display(), "discarding the parts of an unfinished run (use --resume to continue it)");
+            std::fs::remove_dir_all(&root).map_err(io(&root))?;
+        }
+        std::fs::create_dir_all(root.join("tables")).map_err(io(&root))?;
+        let w = WorkDir { root, attempt: 0 };
+        w.write_stamp(plan, 1)?;
+        Ok(w)
+    }
+
+    fn write_stamp(&self, plan: &Plan, attempts: u32) -> Result<()> {
+        let stamp = Stamp {
+            attempts,
+            pipeline: serde_json::to_value(&plan.pipeline).unwrap_or_default(),
+        };
+        crate::sink::write_atomic(
+            &self.root.join("stamp.json"),
+            &serde_json::to_string_pretty(&stamp).unwrap_or_default(),
+        )
+    }
+
+    /// Opens the unfinished run in `out` for `--resume`: refuses if a setting changed (naming
+    /// it), keeps committed segments, deletes orphan parts.
+    pub fn resume(out: &Path, plan: &Plan) -> Result<(WorkDir, Resumed)> {
+        let root = out.join(WORK);
+        let stamp_path = root.join("stamp.json");
+        let fail = |msg: String| Error::Output {
+            file: out.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&stamp_path).map_err(|_| {
+            fail("--resume: no unfinished run here (it completed, or never started): run without --resume".into())
+        })?;
+        let stamp: Stamp = serde_json::from_str(&text).map_err(|e| {
+            fail(format!(
+                "--resume: unreadable {}: {e}",
+                stamp_path.display()
+            ))
+        })?;
+        let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+        flatten("", &stamp.pipeline, &mut old);
+        flatten(
+            "",
+            &serde_json::to_value(&plan.pipeline).unwrap_or_default(),
+            &mut new,
+        );
+        let changed: Vec<String> = old
+            .keys()
+            .chain(new.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| old.get(*k) != new.get(*k))
+            .map(|k| {
+                format!(
+                    "{k} (was {}, now {})",
+                    old.get(k).map_or("unset", |v| v.as_str()),
+                    new.get(k).map_or("unset", |v| v.as_str())
+                )
+            })
+            .collect();
+        if !changed.is_empty() {
+            return Err(fail(format!(
+                "--resume refused: the pipeline changed since the run started: {}; resume with the same settings, or run without --resume to start over",
+                changed.join(", ")
+            )));
+        }
+        let w = WorkDir {
+            root,
+            attempt: stamp.attempts,
+        };
+        w.write_stamp(plan, stamp.attempts + 1)?;
+        let mut resumed = Resumed::default();
+        let mut committed = HashSet::new();
+        for entry in std::fs::read_dir(&w.root).map_err(io(&w.root))?.flatten() {
+            let p = entry.path();
+            if !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("manifest-"))
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+            // a line torn by a crash does not parse: its segment was not committed
+            for seg in text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Segment>(l).ok())
+            {
+                resumed.done.extend(seg.images.iter().cloned());
+                resumed
+                    .done
+                    .extend(seg.skipped.iter().map(|s| s.id.clone()));
+                resumed.skipped.extend(seg.skipped);
+                let part = w.tables().join("neurons").join(&seg.part);
+                if part.is_file() {
+                    resumed.neuron_parts.push(part);
+                }
+                committed.insert(seg.part);
+            }
+        }
+        resumed.neuron_parts.sort();
+        // parts no manifest line names were cut off by the crash
+        for table in crate::sink::TABLES {
+            let dir = w.tables().join(table);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !committed.contains(&name) {
+                    std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+        }
+        Ok((w, resumed))
+    }
+
+    /// Appends `seg` to `worker`'s manifest and fsyncs it: the segment is committed.
+    pub fn commit_segment(&self, worker: usize, seg: &Segment) -> Result<()> {
+        let path = self
+            .root
+            .join(format!("manifest-a{:02}-w{worker:05}.jsonl", self.attempt));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut line = serde_json::to_string(seg).unwrap_or_default();
+        line.push('\n');
+        f.write_all(line.as_bytes()).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))
+    }
+
+    /// Removes the work folder after the tables were committed.
+    pub fn remove(&self) -> Result<()> {
+        std::fs::remove_dir_all(&self.root).map_err(io(&self.root))
+    }
+}
+
+/// The aggregates of the rows of committed `neurons` parts, keyed as the dataflow keys them.
+pub fn aggregates_from_neurons(parts: &[PathBuf], plan: &Plan) -> Result<HashMap<ScoreKey, Acc>> {
+    let taps: HashMap<&str, u32> = plan
+        .taps
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    let terms: HashMap<&str, u32> = plan
+        .terms
+        .terms
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i as u32))
+        .collect();
+    let per_class = plan.pipeline.output.per_class;
+    let mut out: HashMap<ScoreKey, Acc> = HashMap::new();
+    for part in parts {
+        let bad = |msg: String| Error::Output {
+            file: part.clone(),
+            msg: format!("cannot resume from this committed part: {msg}"),
+        };
+        let f = File::open(part).map_err(io(part))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            .and_then(|b| b.build())
+            .map_err(|e| bad(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .ok_or_else(|| bad(format!("no column {name}")))
+            };
+            let layer = col("layer")?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned();
+            let channel = col("channel")?
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .cloned();
+            let term = col("term")?.as_any().downcast_ref::<StringArray>().cloned();
+            let label = col("label")?.as_any().downcast_ref::<Int64Array>().cloned();
+            let (Some(layer), Some(channel), Some(term), Some(label)) =
+                (layer, channel, term, label)
+            else {
+                return Err(bad("unexpected column types".into()));
+            };
+            let mut scores = Vec::new();
+            for s in SCORE_NAMES {
+                scores.push(
+                    col(s)?
+                        .as_any()
+                        .downcast_ref::<Float64Array>()
+                        .cloned()
+                        .ok_or_else(|| bad(format!("{s} is not float64")))?,
+                );
+            }
+            for r in 0..batch.num_rows() {
+                let (Some(tap), Some(ti)) = (taps.get(layer.value(r)), terms.get(term.value(r)))
+                else {
+                    return Err(bad(format!("unknown layer or term in row {r}")));
+                };
+                let values: Vec<Option<f64>> = scores
+                    .iter()
+                    .map(|a| (!a.is_null(r)).then(|| a.value(r)))
+                    .collect();
+                let acc = Acc::of(&values);
+                let lab = (!label.is_null(r)).then(|| label.value(r));
+                let groups: &[Option<i64>] = match (per_class, lab) {
+                    (true, Some(l)) => &[None, Some(l)],
+                    _ => &[None],
+                };
+                for g in groups {
+                    out.entry((*tap, channel.value(r) as u32, *ti, *g))
+                        .or_insert_with(Acc::zero)
+                        .plus_equals(&acc);
+                }
+            }
+        }
+    }
+    Ok(out)
+}

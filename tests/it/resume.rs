@@ -1,0 +1,128 @@
+//! Resume: a run killed with SIGKILL at a random moment, or stopped with Ctrl-C, continues with
+//! --resume and ends with outputs equal to an uninterrupted run's; a changed pipeline refuses.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+
+fn args(out: &Path, weights: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &out.display().to_string(),
+        "--workers",
+        "2",
+        "--chunk",
+        "2",
+        "--set",
+        &format!("model.weights={}", weights.display()),
+        "--set",
+        "source.limit=12",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn interrupted_then_resumed(signal: &str, delay: Duration) {
+    let Some(shared) = shared_data("resume") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let whole = dir.path().join("whole");
+    let o = freqtag(
+        &args(&whole, &w, &[])
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let cut = dir.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
+        .args(args(&cut, &w, &[]))
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    eprintln!("{signal} after {delay:?}: exit {:?}", status.code());
+    if signal == "-INT" && status.code() == Some(130) {
+        let err = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).to_string();
+        assert!(err.contains("--resume"), "{err}");
+    }
+    if cut.join(".freqtag").exists() {
+        assert!(
+            !cut.join("scores").exists(),
+            "an unfinished run must not publish tables"
+        );
+        let o = freqtag(
+            &args(&cut, &w, &["--resume"])
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    }
+    run_python(
+        "python/compare_runs.py",
+        &[&whole.display().to_string(), &cut.display().to_string()],
+    );
+}
+
+#[test]
+fn sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run() {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    // between 0.3 s (nothing committed yet) and 4 s (most of the run committed)
+    let delay = Duration::from_millis(300 + (nanos % 3700) as u64);
+    interrupted_then_resumed("-KILL", delay);
+}
+
+#[test]
+fn ctrl_c_commits_what_is_in_flight_then_resume_completes() {
+    interrupted_then_resumed("-INT", Duration::from_millis(2500));
+}
+
+#[test]
+fn resume_with_a_changed_pipeline_refuses_naming_the_setting() {
+    let Some(shared) = shared_data("resume refuses") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let out = dir.path().join("out");
+    // an unfinished run: its work folder exists
+    let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
+        .args(args(&out, &w, &[]))
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = child.kill();
+    let _ = child.wait();
+    let o = freqtag(
+        &args(&out, &w, &["--resume", "--set", "stimulus.smin=0.2"])
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stimulus.smin (was 0.5, now 0.2)"), "{err}");
+}
