@@ -166,3 +166,68 @@ fn unwritable_output_fails_before_work() {
         show(&o)
     );
 }
+
+#[test]
+fn a_corpus_of_awkward_and_broken_images_is_processed_or_skipped_with_reasons() {
+    let Some(shared) = shared_data("bad-input corpus") else {
+        return;
+    };
+    let dir = tmp();
+    let images = dir.path().join("corpus");
+    let good = root().join("data/cifar10-foolbox-20/cifar10_00_3.png");
+    run_python(
+        "python/make_bad_inputs.py",
+        &[&good.display().to_string(), &images.display().to_string()],
+    );
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(images.join("expected.json")).unwrap())
+            .unwrap();
+    let out = dir.path().join("out");
+    let o = freqtag(&[
+        "run",
+        &paper_pipeline(),
+        "--out",
+        &out.display().to_string(),
+        "--workers",
+        "2",
+        "--set",
+        &format!("source.path={}", images.display()),
+        "--set",
+        "source.labels=none",
+        "--set",
+        &format!("model.weights={}", resnet32(&shared).display()),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let mut skipped: Vec<&str> = run["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    skipped.sort();
+    let want: Vec<&str> = expected["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, want, "{}", run["skipped"]);
+    let bomb = run["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "bomb-20000x20000.png")
+        .unwrap();
+    assert!(
+        bomb["reason"].as_str().unwrap().contains("decode bomb"),
+        "{bomb}"
+    );
+    let n = expected["processed"].as_array().unwrap().len();
+    assert_eq!(run["counts"]["images_processed"], n);
+    run_python(
+        "python/check_outputs.py",
+        &[&out.display().to_string(), &n.to_string()],
+    );
+}
