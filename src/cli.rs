@@ -222,12 +222,13 @@ fn cmd_run(
         r => r.with_context(|| format!("running {}", pipeline.display()))?,
     };
     println!(
-        "processed {} of {} images in {:.1} s ({:.2} images/s, {} workers); skipped {}",
+        "processed {} of {} images in {:.1} s ({:.2} images/s, {} workers, peak memory {:.0} MB); skipped {}",
         summary.images_processed,
         summary.images_listed,
         summary.wall_s,
         summary.images_per_s,
         summary.workers,
+        summary.peak_rss_mb,
         summary.skipped.len()
     );
     let st = &summary.stage_seconds;

@@ -69,6 +69,8 @@ pub struct Summary {
     pub images_per_s: f64,
     /// Images committed by earlier attempts of a resumed run.
     pub resumed_images: u64,
+    /// Peak resident memory of the process, MB (Linux; 0 elsewhere).
+    pub peak_rss_mb: f64,
     /// Worker threads.
     pub workers: usize,
     /// Seconds per stage, summed over workers.
@@ -217,6 +219,19 @@ pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
     let terms = plan.terms.terms.len() as u64;
     let per_term = if out.neurons { 140 } else { 0 };
     images as u64 * neurons * (spectra + terms * per_term)
+}
+
+/// The process's peak resident set size (`VmHWM`), MB; 0 where /proc is absent.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn human_bytes(b: u64) -> String {
@@ -445,6 +460,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         wall_s,
         images_per_s: (processed - before) as f64 / wall_s.max(1e-9),
         resumed_images: before,
+        peak_rss_mb: peak_rss_mb(),
         workers: opts.workers,
         stage_seconds: stages,
         out: out.clone(),
@@ -501,6 +517,7 @@ fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
         },
         "workers": s.workers,
         "wall_s": s.wall_s,
+        "peak_rss_mb": s.peak_rss_mb,
         "stage_seconds": s.stage_seconds,
         "images_per_s": s.images_per_s,
         "skipped": s.skipped,
