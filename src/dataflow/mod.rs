@@ -1,0 +1,351 @@
+//! The timely dataflow every worker builds, and the run that drives it.
+//!
+//! `Images` (input; worker w feeds the images with `seq % workers == w`) -> `Decode` -> `Record`
+//! (stimulus + batched forward passes) -> `Analyse` (FFT and term scores) -> `WriteImages` (this
+//! worker's parts of `spectra/`, `neurons/`, `images/`; emits aggregate updates) -> differential
+//! `consolidate` (exchanged by the key (tap, channel, term, label)) -> `CollectScores`.
+//! All image-level stages use `Pipeline`: an image stays on the worker that read it; only the
+//! aggregates cross workers, by key, so each key's total is exact and owned by one worker.
+//!
+//! This module drives a run (`run`): it checks the output folder, loads the network, lists the
+//! images, sets up the work folder (fresh or resumed), starts timely (threads, or a cluster of
+//! processes with a connection timeout), waits while showing progress, and commits the outputs.
+//! [`worker`] is the dataflow each worker builds; [`report`] the progress, size and `run.json`.
+
+mod report;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::cluster::{self, Cluster};
+use crate::config::{Plan, WeightsSource};
+use crate::error::{Error, Result};
+use crate::model::{fetch, Network};
+use crate::resume::{self, WorkDir};
+use crate::sink;
+use crate::source::{self, Skipped};
+
+pub use report::{expected_output_bytes, peak_rss_mb};
+use report::{human_bytes, run_json, Progress};
+use worker::{run_worker, WorkerCtx};
+
+/// How to run (command-line flags, not pipeline settings).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Worker threads (per process).
+    pub workers: usize,
+    /// This process's place in a cluster run, if any.
+    pub cluster: Option<Cluster>,
+    /// Continue the unfinished run in `out` instead of starting over.
+    pub resume: bool,
+    /// Images per worker in one chunk: one timestamp, one committed segment.
+    pub chunk: u64,
+}
+
+/// Set by Ctrl-C: workers stop taking new images, finish the chunk in flight and commit it.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What a run did, also written to `run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Images found.
+    pub images_listed: usize,
+    /// Images processed into every output.
+    pub images_processed: u64,
+    /// Inputs skipped, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Wall time of the whole run, seconds.
+    pub wall_s: f64,
+    /// Images processed by this attempt per second of wall time.
+    pub images_per_s: f64,
+    /// Images committed by earlier attempts of a resumed run.
+    pub resumed_images: u64,
+    /// Peak resident memory of the process, MB (Linux; 0 elsewhere).
+    pub peak_rss_mb: f64,
+    /// Worker threads.
+    pub workers: usize,
+    /// Seconds per stage, summed over workers.
+    pub stage_seconds: StageTimes,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+pub(crate) struct WorkerReport {
+    processed: u64,
+    skipped: Vec<Skipped>,
+    stages: StageTimes,
+    interrupted: bool,
+}
+
+/// Seconds spent in each stage, summed over workers (thread time, not wall time).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StageTimes {
+    /// Reading, decoding and preprocessing images.
+    pub decode: f64,
+    /// Building frames and running the forward passes.
+    pub forward: f64,
+    /// FFTs and term scores.
+    pub spectrum: f64,
+    /// Writing per-image Parquet rows and emitting aggregate updates.
+    pub write: f64,
+    /// Folding consolidated aggregates.
+    pub aggregate: f64,
+}
+
+impl StageTimes {
+    pub(crate) fn add(&mut self, o: &StageTimes) {
+        self.decode += o.decode;
+        self.forward += o.forward;
+        self.spectrum += o.spectrum;
+        self.write += o.write;
+        self.aggregate += o.aggregate;
+    }
+}
+
+/// Resolves the weights file, fetching into the cache when the pipeline asks for it.
+pub fn weights_path(plan: &Plan) -> Result<PathBuf> {
+    match &plan.weights {
+        WeightsSource::File(p) => Ok(p.clone()),
+        WeightsSource::Fetch(name) => {
+            if fetch::cached(name).is_none() {
+                tracing::info!(model = %name, cache = %fetch::cache_dir().display(), "fetching weights");
+            }
+            fetch::fetch(name)
+        }
+    }
+}
+
+fn check_writable(out: &Path) -> Result<()> {
+    let err = |msg: String| Error::Output {
+        file: out.to_path_buf(),
+        msg,
+    };
+    std::fs::create_dir_all(out).map_err(|e| {
+        err(format!(
+            "cannot create the output folder ({e}): choose another with --out"
+        ))
+    })?;
+    let probe = out.join(format!(".freqtag-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        err(format!(
+            "the output folder is not writable ({e}): choose another with --out"
+        ))
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Runs a compiled pipeline end to end and commits its outputs.
+pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    // in a cluster every process writes its own complete set of tables under process-<i>/
+    let out = match &opts.cluster {
+        Some(c) => opts.out.join(format!("process-{}", c.process)),
+        None => opts.out.clone(),
+    };
+    check_writable(&out)?;
+    let weights = weights_path(&plan)?;
+    let net = Arc::new(Network::load(plan.arch, &weights)?);
+    let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
+    let expected = expected_output_bytes(&plan, images.len());
+    tracing::info!(
+        images = images.len(),
+        skipped = skipped.len(),
+        workers = opts.workers,
+        expected_output = %human_bytes(expected),
+        "starting run"
+    );
+    if expected > 20 << 30 {
+        tracing::warn!(
+            expected_output = %human_bytes(expected),
+            "large output: set output.spectra = \"terms\" or \"none\" (and output.neurons = false) to shrink it"
+        );
+    }
+    let fingerprint = cluster::fingerprint(&plan, &images);
+    let listed = images.len();
+    let (work, seeds, before) = if opts.resume {
+        if opts.cluster.is_some() {
+            return Err(Error::Output {
+                file: out.clone(),
+                msg: "--resume is not supported for cluster runs yet: rerun the cluster without it"
+                    .into(),
+            });
+        }
+        let (work, resumed) = WorkDir::resume(&out, &plan)?;
+        let seeds = resume::aggregates_from_neurons(&resumed.neuron_parts, &plan)?;
+        let before = (resumed.done.len() - resumed.skipped.len()) as u64;
+        tracing::info!(
+            committed = before,
+            skipped = resumed.skipped.len(),
+            "resuming"
+        );
+        images.retain(|r| !resumed.done.contains(&r.id));
+        for (i, r) in images.iter_mut().enumerate() {
+            r.seq = i as u64;
+        }
+        skipped.extend(resumed.skipped);
+        (work, Some(Arc::new(seeds)), before)
+    } else {
+        (WorkDir::fresh(&out, &plan)?, None, 0)
+    };
+    let staging = work.tables();
+    let work = Arc::new(work);
+    let plan = Arc::new(plan);
+    let images = Arc::new(images);
+    let workers = opts.workers.max(1);
+    let config = match &opts.cluster {
+        None => timely::Config::process(workers),
+        Some(c) => timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process: c.process,
+                addresses: c.hosts.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        },
+    };
+    let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let (p, n, i, w, j) = (
+        plan.clone(),
+        net.clone(),
+        images.clone(),
+        work.clone(),
+        joined.clone(),
+    );
+    let chunk = opts.chunk.max(1);
+    let check = opts.cluster.is_some().then(|| fingerprint.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = timely::execute(config, move |worker| {
+            j.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(f) = &check {
+                cluster::check_fingerprints(worker, f)?;
+            }
+            let ctx = WorkerCtx::new(worker.index(), p.clone(), w.clone(), d.clone());
+            let seeds = if worker.index() == 0 {
+                seeds.clone()
+            } else {
+                None
+            };
+            run_worker(worker, ctx, n.clone(), i.clone(), seeds, chunk)
+        })
+        .map(|guards| guards.join());
+        let _ = tx.send(result);
+    });
+    let timeout = opts.cluster.as_ref().map(|c| c.connect_timeout);
+    let (processes, process) = opts
+        .cluster
+        .as_ref()
+        .map_or((1, 0), |c| (c.processes, c.process));
+    // this process's share of the images
+    let mine = images
+        .iter()
+        .filter(|r| (r.seq as usize % (workers * processes)) / workers == process)
+        .count() as u64;
+    let mut progress = Progress::new(mine, process);
+    let result = loop {
+        progress.update(done.load(Ordering::Relaxed));
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(r) => {
+                progress.finish();
+                break r;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err("the worker threads stopped unexpectedly".into())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let waiting = !joined.load(std::sync::atomic::Ordering::SeqCst);
+                if let (Some(t), Some(c)) = (timeout, &opts.cluster) {
+                    if waiting && started.elapsed() > t {
+                        let _ = std::fs::remove_dir_all(&staging);
+                        return Err(Error::Output {
+                            file: opts.out.clone(),
+                            msg: format!(
+                                "process {} could not connect to all {} processes within {} s: {}",
+                                c.process,
+                                c.processes,
+                                t.as_secs(),
+                                c.unreachable()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    };
+    let results = result.map_err(|e| Error::Output {
+        file: opts.out.clone(),
+        msg: format!("cannot start workers: {e}"),
+    })?;
+    let mut processed = before;
+    let mut interrupted = false;
+    let mut stages = StageTimes::default();
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(Ok(rep)) => {
+                processed += rep.processed;
+                skipped.extend(rep.skipped);
+                stages.add(&rep.stages);
+                interrupted |= rep.interrupted;
+            }
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(format!("worker failed: {e}")),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Error::Output {
+            file: out.clone(),
+            msg: format!(
+                "run failed, previous outputs left as they were (committed parts kept for --resume):\n  - {}",
+                failures.join("\n  - ")
+            ),
+        });
+    }
+    if interrupted {
+        return Err(Error::Interrupted {
+            out: out.clone(),
+            processed,
+        });
+    }
+    skipped.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut tables = vec!["images", "scores"];
+    if plan.pipeline.output.neurons {
+        tables.push("neurons");
+    }
+    if plan.pipeline.output.spectra != crate::config::SpectraMode::None {
+        tables.push("spectra");
+    }
+    sink::commit(&staging, &out, &tables)?;
+    work.remove()?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        images_listed: listed,
+        images_processed: processed,
+        skipped,
+        wall_s,
+        images_per_s: (processed - before) as f64 / wall_s.max(1e-9),
+        resumed_images: before,
+        peak_rss_mb: peak_rss_mb(),
+        workers: opts.workers,
+        stage_seconds: stages,
+        out: out.clone(),
+    };
+    let report = run_json(&plan, &weights, &summary);
+    sink::write_atomic(
+        &out.join("run.json"),
+        &serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )?;
+    Ok(summary)
+}

@@ -1,0 +1,158 @@
+//! Reporting for a run: the progress bar or log line, the expected output size, peak memory and
+//! `run.json`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::Summary;
+use crate::config::Plan;
+
+/// Progress of this process: a bar on a terminal, else a log line every 30 seconds.
+pub(crate) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl Progress {
+    pub(crate) fn new(total: u64, process: usize) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(&format!(
+                "process {process} [{{bar:30}}] {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b
+        });
+        Progress {
+            bar,
+            total,
+            started: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+
+    pub(crate) fn update(&mut self, done: u64) {
+        match &self.bar {
+            Some(b) => b.set_position(done),
+            None if self.last_log.elapsed().as_secs() >= 30 => {
+                self.last_log = Instant::now();
+                let rate = done as f64 / self.started.elapsed().as_secs_f64();
+                let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
+                tracing::info!(
+                    done,
+                    total = self.total,
+                    per_s = format!("{rate:.2}"),
+                    eta_s = eta.round(),
+                    "progress"
+                );
+            }
+            None => {}
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Upper estimate of the uncompressed size of a run's tables (zstd usually halves it).
+pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
+    use crate::config::SpectraMode;
+    let out = &plan.pipeline.output;
+    let neurons: u64 = plan
+        .taps
+        .iter()
+        .filter_map(|t| plan.arch.tap_channels(t))
+        .sum::<usize>() as u64;
+    let sp = &plan.pipeline.spectrum;
+    let bins = match out.spectra {
+        SpectraMode::Full => (plan.stimulus.frames / 2 + 1) as u64 * 4,
+        SpectraMode::Terms => plan.terms.kept_bins(sp.skip + sp.neighbours).len() as u64 * 8,
+        SpectraMode::None => 0,
+    };
+    let spectra = if bins > 0 { bins + 40 } else { 0 };
+    let terms = plan.terms.terms.len() as u64;
+    let per_term = if out.neurons { 140 } else { 0 };
+    images as u64 * neurons * (spectra + terms * per_term)
+}
+
+/// The process's peak resident set size (`VmHWM`), MB; 0 where /proc is absent.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub(crate) fn human_bytes(b: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
+    let noise = plan.stimulus.noise_std > 0.0;
+    serde_json::json!({
+        "freqtag_version": env!("CARGO_PKG_VERSION"),
+        "versions": {
+            "timely": "0.32", "differential-dataflow": "0.26", "candle": "0.11.1",
+            "rustfft": "6.4", "parquet": "60.1"
+        },
+        "pipeline_file": plan.file,
+        "pipeline": plan.pipeline,
+        "resolved": {
+            "source": plan.source_dir,
+            "arch": plan.arch.name(),
+            "weights": weights,
+            "taps": plan.taps,
+            "terms": plan.terms.terms,
+            "lattice_step_bins": plan.terms.lattice_step,
+            "bin_hz": plan.stimulus.fps / plan.stimulus.frames as f64,
+            "distinct_frames": plan.stimulus.distinct_frames().0.len(),
+            "regions": plan.stimulus.regions.layout,
+        },
+        "scoring": {
+            "snr": "standard (snr, snr_db) and lattice-aware (snr_lattice, snr_lattice_db), both reported",
+            "lattice": match plan.terms.lattice_step {
+                Some(k) => format!("every multiple of {k} bins is a lattice bin"),
+                None => "tagged frequencies are off the bin grid: the term bins stand in for the lattice".into(),
+            },
+            "stimulus_noise": noise,
+            "rounding_sensitive": if noise { serde_json::json!([]) } else {
+                serde_json::json!(["snr_lattice", "snr_lattice_db", "mean_snr_db"])
+            },
+            "note": if noise { "stimulus noise gives the baseline bins a real response" } else {
+                "no stimulus noise: off-lattice bins hold float rounding only, so the listed scores measure rounding, not the network (METHOD.md section 3); response_share is stable"
+            },
+        },
+        "warnings": plan.warnings,
+        "counts": {
+            "images_listed": s.images_listed,
+            "images_processed": s.images_processed,
+            "images_from_earlier_attempts": s.resumed_images,
+            "skipped": s.skipped.len(),
+        },
+        "workers": s.workers,
+        "wall_s": s.wall_s,
+        "peak_rss_mb": s.peak_rss_mb,
+        "stage_seconds": s.stage_seconds,
+        "images_per_s": s.images_per_s,
+        "skipped": s.skipped,
+    })
+}

@@ -1,0 +1,362 @@
+//! The dataflow one worker builds and drives: `Images` (input; worker w of W takes the images
+//! with `seq % W == w`) -> `Decode` -> `Record` (stimulus + batched forward passes) -> `Analyse`
+//! (FFT and term scores) -> `WriteImages` (this worker's committed segments; partial sums of the
+//! scores per key and chunk) -> differential `consolidate` (exchanged by the key (tap, channel,
+//! term, label)) -> `CollectScores`. Image-level stages use `Pipeline`: an image stays on its
+//! worker; only the partial sums cross workers.
+
+use std::cell::RefCell;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::difference::{Monoid, Semigroup};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use super::{StageTimes, WorkerReport, STOP};
+use crate::config::Plan;
+use crate::model::record::record;
+use crate::model::Network;
+use crate::resume::{Segment, WorkDir};
+use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
+use crate::sink::{self, ImageTables, ScoreKey};
+use crate::source::{self, ImageRef, Skipped};
+use crate::spectrum::Spectrum;
+
+/// Runs `f` and adds its duration to `slot`.
+fn timed<R>(
+    slot: &RefCell<StageTimes>,
+    field: fn(&mut StageTimes) -> &mut f64,
+    f: impl FnOnce() -> R,
+) -> R {
+    let t = Instant::now();
+    let r = f();
+    *field(&mut slot.borrow_mut()) += t.elapsed().as_secs_f64();
+    r
+}
+
+/// One image after analysis.
+#[derive(Clone)]
+struct Analysed {
+    image: ImageRef,
+    pred: i64,
+    prob: f32,
+    distinct: usize,
+    neurons: Vec<NeuronResult>,
+}
+
+/// What a worker's operators share.
+pub(crate) struct WorkerCtx {
+    index: usize,
+    plan: Arc<Plan>,
+    work: Arc<WorkDir>,
+    done: Arc<AtomicU64>,
+    skipped: RefCell<Vec<Skipped>>,
+    errors: RefCell<Vec<String>>,
+    processed: std::cell::Cell<u64>,
+    times: RefCell<StageTimes>,
+}
+
+impl WorkerCtx {
+    pub(crate) fn new(
+        index: usize,
+        plan: Arc<Plan>,
+        work: Arc<WorkDir>,
+        done: Arc<AtomicU64>,
+    ) -> Rc<Self> {
+        Rc::new(WorkerCtx {
+            index,
+            plan,
+            work,
+            done,
+            skipped: RefCell::new(Vec::new()),
+            errors: RefCell::new(Vec::new()),
+            processed: std::cell::Cell::new(0),
+            times: RefCell::new(StageTimes::default()),
+        })
+    }
+}
+
+/// One chunk (timestamp) of a worker's images while it is written: its parts, the partial sums
+/// of its scores, and what it covers.
+struct ChunkState {
+    cap: Capability<u64>,
+    partial: HashMap<ScoreKey, Acc>,
+    tables: Option<ImageTables>,
+    images: Vec<String>,
+    skipped: Vec<Skipped>,
+}
+
+impl ChunkState {
+    fn new(cap: Capability<u64>) -> Self {
+        ChunkState {
+            cap,
+            partial: HashMap::new(),
+            tables: None,
+            images: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Writes the images of a batch and folds their score updates into the partial sums.
+    fn fold(
+        &mut self,
+        ctx: &WorkerCtx,
+        time: u64,
+        data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
+    ) {
+        let per_class = ctx.plan.pipeline.output.per_class;
+        for (r, res) in data.drain(..) {
+            ctx.done.fetch_add(1, Ordering::Relaxed);
+            let a = match res {
+                Ok(a) => a,
+                Err(reason) => {
+                    tracing::warn!(image = %r.id, %reason, "skipped");
+                    let s = Skipped { id: r.id, reason };
+                    ctx.skipped.borrow_mut().push(s.clone());
+                    self.skipped.push(s);
+                    continue;
+                }
+            };
+            if self.tables.is_none() {
+                let name = ctx.work.part_name(ctx.index, time);
+                match ImageTables::create(&ctx.work.tables(), &name, ctx.plan.clone()) {
+                    Ok(t) => self.tables = Some(t),
+                    Err(e) => ctx.errors.borrow_mut().push(e.to_string()),
+                }
+            }
+            if let Some(t) = self.tables.as_mut() {
+                if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                }
+            }
+            self.images.push(a.image.id.clone());
+            ctx.processed.set(ctx.processed.get() + 1);
+            let groups: &[Option<i64>] = match (per_class, a.image.label) {
+                (true, Some(l)) => &[None, Some(l)],
+                _ => &[None],
+            };
+            for nr in &a.neurons {
+                for (ti, s) in nr.terms.iter().enumerate() {
+                    let acc = Acc::of(&s.as_array(nr.mean_snr_db));
+                    for g in groups {
+                        self.partial
+                            .entry((nr.tap, nr.channel, ti as u32, *g))
+                            .or_insert_with(Acc::zero)
+                            .plus_equals(&acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the chunk's parts and manifest line; returns its partial sums to emit.
+    fn commit(self, ctx: &WorkerCtx, time: u64) -> (Capability<u64>, HashMap<ScoreKey, Acc>) {
+        let part = match self.tables {
+            Some(t) => match t.finish() {
+                Ok(()) => ctx.work.part_name(ctx.index, time),
+                Err(e) => {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    String::new()
+                }
+            },
+            None => String::new(),
+        };
+        if !self.images.is_empty() || !self.skipped.is_empty() {
+            let seg = Segment {
+                part,
+                images: self.images,
+                skipped: self.skipped,
+            };
+            if let Err(e) = ctx.work.commit_segment(ctx.index, &seg) {
+                ctx.errors.borrow_mut().push(e.to_string());
+            }
+        }
+        (self.cap, self.partial)
+    }
+}
+
+/// Builds and drives one worker's dataflow.
+pub(crate) fn run_worker(
+    worker: &mut timely::worker::Worker,
+    ctx: Rc<WorkerCtx>,
+    net: Arc<Network>,
+    images: Arc<Vec<ImageRef>>,
+    seeds: Option<Arc<HashMap<ScoreKey, Acc>>>,
+    chunk: u64,
+) -> std::result::Result<WorkerReport, String> {
+    let index = worker.index();
+    let peers = worker.peers();
+    let plan = ctx.plan.clone();
+    let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Acc>>> = Rc::new(RefCell::new(BTreeMap::new()));
+    let mut input: InputHandle<u64, _> = InputHandle::new();
+    let probe = ProbeHandle::new();
+    let pre = plan.arch.preprocess();
+    let nb = Neighbourhood {
+        n: plan.pipeline.spectrum.neighbours,
+        skip: plan.pipeline.spectrum.skip,
+    };
+    worker.dataflow::<u64, _, _>(|scope| {
+        let c = ctx.clone();
+        let decoded = scope
+            .input_from(&mut input)
+            .container::<Vec<ImageRef>>()
+            .map(move |r| {
+                let rgb = timed(&c.times, |t| &mut t.decode, || source::prepare(&r.loc, pre));
+                (r, rgb)
+            });
+        let (c, n) = (ctx.clone(), net.clone());
+        let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for (r, rgb) in data.drain(..) {
+                        let p = &c.plan;
+                        let rec = rgb.and_then(|rgb| {
+                            let batch = p.pipeline.model.batch_size;
+                            timed(
+                                &c.times,
+                                |t| &mut t.forward,
+                                || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch),
+                            )
+                            .map_err(|e| format!("inference failed: {e}"))
+                        });
+                        session.give((r, rec));
+                    }
+                });
+            }
+        });
+        let c = ctx.clone();
+        let mut spectrum = Spectrum::new(plan.stimulus.frames, plan.pipeline.spectrum.window);
+        let analysed = recorded.map(move |(r, rec)| {
+            let p = &c.plan;
+            let out = rec.map(|rec| Analysed {
+                neurons: timed(
+                    &c.times,
+                    |t| &mut t.spectrum,
+                    || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
+                ),
+                pred: rec.pred,
+                prob: rec.prob,
+                distinct: rec.distinct_frames,
+                image: r.clone(),
+            });
+            (r, out)
+        });
+        // Writes each image's rows as it arrives and folds its score updates into one partial
+        // sum per key and chunk; once the frontier passes the chunk, its parts and manifest line
+        // are committed and the partial sums emitted: far fewer records enter the exchange than
+        // one per image. Aggregates of images committed by an earlier attempt seed chunk 0.
+        let c = ctx.clone();
+        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
+            let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
+            if let Some(seeds) = seeds {
+                let mut state = ChunkState::new(cap);
+                state.partial = (*seeds).clone();
+                stash.insert(0, state);
+            }
+            move |(input, frontier), output| {
+                let started = Instant::now();
+                input.for_each(|cap, data| {
+                    let Some(time) = cap.least().copied() else {
+                        return;
+                    };
+                    let state = match stash.entry(time) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
+                            Some(cap) => v.insert(ChunkState::new(cap)),
+                            None => return,
+                        },
+                    };
+                    state.fold(&c, time, data);
+                });
+                let finished: Vec<u64> = stash
+                    .keys()
+                    .copied()
+                    .filter(|time| !frontier.frontier().less_equal(time))
+                    .collect();
+                for time in finished {
+                    if let Some(state) = stash.remove(&time) {
+                        let (cap, partial) = state.commit(&c, time);
+                        let mut session = output.session(&cap);
+                        for (k, acc) in partial {
+                            session.give((k, time, acc));
+                        }
+                    }
+                }
+                c.times.borrow_mut().write += started.elapsed().as_secs_f64();
+            }
+        });
+        let ag = aggregates.clone();
+        let c = ctx.clone();
+        updates
+            .container::<Vec<(ScoreKey, u64, Acc)>>()
+            .as_collection()
+            .consolidate()
+            .inner
+            .probe_with(&probe)
+            .sink(Pipeline, "CollectScores", move |(input, _frontier)| {
+                let started = Instant::now();
+                input.for_each(|_, data| {
+                    let mut ag = ag.borrow_mut();
+                    for (k, _t, acc) in data.drain(..) {
+                        ag.entry(k).or_insert_with(Acc::zero).plus_equals(&acc);
+                    }
+                });
+                c.times.borrow_mut().aggregate += started.elapsed().as_secs_f64();
+            });
+    });
+    // Images of one chunk share a timestamp; at most IN_FLIGHT chunks are ahead of the
+    // aggregation, and one image at a time is in the image-level stages. Ctrl-C (STOP) ends the feeding: the chunks in flight finish and commit.
+    const IN_FLIGHT: u64 = 2;
+    let mut n = 0u64;
+    let mut interrupted = false;
+    for r in images.iter().filter(|r| r.seq as usize % peers == index) {
+        if STOP.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        input.send(r.clone());
+        n += 1;
+        // push this image through decode, forward passes, spectra and writing now: an operator
+        // handles everything queued at its input in one call, so feeding many images between
+        // steps would hold all their recordings (16 MB each for MobileNetV2) at once
+        input.flush();
+        worker.step();
+        if n.is_multiple_of(chunk) {
+            let c = n / chunk;
+            input.advance_to(c);
+            let wait = c.saturating_sub(IN_FLIGHT);
+            worker.step_while(|| probe.less_than(&wait));
+        }
+    }
+    drop(input);
+    while !probe.with_frontier(|f| f.is_empty()) {
+        worker.step();
+    }
+    let mut errs = ctx.errors.borrow().clone();
+    if !interrupted {
+        if let Err(e) = sink::write_scores(&ctx.work.tables(), index, &plan, &aggregates.borrow()) {
+            errs.push(e.to_string());
+        }
+    }
+    if !errs.is_empty() {
+        return Err(errs.join("; "));
+    }
+    let skipped = ctx.skipped.borrow().clone();
+    let stages = *ctx.times.borrow();
+    Ok(WorkerReport {
+        processed: ctx.processed.get(),
+        skipped,
+        stages,
+        interrupted,
+    })
+}
