@@ -1,6 +1,9 @@
 //! Bad input is reported and skipped, the run goes on; bad pipelines report every problem.
 
-use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{
+    freqtag, freqtag_args, paper_args, paper_pipeline, resnet32, root, run_python, shared_data,
+    show, tmp,
+};
 
 #[test]
 fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
@@ -30,18 +33,13 @@ fn broken_images_are_skipped_with_reasons_and_exit_code_1() {
     std::fs::write(images.join("empty_1.jpg"), b"").unwrap();
     std::fs::write(images.join("notes_2.png"), b"this is text, not a PNG\n").unwrap();
     let out = dir.path().join("out");
-    let o = freqtag(&[
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out.display().to_string(),
-        "--workers",
-        "2",
-        "--set",
-        &format!("source.path={}", images.display()),
-        "--set",
-        &format!("model.weights={}", resnet32(&shared).display()),
-    ]);
+    let source = format!("source.path={}", images.display());
+    let o = freqtag_args(&paper_args(
+        &out,
+        2,
+        &resnet32(&shared),
+        &["--set", &source],
+    ));
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
@@ -151,14 +149,7 @@ fn unwritable_output_fails_before_work() {
     let dir = tmp();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let o = freqtag(&[
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &file.join("out").display().to_string(),
-        "--set",
-        &format!("model.weights={}", resnet32(&shared).display()),
-    ]);
+    let o = freqtag_args(&paper_args(&file.join("out"), 1, &resnet32(&shared), &[]));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--out"),
@@ -183,20 +174,9 @@ fn a_corpus_of_awkward_and_broken_images_is_processed_or_skipped_with_reasons() 
         serde_json::from_str(&std::fs::read_to_string(images.join("expected.json")).unwrap())
             .unwrap();
     let out = dir.path().join("out");
-    let o = freqtag(&[
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out.display().to_string(),
-        "--workers",
-        "2",
-        "--set",
-        &format!("source.path={}", images.display()),
-        "--set",
-        "source.labels=none",
-        "--set",
-        &format!("model.weights={}", resnet32(&shared).display()),
-    ]);
+    let source = format!("source.path={}", images.display());
+    let more = ["--set", &source, "--set", "source.labels=none"];
+    let o = freqtag_args(&paper_args(&out, 2, &resnet32(&shared), &more));
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();

@@ -2,7 +2,10 @@
 
 use std::process::{Child, Command, Output, Stdio};
 
-use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{
+    freqtag, freqtag_args, paper_args, paper_pipeline, resnet32, root, run_python, shared_data,
+    show, tmp,
+};
 
 /// Two free loopback ports, written as a hostfile.
 fn hostfile(dir: &std::path::Path) -> std::path::PathBuf {
@@ -44,31 +47,21 @@ fn args(
     weights: &std::path::Path,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out.display().to_string(),
-        "--workers",
-        "2",
+    let (process, hosts) = (process.to_string(), hosts.display().to_string());
+    let mut more = vec![
         "--processes",
         "2",
         "--process",
-        &process.to_string(),
+        &process,
         "--hostfile",
-        &hosts.display().to_string(),
+        &hosts,
         "--connect-timeout",
         "60",
         "--set",
-        &format!("model.weights={}", weights.display()),
-        "--set",
         "source.limit=4",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    ];
+    more.extend_from_slice(extra);
+    paper_args(out, 2, weights, &more)
 }
 
 fn wait(c: Child) -> Output {
@@ -91,18 +84,7 @@ fn two_processes_of_two_workers_equal_one_process_of_one() {
     assert_eq!(o1.status.code(), Some(0), "{}", show(&o1));
     assert!(cl.join("process-0/scores").is_dir() && cl.join("process-1/scores").is_dir());
     let single = dir.path().join("single");
-    let o = freqtag(&[
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &single.display().to_string(),
-        "--workers",
-        "1",
-        "--set",
-        &format!("model.weights={}", w.display()),
-        "--set",
-        "source.limit=4",
-    ]);
+    let o = freqtag_args(&paper_args(&single, 1, &w, &["--set", "source.limit=4"]));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     run_python(
         "python/compare_runs.py",

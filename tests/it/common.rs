@@ -82,3 +82,25 @@ pub fn paper_pipeline() -> String {
         .display()
         .to_string()
 }
+
+/// `freqtag run` arguments for the paper pipeline writing to `out` with `workers` workers and
+/// the ResNet-32 `weights`, followed by `extra` flags and `--set`s.
+pub fn paper_args(out: &Path, workers: usize, weights: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "run".to_string(),
+        paper_pipeline(),
+        "--out".into(),
+        out.display().to_string(),
+        "--workers".into(),
+        workers.to_string(),
+        "--set".into(),
+        format!("model.weights={}", weights.display()),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs the freqtag binary with owned arguments.
+pub fn freqtag_args(args: &[String]) -> Output {
+    freqtag(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+}

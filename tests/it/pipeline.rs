@@ -1,30 +1,12 @@
 //! The paper pipeline end to end through the binary: the tagging signature, independence from
 //! the worker count, frame de-duplication, stimulus noise, and the float64 reference.
 
-use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{freqtag_args, paper_args, resnet32, root, run_python, shared_data, show, tmp};
 
 fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, extra: &[&str]) {
-    let w = workers.to_string();
-    let out_s = out.display().to_string();
-    let set_w = format!("model.weights={}", weights.display());
-    let mut args = vec![
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out_s,
-        "--workers",
-        &w,
-        "--set",
-        &set_w,
-        "--set",
-        "source.limit=4",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = freqtag(&args);
+    let mut more = vec!["--set", "source.limit=4"];
+    more.extend_from_slice(extra);
+    let o = freqtag_args(&paper_args(out, workers, weights, &more));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
 }
 

@@ -5,28 +5,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{freqtag_args, paper_args, resnet32, root, run_python, shared_data, show, tmp};
 
 fn args(out: &Path, weights: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out.display().to_string(),
-        "--workers",
-        "2",
-        "--chunk",
-        "2",
-        "--set",
-        &format!("model.weights={}", weights.display()),
-        "--set",
-        "source.limit=12",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    let mut more = vec!["--chunk", "2", "--set", "source.limit=12"];
+    more.extend_from_slice(extra);
+    paper_args(out, 2, weights, &more)
 }
 
 fn interrupted_then_resumed(signal: &str, delay: Duration) {
@@ -36,12 +20,7 @@ fn interrupted_then_resumed(signal: &str, delay: Duration) {
     let w = resnet32(&shared);
     let dir = tmp();
     let whole = dir.path().join("whole");
-    let o = freqtag(
-        &args(&whole, &w, &[])
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let o = freqtag_args(&args(&whole, &w, &[]));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let cut = dir.path().join("cut");
     let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
@@ -67,12 +46,7 @@ fn interrupted_then_resumed(signal: &str, delay: Duration) {
             !cut.join("scores").exists(),
             "an unfinished run must not publish tables"
         );
-        let o = freqtag(
-            &args(&cut, &w, &["--resume"])
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>(),
-        );
+        let o = freqtag_args(&args(&cut, &w, &["--resume"]));
         assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     }
     run_python(
@@ -116,12 +90,7 @@ fn resume_with_a_changed_pipeline_refuses_naming_the_setting() {
     std::thread::sleep(Duration::from_millis(800));
     let _ = child.kill();
     let _ = child.wait();
-    let o = freqtag(
-        &args(&out, &w, &["--resume", "--set", "stimulus.smin=0.2"])
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let o = freqtag_args(&args(&out, &w, &["--resume", "--set", "stimulus.smin=0.2"]));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("stimulus.smin (was 0.5, now 0.2)"), "{err}");

@@ -3,29 +3,24 @@
 
 use std::path::Path;
 
-use crate::common::{freqtag, paper_pipeline, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{freqtag_args, paper_args, resnet32, root, run_python, shared_data, show, tmp};
 
 fn run(out: &Path, weights: &Path, kind: &str, path: &Path, expect: i32) -> serde_json::Value {
-    let o = freqtag(&[
-        "run",
-        &paper_pipeline(),
-        "--out",
-        &out.display().to_string(),
-        "--workers",
-        "2",
-        "--set",
-        &format!("model.weights={}", weights.display()),
-        "--set",
-        &format!("source.kind={kind}"),
-        "--set",
-        &format!("source.path={}", path.display()),
-        "--set",
-        if kind == "folder" {
-            "source.labels=filename"
-        } else {
-            "source.labels=source"
-        },
-    ]);
+    let (k, p) = (
+        format!("source.kind={kind}"),
+        format!("source.path={}", path.display()),
+    );
+    let labels = if kind == "folder" {
+        "source.labels=filename"
+    } else {
+        "source.labels=source"
+    };
+    let o = freqtag_args(&paper_args(
+        out,
+        2,
+        weights,
+        &["--set", &k, "--set", &p, "--set", labels],
+    ));
     assert_eq!(o.status.code(), Some(expect), "{}", show(&o));
     serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap()
 }
