@@ -266,6 +266,9 @@ pub struct OutputConfig {
     /// term bins, their SNR neighbourhoods and DC: a fraction of the size), or `none`.
     #[serde(default = "default_spectra")]
     pub spectra: SpectraMode,
+    /// Store spectrum amplitudes as float16 (half the size; about 3 significant digits).
+    #[serde(default)]
+    pub float16: bool,
     /// Write the per-image term scores to `neurons/`.
     #[serde(default = "default_true")]
     pub neurons: bool,

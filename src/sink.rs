@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Builder, ListBuilder,
+    BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, PrimitiveBuilder,
     StringBuilder,
 };
+use arrow_array::types::{ArrowPrimitiveType, Float16Type, Float32Type};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -33,7 +34,13 @@ fn field(name: &str, dt: DataType, nullable: bool) -> Field {
 }
 
 /// `spectra/`: one row per (image, tap, channel).
-pub fn spectra_schema() -> SchemaRef {
+/// `spectra/` with `float16` amplitudes or not.
+pub fn spectra_schema(float16: bool) -> SchemaRef {
+    let amp = if float16 {
+        DataType::Float16
+    } else {
+        DataType::Float32
+    };
     Arc::new(Schema::new(vec![
         field("image_id", DataType::Utf8, false),
         field("label", DataType::Int64, true),
@@ -47,10 +54,35 @@ pub fn spectra_schema() -> SchemaRef {
         ),
         field(
             "amplitude",
-            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            DataType::List(Arc::new(Field::new("item", amp, true))),
             false,
         ),
     ]))
+}
+
+/// The amplitude lists of `neurons`, at `kept` bins or all, as `T` values.
+fn amplitude_list<T: ArrowPrimitiveType>(
+    neurons: &[NeuronResult],
+    kept: Option<&[usize]>,
+    convert: impl Fn(f32) -> T::Native,
+) -> ArrayRef {
+    let mut amp = ListBuilder::new(PrimitiveBuilder::<T>::new());
+    for nr in neurons {
+        match kept {
+            Some(kept) => {
+                for k in kept {
+                    amp.values().append_value(convert(nr.amplitude[*k]));
+                }
+            }
+            None => {
+                for a in &nr.amplitude {
+                    amp.values().append_value(convert(*a));
+                }
+            }
+        }
+        amp.append(true);
+    }
+    Arc::new(amp.finish())
 }
 
 fn term_fields() -> Vec<Field> {
@@ -201,7 +233,10 @@ impl ImageTables {
         let out = &plan.pipeline.output;
         Ok(ImageTables {
             spectra: (out.spectra != SpectraMode::None)
-                .then(|| Part::create(&staging.join("spectra"), name, spectra_schema()))
+                .then(|| {
+                    let schema = spectra_schema(out.float16);
+                    Part::create(&staging.join("spectra"), name, schema)
+                })
                 .transpose()?,
             kept: (out.spectra == SpectraMode::Terms).then(|| {
                 let sp = &plan.pipeline.spectrum;
@@ -236,7 +271,6 @@ impl ImageTables {
             let mut channel = Int32Builder::new();
             let mut bin_hz = Float64Builder::new();
             let mut bins = ListBuilder::new(Int32Builder::new());
-            let mut amp = ListBuilder::new(Float32Builder::new());
             for nr in neurons {
                 id.append_value(&img.id);
                 label.append_option(img.label);
@@ -247,17 +281,19 @@ impl ImageTables {
                     Some(kept) => {
                         for k in kept {
                             bins.values().append_value(*k as i32);
-                            amp.values().append_value(nr.amplitude[*k]);
                         }
                         bins.append(true);
                     }
-                    None => {
-                        amp.values().append_slice(&nr.amplitude);
-                        bins.append_null();
-                    }
+                    None => bins.append_null(),
                 }
-                amp.append(true);
             }
+            let float16 = plan.pipeline.output.float16;
+            let kept = self.kept.as_deref();
+            let amp = if float16 {
+                amplitude_list::<Float16Type>(neurons, kept, half::f16::from_f32)
+            } else {
+                amplitude_list::<Float32Type>(neurons, kept, |a| a)
+            };
             let cols: Vec<ArrayRef> = vec![
                 Arc::new(id.finish()),
                 Arc::new(label.finish()),
@@ -265,9 +301,9 @@ impl ImageTables {
                 Arc::new(channel.finish()),
                 Arc::new(bin_hz.finish()),
                 Arc::new(bins.finish()),
-                Arc::new(amp.finish()),
+                amp,
             ];
-            part.write(&batch(spectra_schema(), cols)?)?;
+            part.write(&batch(spectra_schema(float16), cols)?)?;
         }
         if let Some(part) = self.neurons.as_mut() {
             let rows = n * plan.terms.terms.len();

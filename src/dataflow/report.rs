@@ -72,7 +72,9 @@ pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
         .sum::<usize>() as u64;
     let sp = &plan.pipeline.spectrum;
     let bins = match out.spectra {
-        SpectraMode::Full => (plan.stimulus.frames / 2 + 1) as u64 * 4,
+        SpectraMode::Full => {
+            (plan.stimulus.frames / 2 + 1) as u64 * if out.float16 { 2 } else { 4 }
+        }
         SpectraMode::Terms => plan.terms.kept_bins(sp.skip + sp.neighbours).len() as u64 * 8,
         SpectraMode::None => 0,
     };

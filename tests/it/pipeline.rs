@@ -119,3 +119,24 @@ fn seeded_stimulus_noise_is_independent_of_workers() {
     let run = std::fs::read_to_string(a.join("run.json")).unwrap();
     assert!(run.contains("\"stimulus_noise\": true"), "{run}");
 }
+
+#[test]
+fn float16_spectra_are_half_the_precision_and_read_back() {
+    let Some(shared) = shared_data("float16 spectra") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let (a, b) = (dir.path().join("f32"), dir.path().join("f16"));
+    run_paper(&a, 2, &w, &["--set", "source.limit=2"]);
+    run_paper(
+        &b,
+        2,
+        &w,
+        &["--set", "source.limit=2", "--set", "output.float16=true"],
+    );
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    // float16 keeps about 3 significant digits of each neuron's largest amplitude
+    run_python("python/compare_runs.py", &[&a, &b, "--amp-tol", "1e-3"]);
+    run_python("python/check_outputs.py", &[&b, "2"]);
+}
