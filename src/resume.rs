@@ -94,12 +94,18 @@ impl WorkDir {
         format!("part-a{:02}-w{worker:05}-s{seg:06}.parquet", self.attempt)
     }
 
-    /// Starts a fresh run in `out`, discarding an earlier run's uncommitted work.
+    /// Starts a fresh run in `out`. An unfinished run there is never thrown away silently: the
+    /// user continues it with `--resume` or removes its work folder.
     pub fn fresh(out: &Path, plan: &Plan) -> Result<WorkDir> {
         let root = out.join(WORK);
         if root.exists() {
-            tracing::warn!(folder = %root.display(), "discarding the parts of an unfinished run (use --resume to continue it)");
-            std::fs::remove_dir_all(&root).map_err(io(&root))?;
+            return Err(Error::Output {
+                file: out.to_path_buf(),
+                msg: format!(
+                    "an unfinished run is in {}: continue it with --resume, or remove that folder to start over",
+                    root.display()
+                ),
+            });
         }
         std::fs::create_dir_all(root.join("tables")).map_err(io(&root))?;
         let w = WorkDir { root, attempt: 0 };

@@ -48,6 +48,10 @@ fn interrupted_then_resumed(signal: &str, delay: Duration) {
         );
         let o = freqtag_args(&args(&cut, &w, &["--resume"]));
         assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    } else if !cut.join("scores").exists() {
+        // killed before the run had set up its work folder: nothing to resume, start it again
+        let o = freqtag_args(&args(&cut, &w, &[]));
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     }
     run_python(
         "python/compare_runs.py",
@@ -90,6 +94,14 @@ fn resume_with_a_changed_pipeline_refuses_naming_the_setting() {
     std::thread::sleep(Duration::from_millis(800));
     let _ = child.kill();
     let _ = child.wait();
+    // starting over without --resume would throw the committed work away: refused
+    let o = freqtag_args(&args(&out, &w, &[]));
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("continue it with --resume"),
+        "{}",
+        show(&o)
+    );
     let o = freqtag_args(&args(&out, &w, &["--resume", "--set", "stimulus.smin=0.2"]));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
