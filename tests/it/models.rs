@@ -106,6 +106,37 @@ fn safetensors_checkpoint_with_module_prefix_gives_the_same_network() {
 }
 
 #[test]
+fn pytorch_zip_checkpoint_with_a_nested_state_dict_gives_the_same_network() {
+    let Some(shared) = shared_data("zip checkpoint") else {
+        return;
+    };
+    let dir = tmp();
+    let zip = dir.path().join("resnet32.pth");
+    crate::common::run_python(
+        "python/to_torch_zip.py",
+        &[
+            &resnet32(&shared).display().to_string(),
+            &zip.display().to_string(),
+        ],
+    );
+    assert_eq!(
+        accuracy(Arch::ResNetCifar(32), &zip, "cifar10-foolbox-20"),
+        accuracy(
+            Arch::ResNetCifar(32),
+            &resnet32(&shared),
+            "cifar10-foolbox-20"
+        )
+    );
+    let a = freqtag::model::weights::load(&zip).unwrap();
+    let b = freqtag::model::weights::load(&resnet32(&shared)).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &b {
+        let d = (t - &a[k]).unwrap().abs().unwrap().flatten_all().unwrap();
+        assert_eq!(d.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+}
+
+#[test]
 fn wrong_architecture_names_the_tensors() {
     let Some(shared) = shared_data("mismatched weights") else {
         return;
