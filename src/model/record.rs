@@ -76,9 +76,8 @@ pub fn record(
     // the unmodulated image for the prediction
     let ones = vec![1f32; stim.regions.count()];
     let mut plain = vec![0f32; frame_len];
-    let mut flat = stim.clone();
-    flat.noise_std = 0.0;
-    flat.write_frame(rgb, pre.mean, pre.std, &ones, None, &mut plain);
+    // no noise stream: the plain image, whatever stimulus.noise_std says
+    stim.write_frame(rgb, pre.mean, pre.std, &ones, None, &mut plain);
     let x = Tensor::from_slice(&plain, (1, 3, s, s), &Device::Cpu)?;
     let logits = net.forward(&x, &mut Recorder::new(&[]))?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?
