@@ -69,6 +69,32 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Prune filters by a run's scores and other selectors, and measure top-1 accuracy
+    /// (the pipeline's [prune] section says how).
+    Prune {
+        /// The pipeline file (TOML) with a [prune] section.
+        pipeline: PathBuf,
+        /// The output folder of a finished run of this pipeline [default: out/<pipeline name>].
+        #[arg(long)]
+        scores: Option<PathBuf>,
+        /// Where to write [default: <scores>/prune].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a setting by its dotted path, e.g. --set prune.scope=layer (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Write an HTML report (with its SVG figures) of a run's outputs.
+    Report {
+        /// The run's output folder.
+        out: PathBuf,
+        /// Neurons whose spectra are drawn: the N most responsive (by mean dB-SNR).
+        #[arg(long, default_value_t = 6)]
+        top: usize,
+        /// Also draw these neurons' spectra, as layer:channel (repeatable).
+        #[arg(long = "neuron", value_name = "LAYER:CHANNEL")]
+        neurons: Vec<String>,
+    },
     /// Manage real weights in the local cache.
     Weights {
         /// What to do.
@@ -130,6 +156,17 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             cmd_run(pipeline, out, &sets, how)
         }
         Command::Validate { pipeline, sets } => cmd_validate(pipeline, &sets),
+        Command::Prune {
+            pipeline,
+            scores,
+            out,
+            sets,
+        } => cmd_prune(pipeline, scores, out, &sets),
+        Command::Report { out, top, neurons } => {
+            let page = crate::report::write(&out, top, &neurons)?;
+            println!("report: {}", page.display());
+            Ok(0)
+        }
         Command::Weights { action } => match action {
             WeightsAction::Fetch { model } => {
                 let p = fetch::fetch(&model)?;
@@ -149,6 +186,56 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         },
         Command::Models { arch } => cmd_models(arch),
     }
+}
+
+fn default_out(pipeline: &std::path::Path) -> PathBuf {
+    PathBuf::from("out").join(
+        pipeline
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "run".into()),
+    )
+}
+
+fn cmd_prune(
+    pipeline: PathBuf,
+    scores: Option<PathBuf>,
+    out: Option<PathBuf>,
+    sets: &[String],
+) -> anyhow::Result<i32> {
+    let plan = config::load(&pipeline, sets)?;
+    let scores = scores.unwrap_or_else(|| default_out(&pipeline));
+    let out = out.unwrap_or_else(|| scores.join("prune"));
+    let s = crate::prune::run(&plan, &scores, &out)
+        .with_context(|| format!("pruning with {}", pipeline.display()))?;
+    println!(
+        "pruning evaluation on {} images ({} left out as scored, {} skipped), {} candidate filters, unpruned top-1 {:.2} %, {:.1} s",
+        s.n_images,
+        s.n_excluded,
+        s.skipped.len(),
+        s.n_candidates,
+        100.0 * s.baseline_accuracy,
+        s.wall_s
+    );
+    println!(
+        "{:<12} {:>5} {:>9} {:>9} {:>9}",
+        "selector", "seed", "fraction", "pruned", "top-1 %"
+    );
+    for p in &s.points {
+        println!(
+            "{:<12} {:>5} {:>9.3} {:>9} {:>9.2}",
+            p.selector,
+            p.seed.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+            p.fraction,
+            p.n_pruned,
+            100.0 * p.accuracy
+        );
+    }
+    for sk in &s.skipped {
+        println!("  skipped {}: {}", sk.id, sk.reason);
+    }
+    println!("outputs in {} (curves.parquet, curves.svg)", out.display());
+    Ok(if s.skipped.is_empty() { 0 } else { 1 })
 }
 
 fn cmd_validate(pipeline: PathBuf, sets: &[String]) -> anyhow::Result<i32> {

@@ -32,6 +32,10 @@ pub struct Pipeline {
     /// What is written.
     #[serde(default)]
     pub output: OutputConfig,
+    /// Pruning evaluation (`freqtag prune`); not part of what a run computes, so it is left
+    /// out of run.json, resume checks and cluster fingerprints.
+    #[serde(default, skip_serializing)]
+    pub prune: Option<crate::prune::PruneConfig>,
 }
 
 /// `[source]`: where images come from.
@@ -329,6 +333,8 @@ pub struct Plan {
     pub terms: TermSet,
     /// Non-fatal findings (an off-bin frequency, a term that aliases...).
     pub warnings: Vec<String>,
+    /// `[prune]` evaluation images, resolved.
+    pub prune_source: Option<PathBuf>,
 }
 
 /// Reads a pipeline file, applies `--set` overrides and compiles it.
@@ -483,6 +489,13 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
             &mut warnings,
         )
     });
+    let prune_source = pipeline
+        .prune
+        .as_ref()
+        .map(|pr| resolve("prune.source.path", &pr.source.path));
+    if let (Some(pr), Some(arch), Some(path)) = (&pipeline.prune, arch, &prune_source) {
+        problems.extend(crate::prune::check(pr, arch, terms.as_ref(), path));
+    }
     if !problems.is_empty() {
         return Err(fail(problems));
     }
@@ -499,6 +512,7 @@ pub fn compile_str(text: &str, file: &Path, sets: &[String]) -> Result<Plan> {
         stimulus,
         terms,
         warnings,
+        prune_source,
     })
 }
 

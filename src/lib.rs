@@ -13,6 +13,8 @@ pub mod config;
 pub mod dataflow;
 pub mod error;
 pub mod model;
+pub mod prune;
+pub mod report;
 pub mod resume;
 pub mod score;
 pub mod sink;

@@ -204,7 +204,8 @@ impl Part {
     }
 }
 
-fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
+/// A record batch of `cols` under `schema`.
+pub fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
     RecordBatch::try_new(schema, cols).map_err(|e| Error::Output {
         file: PathBuf::from("<record batch>"),
         msg: e.to_string(),

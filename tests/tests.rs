@@ -1,5 +1,7 @@
 //! All integration tests, one binary, one module per area.
 
+#[path = "it/analysis.rs"]
+mod analysis;
 #[path = "it/bad_input.rs"]
 mod bad_input;
 #[path = "it/cluster.rs"]

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::layers::{BatchNorm, Conv, Linear};
 use super::weights::Params;
-use super::{Recorder, TapGroup, TapInfo};
+use super::{ConvRole, Recorder, TapGroup, TapInfo};
 
 const EPS: f64 = 1e-5;
 /// (expansion t, output channels c, repeats n, first stride s), torchvision's table.
@@ -123,23 +123,39 @@ fn units(
 pub fn taps() -> Vec<TapInfo> {
     let mut out = Vec::new();
     for (name, cin, cout, stride, t, k) in plan() {
-        for (tap, _, _, co, ..) in units(&name, cin, cout, stride, t, k) {
+        let residual = t != 0 && stride == 1 && cin == cout;
+        let us = units(&name, cin, cout, stride, t, k);
+        let last = us.len() - 1;
+        for (i, (tap, bn, _, co, ..)) in us.into_iter().enumerate() {
+            let role = if name == "features.0" {
+                ConvRole::Stem
+            } else if residual && i == last {
+                ConvRole::ResidualLast
+            } else {
+                ConvRole::Other
+            };
             out.push(TapInfo {
                 name: tap,
                 channels: co,
                 group: TapGroup::Conv,
+                bn: Some(bn),
+                role,
             });
         }
         out.push(TapInfo {
             name,
             channels: cout,
             group: TapGroup::Block,
+            bn: None,
+            role: ConvRole::Other,
         });
     }
     out.push(TapInfo {
         name: "logits".into(),
         channels: 1000,
         group: TapGroup::Logits,
+        bn: None,
+        role: ConvRole::Other,
     });
     out
 }

@@ -50,6 +50,22 @@ pub struct TapInfo {
     pub channels: usize,
     /// Kind.
     pub group: TapGroup,
+    /// For a convolution: the batch norm that follows it (`layer1.0.bn1`).
+    pub bn: Option<String>,
+    /// For a convolution: its role for pruning.
+    pub role: ConvRole,
+}
+
+/// Where a convolution sits, for pruning's exclusions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvRole {
+    /// The first convolution (on the image).
+    Stem,
+    /// The last convolution of a residual branch: its output is added to the shortcut.
+    ResidualLast,
+    /// Any other convolution, or not a convolution.
+    Other,
 }
 
 /// How images are brought to the model's input.
@@ -256,7 +272,16 @@ pub enum Network {
 impl Network {
     /// Builds `arch` from the checkpoint `path`; every tensor problem is reported at once.
     pub fn load(arch: Arch, path: &Path) -> Result<Network> {
-        let tensors = weights::load(path)?;
+        Network::from_tensors(arch, path, weights::load(path)?)
+    }
+
+    /// Builds `arch` from checkpoint tensors already read from `path` (perhaps edited, as
+    /// pruning does); `path` names the file in messages.
+    pub fn from_tensors(
+        arch: Arch,
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+    ) -> Result<Network> {
         let mut p = weights::Params::new(path, tensors);
         let net = match arch {
             Arch::ResNetCifar(d) => Network::ResNet(resnet_cifar::ResNet::new(d, &mut p)?),

@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 
 use super::layers::{BatchNorm, Conv, Linear};
 use super::weights::Params;
-use super::{Recorder, TapGroup, TapInfo};
+use super::{ConvRole, Recorder, TapGroup, TapInfo};
 
 const EPS: f64 = 1e-5;
 
@@ -17,21 +17,42 @@ fn blocks(depth: usize) -> usize {
 
 /// Every tap of ResNet-`depth`, in forward order.
 pub fn taps(depth: usize) -> Vec<TapInfo> {
-    let tap = |name: String, channels, group| TapInfo {
+    let tap = |name: String, channels, group, bn: Option<String>, role| TapInfo {
         name,
         channels,
         group,
+        bn,
+        role,
     };
-    let mut t = vec![tap("conv1".into(), 16, TapGroup::Conv)];
+    let mut t = vec![tap(
+        "conv1".into(),
+        16,
+        TapGroup::Conv,
+        Some("bn1".into()),
+        ConvRole::Stem,
+    )];
     for (l, planes) in [16usize, 32, 64].iter().enumerate() {
         for i in 0..blocks(depth) {
             let b = format!("layer{}.{i}", l + 1);
-            t.push(tap(format!("{b}.conv1"), *planes, TapGroup::Conv));
-            t.push(tap(format!("{b}.conv2"), *planes, TapGroup::Conv));
-            t.push(tap(b, *planes, TapGroup::Block));
+            for (k, role) in [(1, ConvRole::Other), (2, ConvRole::ResidualLast)] {
+                t.push(tap(
+                    format!("{b}.conv{k}"),
+                    *planes,
+                    TapGroup::Conv,
+                    Some(format!("{b}.bn{k}")),
+                    role,
+                ));
+            }
+            t.push(tap(b, *planes, TapGroup::Block, None, ConvRole::Other));
         }
     }
-    t.push(tap("logits".into(), 10, TapGroup::Logits));
+    t.push(tap(
+        "logits".into(),
+        10,
+        TapGroup::Logits,
+        None,
+        ConvRole::Other,
+    ));
     t
 }
 
