@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Side-by-side speed of freqtag and the PyTorch baseline (benches/pytorch_baseline.py) on the same
+# images, for the paper pipeline (ResNet-32, data/cifar10-foolbox-20) and the quickstart
+# (MobileNetV2, data/photos), and a check that the paper pipeline's spectra agree.
+#
+#   benches/compare.sh [N_IMAGES]      # default: every image of each folder
+#
+# Needs target/release/freqtag (or FREQTAG=path) and benches/.venv (benches/setup.sh).
+# Optional: WORKERS (freqtag --workers; default its own), THREADS (torch threads; default torch's),
+# KEEP=1 to keep the temporary outputs.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+n="${1:-}"
+freqtag="${FREQTAG:-$repo/target/release/freqtag}"
+py="$repo/benches/.venv/bin/python"
+[ -x "$freqtag" ] || { echo "no freqtag binary at $freqtag (cargo build --release, or set FREQTAG)" >&2; exit 2; }
+[ -x "$py" ] || { echo "no benches/.venv: run benches/setup.sh first" >&2; exit 2; }
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/freqtag-compare.XXXXXX")"
+if [ "${KEEP:-0}" = 1 ]; then echo "outputs kept in $tmp"; else trap 'rm -rf "$tmp"' EXIT; fi
+
+ft_args=()
+pt_args=()
+if [ -n "$n" ]; then ft_args+=(--set "source.limit=$n"); pt_args+=(--limit "$n"); fi
+[ -n "${WORKERS:-}" ] && ft_args+=(--workers "$WORKERS")
+[ -n "${THREADS:-}" ] && pt_args+=(--threads "$THREADS")
+
+run_pair() { # name pipeline-file image-folder [baseline args...]
+    local name="$1" toml="$2" images="$3"; shift 3
+    echo "== $name: freqtag" >&2
+    "$freqtag" run "$toml" --out "$tmp/ft-$name" "${ft_args[@]}" >"$tmp/ft-$name.log" 2>&1 \
+        || { echo "freqtag failed on $name:" >&2; tail -20 "$tmp/ft-$name.log" >&2; exit 1; }
+    echo "== $name: PyTorch baseline" >&2
+    "$py" benches/pytorch_baseline.py --pipeline "$name" --images "$images" --json \
+        "${pt_args[@]}" "$@" >"$tmp/pt-$name.json"
+}
+
+run_pair paper pipelines/paper-resnet32-cifar10.toml data/cifar10-foolbox-20 --dump "$tmp/dump-paper"
+run_pair quickstart pipelines/quickstart.toml data/photos
+
+echo "== paper: spectra agreement" >&2
+set +e
+"$py" benches/compare_spectra.py "$tmp/ft-paper" "$tmp/dump-paper" | tee "$tmp/agreement.txt"
+agree=${PIPESTATUS[0]}
+set -e
+
+"$py" - "$tmp" <<'EOF'
+import json, sys
+from pathlib import Path
+tmp = Path(sys.argv[1])
+rows = []
+for name in ["paper", "quickstart"]:
+    ft = json.loads((tmp / f"ft-{name}" / "run.json").read_text())
+    pt = json.loads((tmp / f"pt-{name}.json").read_text())
+    rows.append((name, ft, pt))
+print()
+hdr = f"{'pipeline':<11} {'images':>6} {'freqtag img/s':>14} {'PyTorch img/s':>14} {'ratio':>7} {'freqtag RSS MB':>15} {'PyTorch RSS MB':>15}"
+print(hdr)
+print("-" * len(hdr))
+for name, ft, pt in rows:
+    ratio = ft["images_per_s"] / pt["images_per_s"] if pt["images_per_s"] else float("nan")
+    print(f"{name:<11} {ft['counts']['images_processed']:>6} {ft['images_per_s']:>14.3f} {pt['images_per_s']:>14.3f} "
+          f"{ratio:>6.2f}x {ft.get('peak_rss_mb', 0.0):>15.0f} {pt['peak_rss_mb']:>15.0f}")
+print()
+print("ratio = freqtag images/s over PyTorch images/s. freqtag runs each distinct frame once "
+      "(49 of 240) and writes Parquet; the baseline runs all 240 frames, as the authors' code does.")
+for name, ft, pt in rows:
+    fs = ", ".join(f"{k} {v:.2f}" for k, v in ft["stage_seconds"].items())
+    ps = ", ".join(f"{k} {v:.2f}" for k, v in pt["stage_seconds"].items())
+    print(f"{name} stage seconds: freqtag ({ft['workers']} workers, summed) {fs}; "
+          f"PyTorch ({pt['threads']} threads) {ps}")
+EOF
+exit "$agree"
