@@ -106,6 +106,23 @@ pub enum Command {
         /// Show every tap of this architecture.
         arch: Option<String>,
     },
+    /// Measure speed: the paper pipeline (ResNet-32, CIFAR-10, 240 frames, every conv) and the
+    /// quickstart (MobileNetV2) on their fixed images, each run in its own process; prints
+    /// images/s, peak memory and seconds per stage for each worker count.
+    Bench {
+        /// Images per pipeline, the first N of each set [default: all: 20 CIFAR-10, 5 photos].
+        #[arg(long)]
+        images: Option<usize>,
+        /// Worker counts measured (repeatable) [default: 1 and the number of cores].
+        #[arg(long = "workers")]
+        workers: Vec<usize>,
+        /// Only this pipeline: `paper` or `quickstart`.
+        #[arg(long)]
+        only: Option<String>,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `freqtag weights ...`.
@@ -185,7 +202,141 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         },
         Command::Models { arch } => cmd_models(arch),
+        Command::Bench {
+            images,
+            workers,
+            only,
+            json,
+        } => cmd_bench(images, workers, only, json),
     }
+}
+
+/// A pipeline file of the project: from the current folder, else from where it was built.
+fn project_file(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+}
+
+fn cmd_bench(
+    images: Option<usize>,
+    workers: Vec<usize>,
+    only: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut counts = if workers.is_empty() {
+        vec![1, cores]
+    } else {
+        workers
+    };
+    counts.sort_unstable();
+    counts.dedup();
+    let all = [
+        ("paper", "pipelines/paper-resnet32-cifar10.toml"),
+        ("quickstart", "pipelines/quickstart.toml"),
+    ];
+    if let Some(o) = &only {
+        anyhow::ensure!(
+            all.iter().any(|(n, _)| n == o),
+            "--only {o}: choose paper or quickstart"
+        );
+    }
+    let exe = std::env::current_exe().context("locating the freqtag binary")?;
+    let tmp = std::env::temp_dir().join(format!("freqtag-bench-{}", std::process::id()));
+    let mut results = Vec::new();
+    for (name, file) in all {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let pipeline = project_file(file);
+        for &w in &counts {
+            let out = tmp.join(format!("{name}-{w}"));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("run")
+                .arg(&pipeline)
+                .arg("--out")
+                .arg(&out)
+                .arg("--workers")
+                .arg(w.to_string())
+                .args(["--log-level", "warn"])
+                .env_remove("RAYON_NUM_THREADS");
+            if let Some(n) = images {
+                cmd.args(["--set", &format!("source.limit={n}")]);
+            }
+            eprintln!("bench: {name}, {w} worker(s)...");
+            let o = cmd.output().context("running freqtag run")?;
+            if !o.status.success() {
+                let _ = std::fs::remove_dir_all(&tmp);
+                anyhow::bail!(
+                    "bench: the {name} pipeline failed ({}):\n{}",
+                    pipeline.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let run: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
+            results.push(serde_json::json!({
+                "name": name,
+                "workers": w,
+                "images": run["counts"]["images_processed"],
+                "seconds": run["wall_s"],
+                "images_per_s": run["images_per_s"],
+                "peak_rss_mb": run["peak_rss_mb"],
+                "stage_seconds": run["stage_seconds"],
+                "distinct_frames": run["resolved"]["distinct_frames"],
+            }));
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "cores": cores, "runs": results }))?
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<11} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/forward/spectrum/write/aggregate)",
+        "pipeline", "workers", "images", "seconds", "images/s", "peak MB"
+    );
+    for r in &results {
+        let st = &r["stage_seconds"];
+        let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<11} {:>7} {:>6} {:>8.2} {:>9.2} {:>9.0}   {:.1}/{:.1}/{:.1}/{:.1}/{:.1}",
+            r["name"].as_str().unwrap_or(""),
+            r["workers"],
+            r["images"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["images_per_s"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mb"].as_f64().unwrap_or(0.0),
+            f("decode"),
+            f("forward"),
+            f("spectrum"),
+            f("write"),
+            f("aggregate")
+        );
+    }
+    // worker scaling: most workers against one, per pipeline
+    for (name, _) in all {
+        let get = |w: usize| {
+            results
+                .iter()
+                .find(|r| r["name"] == name && r["workers"] == w)
+                .and_then(|r| r["images_per_s"].as_f64())
+        };
+        if let (Some(one), Some(&most), true) = (get(1), counts.last(), counts.len() > 1) {
+            if let Some(m) = get(most) {
+                println!("{name}: {most} workers run {:.2}x one worker", m / one);
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn default_out(pipeline: &std::path::Path) -> PathBuf {

@@ -79,8 +79,15 @@ fn prune_report_and_examples_on_a_real_run() {
     ));
     assert!(o.status.success(), "{}", show(&o));
 
-    // pruning: 200 labelled JPEGs (20 per class), every selector, two modes and scopes
-    let list = cifar_list(&shared, dir.path(), 100, 20);
+    // pruning: 200 labelled test images (20 per class), every selector, two modes and scopes;
+    // re-encoded as PNG so both sides see the same pixels (see to_png.py)
+    let jpegs = cifar_list(&shared, dir.path(), 100, 20);
+    let pngs = dir.path().join("png");
+    run_python(
+        "python/to_png.py",
+        &[jpegs.to_str().unwrap(), pngs.to_str().unwrap()],
+    );
+    let list = pngs.join("list.txt");
     let o = freqtag_args(&prune_args(&out, &w, &list, &[]));
     assert!(o.status.success(), "{}", show(&o));
     let said = String::from_utf8_lossy(&o.stdout);
