@@ -10,6 +10,7 @@ pub mod layers;
 pub mod mobilenet_v2;
 pub mod record;
 pub mod resnet_cifar;
+pub mod torchvision;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -27,6 +28,10 @@ pub enum Arch {
     ResNetCifar(usize),
     /// torchvision MobileNetV2 (ImageNet).
     MobileNetV2,
+    /// torchvision ResNet-18/34/50 (ImageNet).
+    ResNet(usize),
+    /// torchvision VGG-11/16 without batch norm (ImageNet).
+    Vgg(usize),
 }
 
 /// What kind of layer a tap is.
@@ -86,12 +91,17 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Arch {
     /// All names `parse` accepts.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 10] = [
         "resnet20",
         "resnet32",
         "resnet44",
         "resnet56",
         "mobilenet_v2",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "vgg11",
+        "vgg16",
     ];
 
     /// Parses an architecture name.
@@ -102,6 +112,11 @@ impl Arch {
             "resnet44" => Ok(Arch::ResNetCifar(44)),
             "resnet56" => Ok(Arch::ResNetCifar(56)),
             "mobilenet_v2" => Ok(Arch::MobileNetV2),
+            "resnet18" => Ok(Arch::ResNet(18)),
+            "resnet34" => Ok(Arch::ResNet(34)),
+            "resnet50" => Ok(Arch::ResNet(50)),
+            "vgg11" => Ok(Arch::Vgg(11)),
+            "vgg16" => Ok(Arch::Vgg(16)),
             other => Err(format!(
                 "unknown architecture `{other}`; known: {}",
                 Arch::NAMES.join(", ")
@@ -112,8 +127,9 @@ impl Arch {
     /// The name as written in pipelines.
     pub fn name(self) -> String {
         match self {
-            Arch::ResNetCifar(d) => format!("resnet{d}"),
+            Arch::ResNetCifar(d) | Arch::ResNet(d) => format!("resnet{d}"),
             Arch::MobileNetV2 => "mobilenet_v2".into(),
+            Arch::Vgg(d) => format!("vgg{d}"),
         }
     }
 
@@ -131,7 +147,7 @@ impl Arch {
                 mean: IMAGENET_MEAN,
                 std: IMAGENET_STD,
             },
-            Arch::MobileNetV2 => Preprocess {
+            Arch::MobileNetV2 | Arch::ResNet(_) | Arch::Vgg(_) => Preprocess {
                 resize: 256,
                 crop: 224,
                 mean: IMAGENET_MEAN,
@@ -145,6 +161,8 @@ impl Arch {
         match self {
             Arch::ResNetCifar(d) => resnet_cifar::taps(d),
             Arch::MobileNetV2 => mobilenet_v2::taps(),
+            Arch::ResNet(d) => torchvision::resnet_taps(d),
+            Arch::Vgg(d) => torchvision::vgg_taps(d),
         }
     }
 
@@ -267,6 +285,10 @@ pub enum Network {
     ResNet(resnet_cifar::ResNet),
     /// MobileNetV2.
     MobileNetV2(mobilenet_v2::MobileNetV2),
+    /// torchvision ResNet.
+    TvResNet(torchvision::ResNet),
+    /// torchvision VGG.
+    Vgg(torchvision::Vgg),
 }
 
 impl Network {
@@ -286,6 +308,8 @@ impl Network {
         let net = match arch {
             Arch::ResNetCifar(d) => Network::ResNet(resnet_cifar::ResNet::new(d, &mut p)?),
             Arch::MobileNetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::new(&mut p)?),
+            Arch::ResNet(d) => Network::TvResNet(torchvision::ResNet::new(d, &mut p)?),
+            Arch::Vgg(d) => Network::Vgg(torchvision::Vgg::new(d, &mut p)?),
         };
         p.finish(&arch.name())?;
         Ok(net)
@@ -298,6 +322,8 @@ impl Network {
         match self {
             Network::ResNet(n) => n.forward(&x, rec),
             Network::MobileNetV2(n) => n.forward(&x, rec),
+            Network::TvResNet(n) => n.forward(&x, rec),
+            Network::Vgg(n) => n.forward(&x, rec),
         }
     }
 }

@@ -211,3 +211,87 @@ fn every_listed_tap_is_recorded_with_its_channels() {
         .iter()
         .any(|t| t.name == "features.3.conv.1.0" && t.channels == 144));
 }
+
+/// Reads a little-endian float32 `.npy` file (format versions 1 and 2).
+fn read_npy_f32(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(
+        &b[..6],
+        b"\x93NUMPY",
+        "{} is not a .npy file",
+        path.display()
+    );
+    let (len, start) = if b[6] == 1 {
+        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+    };
+    let header = std::str::from_utf8(&b[start..start + len]).unwrap();
+    assert!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let data = b[start + len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (shape, data)
+}
+
+/// torchvision ResNet-18/34/50 and VGG-11/16 on random weights with torchvision's names, saved
+/// by `tests/reference/ref_torchvision.py`, against its float64 numpy forward: every tap (each
+/// conv's spatial mean before batch norm, block outputs, hidden FC layers) and the logits.
+#[test]
+fn torchvision_resnets_and_vggs_match_a_numpy_forward_of_the_same_random_weights() {
+    for arch in ["resnet18", "resnet34", "resnet50", "vgg11", "vgg16"] {
+        let dir = tmp();
+        let d = dir.path().to_str().unwrap();
+        crate::common::run_python(
+            "reference/ref_torchvision.py",
+            &["make", "--arch", arch, "--out", d],
+        );
+        let a = Arch::parse(arch).unwrap();
+        let net = Network::load(a, &dir.path().join("weights.safetensors"))
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let (shape, x) = read_npy_f32(&dir.path().join("input.npy"));
+        assert_eq!(shape, vec![1, 3, 224, 224]);
+        let taps: Vec<String> = a.taps().into_iter().map(|t| t.name).collect();
+        let mut rec = Recorder::new(&taps);
+        let x = Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let logits = net.forward(&x, &mut rec).unwrap();
+        let mut got = serde_json::Map::new();
+        for (name, (t, info)) in taps
+            .iter()
+            .zip(rec.finish().unwrap().into_iter().zip(a.taps()))
+        {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(v.len(), info.channels, "{arch} {name}");
+            got.insert(name.clone(), serde_json::json!(v));
+        }
+        let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let doc = serde_json::json!({ "logits": logits, "taps": got });
+        let got_path = dir.path().join("got.json");
+        std::fs::write(&got_path, doc.to_string()).unwrap();
+        let said = crate::common::run_python(
+            "reference/ref_torchvision.py",
+            &[
+                "check",
+                "--expected",
+                &format!("{d}/expected.json"),
+                "--got",
+                got_path.to_str().unwrap(),
+                "--tol",
+                "1e-4",
+            ],
+        );
+        eprintln!("{arch}: {}", said.trim());
+    }
+}
