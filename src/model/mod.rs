@@ -5,6 +5,7 @@
 //! In: frames `[B, 3, H, W]`. Out: logits `[B, classes]` and, per recorded tap, `[B, channels]`.
 //! Inside, activations are channels-last (`[B, H, W, C]`): convolutions become matmuls.
 
+pub mod efficientnet_lite;
 pub mod fetch;
 pub mod layers;
 pub mod mobilenet_v2;
@@ -32,6 +33,8 @@ pub enum Arch {
     ResNet(usize),
     /// torchvision VGG-11/16 without batch norm (ImageNet).
     Vgg(usize),
+    /// EfficientNet-Lite0 (ImageNet), EfficientNet-PyTorch names.
+    EfficientNetLite0,
 }
 
 /// What kind of layer a tap is.
@@ -91,7 +94,7 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Arch {
     /// All names `parse` accepts.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "resnet20",
         "resnet32",
         "resnet44",
@@ -102,6 +105,7 @@ impl Arch {
         "resnet50",
         "vgg11",
         "vgg16",
+        "efficientnet_lite0",
     ];
 
     /// Parses an architecture name.
@@ -117,6 +121,7 @@ impl Arch {
             "resnet50" => Ok(Arch::ResNet(50)),
             "vgg11" => Ok(Arch::Vgg(11)),
             "vgg16" => Ok(Arch::Vgg(16)),
+            "efficientnet_lite0" => Ok(Arch::EfficientNetLite0),
             other => Err(format!(
                 "unknown architecture `{other}`; known: {}",
                 Arch::NAMES.join(", ")
@@ -130,6 +135,7 @@ impl Arch {
             Arch::ResNetCifar(d) | Arch::ResNet(d) => format!("resnet{d}"),
             Arch::MobileNetV2 => "mobilenet_v2".into(),
             Arch::Vgg(d) => format!("vgg{d}"),
+            Arch::EfficientNetLite0 => "efficientnet_lite0".into(),
         }
     }
 
@@ -153,6 +159,13 @@ impl Arch {
                 mean: IMAGENET_MEAN,
                 std: IMAGENET_STD,
             },
+            // (x - 127) / 128 on 0..255 is (x/255 - 127/255) / (128/255)
+            Arch::EfficientNetLite0 => Preprocess {
+                resize: 256,
+                crop: 224,
+                mean: [127.0 / 255.0; 3],
+                std: [128.0 / 255.0; 3],
+            },
         }
     }
 
@@ -163,6 +176,7 @@ impl Arch {
             Arch::MobileNetV2 => mobilenet_v2::taps(),
             Arch::ResNet(d) => torchvision::resnet_taps(d),
             Arch::Vgg(d) => torchvision::vgg_taps(d),
+            Arch::EfficientNetLite0 => efficientnet_lite::taps(),
         }
     }
 
@@ -289,6 +303,8 @@ pub enum Network {
     TvResNet(torchvision::ResNet),
     /// torchvision VGG.
     Vgg(torchvision::Vgg),
+    /// EfficientNet-Lite0.
+    EfficientNetLite0(efficientnet_lite::EfficientNetLite0),
 }
 
 impl Network {
@@ -310,6 +326,9 @@ impl Network {
             Arch::MobileNetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::new(&mut p)?),
             Arch::ResNet(d) => Network::TvResNet(torchvision::ResNet::new(d, &mut p)?),
             Arch::Vgg(d) => Network::Vgg(torchvision::Vgg::new(d, &mut p)?),
+            Arch::EfficientNetLite0 => {
+                Network::EfficientNetLite0(efficientnet_lite::EfficientNetLite0::new(&mut p)?)
+            }
         };
         p.finish(&arch.name())?;
         Ok(net)
@@ -324,6 +343,7 @@ impl Network {
             Network::MobileNetV2(n) => n.forward(&x, rec),
             Network::TvResNet(n) => n.forward(&x, rec),
             Network::Vgg(n) => n.forward(&x, rec),
+            Network::EfficientNetLite0(n) => n.forward(&x, rec),
         }
     }
 }

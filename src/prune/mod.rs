@@ -464,7 +464,7 @@ pub fn run(plan: &Plan, scores_dir: &Path, out: &Path) -> Result<PruneSummary> {
         .any(|s| matches!(s, Selector::ScoreHigh | Selector::ScoreLow));
     let scores = if needs_scores {
         let term = (pr.rank_by != "mean_snr_db")
-            .then(|| pr.term.as_deref())
+            .then_some(pr.term.as_deref())
             .flatten();
         Some(read_scores(scores_dir, &pr.rank_by, term)?)
     } else {

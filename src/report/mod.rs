@@ -437,7 +437,7 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
     let st = &run["resolved"];
     let _ = write!(
         h,
-        "<h2>Run</h2><table><tr><th>pipeline</th><td>{}</td></tr><tr><th>model</th><td>{}</td></tr><tr><th>images</th><td>{} processed of {} listed, {} skipped</td></tr><tr><th>stimulus</th><td>frequencies {} Hz, {} regions, bins of {} Hz, {} distinct frames</td></tr><tr><th>layers</th><td>{} taps, {} neurons scored</td></tr><tr><th>speed</th><td>{:.2} images/s, {} workers, peak memory {:.0} MB</td></tr></table>\n",
+        "<h2>Run</h2><table><tr><th>pipeline</th><td>{}</td></tr><tr><th>model</th><td>{}</td></tr><tr><th>images</th><td>{} processed of {} listed, {} skipped</td></tr><tr><th>stimulus</th><td>frequencies {} Hz, {} regions, bins of {} Hz, {} distinct frames</td></tr><tr><th>layers</th><td>{} taps, {} neurons scored</td></tr><tr><th>speed</th><td>{:.2} images/s, {} workers, peak memory {:.0} MB</td></tr></table>",
         esc(run["pipeline_file"].as_str().unwrap_or("?")),
         esc(st["arch"].as_str().unwrap_or("?")),
         c["images_processed"], c["images_listed"], c["skipped"],
@@ -452,7 +452,7 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
         run["peak_rss_mb"].as_f64().unwrap_or(0.0),
     );
     if let Some(note) = run["scoring"]["note"].as_str() {
-        let _ = write!(h, "<p class=\"note\">Scoring: {}</p>\n", esc(note));
+        let _ = writeln!(h, "<p class=\"note\">Scoring: {}</p>", esc(note));
     }
     h.push_str("<h2>Spectra of the most responsive neurons</h2>\n");
     if spectrum_figs.is_empty() {

