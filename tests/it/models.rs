@@ -80,6 +80,74 @@ fn efficientnet_lite0_real_weights_classify_the_imagenet_images() {
     let (c, n) = accuracy(Arch::EfficientNetLite0, &w, "imagenet-foolbox-20");
     eprintln!("EfficientNet-Lite0: {c} of {n}");
     assert!(c >= 17, "EfficientNet-Lite0 classified {c} of {n}");
+
+    // logits on identical inputs against an independent numpy float64 forward (TF SAME padding:
+    // symmetric padding would move logits by up to 4.5 on these images)
+    let dir = tmp();
+    let imgs = dir.path().join("images");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for f in [
+        "imagenet_02_438.jpg",
+        "imagenet_03_990.jpg",
+        "imagenet_10_541.jpg",
+    ] {
+        std::fs::copy(
+            root().join("data/imagenet-foolbox-20").join(f),
+            imgs.join(f),
+        )
+        .unwrap();
+    }
+    let inputs = dir.path().join("inputs");
+    let json = dir.path().join("ref.json");
+    crate::common::run_python(
+        "reference/ref_efficientnet_lite0.py",
+        &[
+            "--weights",
+            w.to_str().unwrap(),
+            "--images",
+            imgs.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--dump-inputs",
+            inputs.to_str().unwrap(),
+        ],
+    );
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let net = Network::load(Arch::EfficientNetLite0, &w).unwrap();
+    for (file, v) in want.as_object().unwrap() {
+        let stem = std::path::Path::new(file)
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let (shape, x) = read_npy_f32(&inputs.join(format!("{stem}.npy")));
+        assert_eq!(shape, vec![1, 3, 224, 224]);
+        let x = Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let got = net
+            .forward(&x, &mut Recorder::new(&[]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want: Vec<f64> = v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        eprintln!("{file}: max logit error {err:.2e} of {scale:.1}");
+        assert!(
+            err < 1e-3 * scale,
+            "{file}: logits differ by {err} (scale {scale})"
+        );
+    }
 }
 
 #[test]
