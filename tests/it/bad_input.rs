@@ -99,6 +99,9 @@ frequencies = [6.0, 75.0]
 fn validate_prints_the_plan_of_every_shipped_pipeline() {
     for entry in std::fs::read_dir(root().join("pipelines")).unwrap() {
         let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "toml") {
+            continue; // pipelines/lists/: image lists the pipelines name
+        }
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(
             text.starts_with('#'),
@@ -108,10 +111,10 @@ fn validate_prints_the_plan_of_every_shipped_pipeline() {
         let o = freqtag(&["validate", &p.display().to_string()]);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
-        // the paper pipeline's weights live in ../shared; without it only that problem is allowed
+        // some pipelines read weights or images in ../shared; without it they may fail on that
         let missing_shared = !root().join("../shared/data").is_dir()
-            && err.contains("model.weights")
-            && err.contains("1 problem(s)");
+            && text.contains("shared/data")
+            && err.contains("does not exist");
         assert!(o.status.success() || missing_shared, "{}", show(&o));
         if o.status.success() {
             assert!(
