@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 
 use super::layers::{BatchNorm, Conv, Linear};
 use super::weights::Params;
-use super::{ConvRole, Recorder, TapGroup, TapInfo};
+use super::{ConvRole, Recorder, TapInfo};
 
 const EPS: f64 = 1e-3;
 
@@ -83,13 +83,8 @@ fn block_units(
 
 /// Every tap, in forward order.
 pub fn taps() -> Vec<TapInfo> {
-    let conv = |name: String, channels, bn: String, role| TapInfo {
-        name,
-        channels,
-        group: TapGroup::Conv,
-        bn: Some(bn),
-        role,
-    };
+    let conv =
+        |name: String, channels, bn: String, role| TapInfo::conv(name, channels, Some(bn), role);
     let mut t = vec![conv("_conv_stem".into(), 32, "_bn0".into(), ConvRole::Stem)];
     for (i, cin, cout, k, s, e) in blocks() {
         let residual = s == 1 && cin == cout;
@@ -103,13 +98,7 @@ pub fn taps() -> Vec<TapInfo> {
             };
             t.push(conv(name, co, bn, role));
         }
-        t.push(TapInfo {
-            name: format!("_blocks.{i}"),
-            channels: cout,
-            group: TapGroup::Block,
-            bn: None,
-            role: ConvRole::Other,
-        });
+        t.push(TapInfo::block(format!("_blocks.{i}"), cout));
     }
     t.push(conv(
         "_conv_head".into(),
@@ -117,13 +106,7 @@ pub fn taps() -> Vec<TapInfo> {
         "_bn1".into(),
         ConvRole::Other,
     ));
-    t.push(TapInfo {
-        name: "logits".into(),
-        channels: 1000,
-        group: TapGroup::Logits,
-        bn: None,
-        role: ConvRole::Other,
-    });
+    t.push(TapInfo::logits(1000));
     t
 }
 

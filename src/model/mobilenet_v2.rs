@@ -142,21 +142,9 @@ pub fn taps() -> Vec<TapInfo> {
                 role,
             });
         }
-        out.push(TapInfo {
-            name,
-            channels: cout,
-            group: TapGroup::Block,
-            bn: None,
-            role: ConvRole::Other,
-        });
+        out.push(TapInfo::block(name, cout));
     }
-    out.push(TapInfo {
-        name: "logits".into(),
-        channels: 1000,
-        group: TapGroup::Logits,
-        bn: None,
-        role: ConvRole::Other,
-    });
+    out.push(TapInfo::logits(1000));
     out
 }
 

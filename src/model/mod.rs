@@ -64,6 +64,46 @@ pub struct TapInfo {
     pub role: ConvRole,
 }
 
+impl TapInfo {
+    /// A convolution, followed by batch norm `bn` if any.
+    pub fn conv(
+        name: impl Into<String>,
+        channels: usize,
+        bn: Option<String>,
+        role: ConvRole,
+    ) -> Self {
+        TapInfo {
+            name: name.into(),
+            channels,
+            group: TapGroup::Conv,
+            bn,
+            role,
+        }
+    }
+
+    /// A block's output (or another activation that is not a convolution).
+    pub fn block(name: impl Into<String>, channels: usize) -> Self {
+        TapInfo {
+            name: name.into(),
+            channels,
+            group: TapGroup::Block,
+            bn: None,
+            role: ConvRole::Other,
+        }
+    }
+
+    /// The logits.
+    pub fn logits(classes: usize) -> Self {
+        TapInfo {
+            name: "logits".into(),
+            channels: classes,
+            group: TapGroup::Logits,
+            bn: None,
+            role: ConvRole::Other,
+        }
+    }
+}
+
 /// Where a convolution sits, for pruning's exclusions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::layers::{BatchNorm, Conv, Linear};
 use super::weights::Params;
-use super::{ConvRole, Recorder, TapGroup, TapInfo};
+use super::{ConvRole, Recorder, TapInfo};
 
 const EPS: f64 = 1e-5;
 
@@ -59,13 +59,7 @@ fn resnet_blocks(depth: usize) -> Vec<(String, usize, usize, usize, bool)> {
 }
 
 fn conv_tap(name: String, channels: usize, bn: Option<String>, role: ConvRole) -> TapInfo {
-    TapInfo {
-        name,
-        channels,
-        group: TapGroup::Conv,
-        bn,
-        role,
-    }
+    TapInfo::conv(name, channels, bn, role)
 }
 
 fn bn_name(conv: &str) -> String {
@@ -110,21 +104,9 @@ pub fn resnet_taps(depth: usize) -> Vec<TapInfo> {
                 ConvRole::Other,
             ));
         }
-        t.push(TapInfo {
-            name,
-            channels: cout,
-            group: TapGroup::Block,
-            bn: None,
-            role: ConvRole::Other,
-        });
+        t.push(TapInfo::block(name, cout));
     }
-    t.push(TapInfo {
-        name: "logits".into(),
-        channels: 1000,
-        group: TapGroup::Logits,
-        bn: None,
-        role: ConvRole::Other,
-    });
+    t.push(TapInfo::logits(1000));
     t
 }
 
@@ -339,21 +321,9 @@ pub fn vgg_taps(depth: usize) -> Vec<TapInfo> {
         })
         .collect();
     for name in ["classifier.0", "classifier.3"] {
-        t.push(TapInfo {
-            name: name.into(),
-            channels: 4096,
-            group: TapGroup::Block,
-            bn: None,
-            role: ConvRole::Other,
-        });
+        t.push(TapInfo::block(name, 4096));
     }
-    t.push(TapInfo {
-        name: "logits".into(),
-        channels: 1000,
-        group: TapGroup::Logits,
-        bn: None,
-        role: ConvRole::Other,
-    });
+    t.push(TapInfo::logits(1000));
     t
 }
 
@@ -423,6 +393,7 @@ impl Vgg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::TapGroup;
 
     #[test]
     fn tap_lists_follow_torchvision_names() {

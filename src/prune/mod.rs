@@ -492,6 +492,18 @@ pub fn run(plan: &Plan, scores_dir: &Path, out: &Path) -> Result<PruneSummary> {
             problems: vec!["prune: no convolution is left to prune (were the convolutions tapped in the run? see prune.exclude)".into()],
         });
     }
+    if pr.selectors.contains(&Selector::BnScale) {
+        if let Some(t) = taps.iter().find(|t| t.bn.is_none()) {
+            return Err(Error::Config {
+                file: plan.file.clone(),
+                problems: vec![format!(
+                    "prune.selectors: bn-scale ranks by the batch norm after each convolution, and {} of {} has none; drop bn-scale or exclude that layer",
+                    t.name,
+                    plan.arch.name()
+                )],
+            });
+        }
+    }
     let mut cands = Vec::new();
     for (l, t) in taps.iter().enumerate() {
         for c in 0..t.channels {
