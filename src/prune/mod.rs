@@ -904,8 +904,7 @@ fn write_outputs(
             }
         }
         let label = match name {
-            "random" => format!("random (mean, min-max of {} seeds)", pr.seeds),
-            n if n.starts_with("score") => format!("{n} ({rank_by})"),
+            "random" => format!("random ({} seeds)", pr.seeds),
             n => n.to_string(),
         };
         series.push(svg::Series {
@@ -915,7 +914,7 @@ fn write_outputs(
         });
     }
     let title = format!(
-        "{}: top-1 after pruning ({} scope, mode {}, {} images)",
+        "{}: top-1 after pruning (scores: {rank_by}; {} scope, mode {}, {} images)",
         plan.arch.name(),
         match pr.scope {
             Scope::Global => "global",

@@ -156,10 +156,10 @@ pub fn line_chart(
     });
     let (ymin, ymax) = y_range.or_else(|| min_max(all_y)).unwrap_or((0.0, 1.0));
     let f = Frame {
-        w: 760.0,
+        w: 800.0,
         h: 440.0,
         left: 64.0,
-        right: 190.0,
+        right: 200.0,
         top: 34.0,
         bottom: 46.0,
         x: pad_range(xmin, xmax, 0.02),
@@ -203,7 +203,7 @@ pub fn line_chart(
             let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
             let _ = write!(out, r#"<circle cx="{x}" cy="{y}" r="3" fill="{c}"/>"#);
         }
-        let ly = f.top + 14.0 + 20.0 * i as f64;
+        let ly = f.top + 14.0 + 28.0 * i as f64;
         let lx = f.w - f.right + 14.0;
         let _ = write!(
             out,
@@ -213,6 +213,14 @@ pub fn line_chart(
             ly + 4.0,
             esc(&s.name)
         );
+        if !s.band.is_empty() {
+            let _ = write!(
+                out,
+                r##"<text x="{}" y="{}" font-size="10" fill="#555">shaded: min-max</text>"##,
+                lx + 28.0,
+                ly + 16.0
+            );
+        }
     }
     out.push_str("</svg>\n");
     out
