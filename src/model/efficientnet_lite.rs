@@ -6,7 +6,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{BatchNorm, Conv, Linear};
+use super::layers::{Act, BatchNorm, Conv, Linear};
 use super::weights::Params;
 use super::{ConvRole, Recorder, TapInfo};
 
@@ -160,12 +160,12 @@ impl Unit {
         };
         let y = self.conv.forward(&x)?;
         rec.tap(&self.tap, &y)?;
-        let y = self.bn.forward(&y)?;
-        if self.relu6 {
-            y.clamp(0f32, 6f32)
+        let act = if self.relu6 {
+            Act::Relu6
         } else {
-            Ok(y)
-        }
+            Act::Identity
+        };
+        self.bn.forward_act(&y, act)
     }
 }
 

@@ -325,10 +325,70 @@ impl CustomOp1 for Depthwise<'_> {
     }
 }
 
-/// Batch norm in inference mode as `x * scale + shift`, channels last.
+/// An activation fused into batch norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// None.
+    Identity,
+    /// max(0, x).
+    Relu,
+    /// min(max(0, x), 6).
+    Relu6,
+}
+
+impl Act {
+    #[inline]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::Identity => v,
+            Act::Relu => v.max(0.0),
+            Act::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+}
+
+/// Batch norm in inference mode as `x * scale + shift`, channels last, with an optional
+/// activation, in one pass over the activation (instead of a multiply, an add and the
+/// activation, each a pass and an allocation).
 pub struct BatchNorm {
-    scale: Tensor,
-    shift: Tensor,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+/// The fused scale, shift and activation over contiguous channels-last f32.
+struct ScaleShiftAct<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    act: Act,
+}
+
+impl CustomOp1 for ScaleShiftAct<'_> {
+    fn name(&self) -> &'static str {
+        "scale-shift-act-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let c = self.scale.len();
+        if layout.shape().dims().last() != Some(&c) {
+            candle_core::bail!(
+                "{}: {c} channels expected last in {:?}",
+                self.name(),
+                layout.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c * 256)
+            .zip(x.par_chunks(c * 256))
+            .for_each(|(o, xs)| {
+                for (op, xp) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                    for (((o, v), s), t) in op.iter_mut().zip(xp).zip(self.scale).zip(self.shift) {
+                        *o = self.act.apply(v * s + t);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
 }
 
 impl BatchNorm {
@@ -341,14 +401,35 @@ impl BatchNorm {
         let scale = w.broadcast_div(&(v + eps)?.sqrt()?)?;
         let shift = (b - m.mul(&scale)?)?;
         Ok(BatchNorm {
-            scale: scale.reshape((1, 1, 1, c))?,
-            shift: shift.reshape((1, 1, 1, c))?,
+            scale: scale.to_vec1::<f32>()?,
+            shift: shift.to_vec1::<f32>()?,
         })
     }
 
     /// Applies it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+        self.forward_act(x, Act::Identity)
+    }
+
+    /// Applies it, then `act`.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return x.contiguous()?.apply_op1_no_bwd(&ScaleShiftAct {
+                scale: &self.scale,
+                shift: &self.shift,
+                act,
+            });
+        }
+        let c = self.scale.len();
+        let shape = (1, 1, 1, c);
+        let scale = Tensor::from_slice(&self.scale, shape, x.device())?;
+        let shift = Tensor::from_slice(&self.shift, shape, x.device())?;
+        let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        match act {
+            Act::Identity => Ok(y),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{BatchNorm, Conv, Linear};
+use super::layers::{Act, BatchNorm, Conv, Linear};
 use super::weights::Params;
 use super::{ConvRole, Recorder, TapGroup, TapInfo};
 
@@ -186,10 +186,8 @@ impl MobileNetV2 {
             for u in &b.units {
                 let c = u.conv.forward(&y)?;
                 rec.tap(&u.tap, &c)?;
-                y = u.bn.forward(&c)?;
-                if u.relu6 {
-                    y = y.clamp(0f32, 6f32)?;
-                }
+                let act = if u.relu6 { Act::Relu6 } else { Act::Identity };
+                y = u.bn.forward_act(&c, act)?;
             }
             x = if b.residual { (y + &x)? } else { y };
             rec.tap(&b.name, &x)?;

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{BatchNorm, Conv, Linear};
+use super::layers::{Act, BatchNorm, Conv, Linear};
 use super::weights::Params;
 use super::{ConvRole, Recorder, TapGroup, TapInfo};
 
@@ -118,11 +118,11 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let y = self.conv1.forward(x)?;
         rec.tap("conv1", &y)?;
-        let mut x = self.bn1.forward(&y)?.relu()?;
+        let mut x = self.bn1.forward_act(&y, Act::Relu)?;
         for b in &self.blocks {
             let y = b.conv1.forward(&x)?;
             rec.tap(&format!("{}.conv1", b.name), &y)?;
-            let y = b.bn1.forward(&y)?.relu()?;
+            let y = b.bn1.forward_act(&y, Act::Relu)?;
             let y = b.conv2.forward(&y)?;
             rec.tap(&format!("{}.conv2", b.name), &y)?;
             let y = b.bn2.forward(&y)?;

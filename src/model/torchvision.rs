@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{BatchNorm, Conv, Linear};
+use super::layers::{Act, BatchNorm, Conv, Linear};
 use super::weights::Params;
 use super::{ConvRole, Recorder, TapInfo};
 
@@ -132,11 +132,11 @@ impl Unit {
         })
     }
 
-    /// Conv (recorded), then batch norm.
-    fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+    /// Conv (recorded), then batch norm and `act`.
+    fn forward(&self, x: &Tensor, rec: &mut Recorder, act: Act) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
         rec.tap(&self.name, &y)?;
-        self.bn.forward(&y)
+        self.bn.forward_act(&y, act)
     }
 }
 
@@ -186,20 +186,18 @@ impl ResNet {
 
     /// Forward pass of channels-last `[B, H, W, 3]`.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        let x = self.stem.forward(x, rec)?.relu()?;
+        let x = self.stem.forward(x, rec, Act::Relu)?;
         // the input is >= 0 after ReLU, so zero padding acts as -inf padding
         let mut x = max_pool(&x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?, 3, 2)?;
         for b in &self.blocks {
             let mut y = x.clone();
             let last = b.units.len() - 1;
             for (i, u) in b.units.iter().enumerate() {
-                y = u.forward(&y, rec)?;
-                if i < last {
-                    y = y.relu()?;
-                }
+                let act = if i < last { Act::Relu } else { Act::Identity };
+                y = u.forward(&y, rec, act)?;
             }
             let short = match &b.down {
-                Some(d) => d.forward(&x, rec)?,
+                Some(d) => d.forward(&x, rec, Act::Identity)?,
                 None => x,
             };
             x = (y + short)?.relu()?;
