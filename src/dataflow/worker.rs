@@ -96,10 +96,13 @@ struct ChunkState {
 }
 
 impl ChunkState {
-    fn new(cap: Capability<u64>) -> Self {
+    /// A chunk whose partial sums go into `partial` (empty; a map kept from an earlier chunk
+    /// keeps its capacity, so the sums of a chunk do not grow and rehash a fresh map of
+    /// several MB, page fault by page fault).
+    fn new(cap: Capability<u64>, partial: HashMap<ScoreKey, Acc>) -> Self {
         ChunkState {
             cap,
-            partial: HashMap::new(),
+            partial,
             tables: None,
             images: Vec::new(),
             skipped: Vec::new(),
@@ -256,12 +259,19 @@ pub(crate) fn run_worker(
         // are committed and the partial sums emitted: far fewer records enter the exchange than
         // one per image. Aggregates of images committed by an earlier attempt seed chunk 0.
         let c = ctx.clone();
+        // keys per chunk: every neuron and term, over all images and (at most) one class each
+        let neurons: usize = plan
+            .taps
+            .iter()
+            .filter_map(|t| plan.arch.tap_channels(t))
+            .sum();
+        let groups = if plan.pipeline.output.per_class { 2 } else { 1 };
+        let capacity = neurons * plan.terms.terms.len() * groups;
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
+            let mut spare: Vec<HashMap<ScoreKey, Acc>> = Vec::new();
             if let Some(seeds) = seeds {
-                let mut state = ChunkState::new(cap);
-                state.partial = (*seeds).clone();
-                stash.insert(0, state);
+                stash.insert(0, ChunkState::new(cap, (*seeds).clone()));
             }
             move |(input, frontier), output| {
                 let started = Instant::now();
@@ -272,7 +282,12 @@ pub(crate) fn run_worker(
                     let state = match stash.entry(time) {
                         Entry::Occupied(e) => e.into_mut(),
                         Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
-                            Some(cap) => v.insert(ChunkState::new(cap)),
+                            Some(cap) => {
+                                let map = spare
+                                    .pop()
+                                    .unwrap_or_else(|| HashMap::with_capacity(capacity));
+                                v.insert(ChunkState::new(cap, map))
+                            }
                             None => return,
                         },
                     };
@@ -285,11 +300,12 @@ pub(crate) fn run_worker(
                     .collect();
                 for time in finished {
                     if let Some(state) = stash.remove(&time) {
-                        let (cap, partial) = state.commit(&c, time);
+                        let (cap, mut partial) = state.commit(&c, time);
                         let mut session = output.session(&cap);
-                        for (k, acc) in partial {
+                        for (k, acc) in partial.drain() {
                             session.give((k, time, acc));
                         }
+                        spare.push(partial);
                     }
                 }
                 c.times.borrow_mut().write += started.elapsed().as_secs_f64();

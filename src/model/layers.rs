@@ -177,26 +177,39 @@ impl CustomOp1 for ConvGemm<'_> {
             |buf: &mut Vec<f32>, (blk, o)| {
                 let first = blk * rows;
                 let nrows = o.len() / (wo * n);
-                buf.clear();
+                // every element is written once: copied, or zero where the window leaves the
+                // image (no clearing pass over the whole buffer)
                 buf.resize(nrows * wo * kk, 0.0);
+                let kc = k * c;
                 for r in 0..nrows {
                     let (bi, oy) = ((first + r) / ho, (first + r) % ho);
                     let dst_row = &mut buf[r * wo * kk..(r + 1) * wo * kk];
                     for ky in 0..k {
                         let iy = (oy * s + ky) as isize - p;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
+                        let inside = iy >= 0 && iy < h as isize;
+                        let src_row: &[f32] = if inside {
+                            &x[(bi * h + iy as usize) * w * c..][..w * c]
+                        } else {
+                            &[]
+                        };
                         for ox in 0..wo {
-                            for kx in 0..k {
-                                let ix = (ox * s + kx) as isize - p;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let d = (ox * k + ky) * k * c + kx * c;
-                                dst_row[d..d + c].copy_from_slice(&src_row[ix as usize * c..][..c]);
+                            let d = (ox * k + ky) * kc;
+                            let dst = &mut dst_row[d..d + kc];
+                            if !inside {
+                                dst.fill(0.0);
+                                continue;
                             }
+                            // the kx window is contiguous in the source row: one copy
+                            let ix0 = (ox * s) as isize - p;
+                            let lo = (-ix0).clamp(0, k as isize) as usize;
+                            let hi = (w as isize - ix0).clamp(0, k as isize) as usize;
+                            dst[..lo * c].fill(0.0);
+                            if hi > lo {
+                                let from = (ix0 + lo as isize) as usize * c;
+                                dst[lo * c..hi * c]
+                                    .copy_from_slice(&src_row[from..from + (hi - lo) * c]);
+                            }
+                            dst[hi.max(lo) * c..].fill(0.0);
                         }
                     }
                 }
