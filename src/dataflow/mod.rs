@@ -30,7 +30,9 @@ use crate::resume::{self, WorkDir};
 use crate::sink;
 use crate::source::{self, Skipped};
 
-pub use report::{expected_output_bytes, peak_rss_mb};
+pub use report::{
+    expected_aggregate_bytes, expected_output_bytes, peak_rss_mb, total_memory_bytes,
+};
 use report::{human_bytes, run_json, Progress};
 use worker::{run_worker, WorkerCtx};
 
@@ -167,6 +169,33 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             expected_output = %human_bytes(expected),
             "large output: set output.spectra = \"terms\" or \"none\" (and output.neurons = false) to shrink it"
         );
+    }
+    // exact per-class sums grow with the number of classes: refuse what cannot fit, before work
+    let labels = images
+        .iter()
+        .filter_map(|r| r.label)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let agg = expected_aggregate_bytes(&plan, labels);
+    let fix =
+        "set output.per_class = false (the scores over all images stay), or record fewer taps";
+    match total_memory_bytes() {
+        Some(total) if agg > total / 2 => {
+            return Err(Error::Config {
+                file: plan.file.clone(),
+                problems: vec![format!(
+                    "output.per_class: exact score sums for {labels} classes need about {} of memory, more than half of this machine's {}: {fix}",
+                    human_bytes(agg),
+                    human_bytes(total)
+                )],
+            })
+        }
+        _ if agg > 2 << 30 => tracing::warn!(
+            memory = %human_bytes(agg),
+            classes = labels,
+            "the exact per-class score sums take a lot of memory: {fix}"
+        ),
+        _ => {}
     }
     let fingerprint = cluster::fingerprint(&plan, &images);
     let listed = images.len();

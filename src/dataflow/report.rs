@@ -84,6 +84,34 @@ pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
     images as u64 * neurons * (spectra + terms * per_term)
 }
 
+/// Memory the exact score sums take: one [`crate::score::Acc`] per (neuron, term, label group)
+/// in the aggregates, and as much again in flight (a chunk's partial sums and the exchange).
+pub fn expected_aggregate_bytes(plan: &Plan, labels: usize) -> u64 {
+    let neurons: u64 = plan
+        .taps
+        .iter()
+        .filter_map(|t| plan.arch.tap_channels(t))
+        .sum::<usize>() as u64;
+    let groups = 1 + if plan.pipeline.output.per_class {
+        labels as u64
+    } else {
+        0
+    };
+    let entry = (std::mem::size_of::<crate::score::Acc>() + 64) as u64;
+    2 * neurons * plan.terms.terms.len() as u64 * groups * entry
+}
+
+/// Physical memory of this machine (`MemTotal`), bytes; `None` where /proc is absent.
+pub fn total_memory_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    })
+}
+
 /// The process's peak resident set size (`VmHWM`), MB; 0 where /proc is absent.
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -259,14 +259,13 @@ pub(crate) fn run_worker(
         // are committed and the partial sums emitted: far fewer records enter the exchange than
         // one per image. Aggregates of images committed by an earlier attempt seed chunk 0.
         let c = ctx.clone();
-        // keys per chunk: every neuron and term, over all images and (at most) one class each
+        // keys per chunk: at least every neuron and term over all images (classes add more)
         let neurons: usize = plan
             .taps
             .iter()
             .filter_map(|t| plan.arch.tap_channels(t))
             .sum();
-        let groups = if plan.pipeline.output.per_class { 2 } else { 1 };
-        let capacity = neurons * plan.terms.terms.len() * groups;
+        let capacity = neurons * plan.terms.terms.len();
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut spare: Vec<HashMap<ScoreKey, Acc>> = Vec::new();

@@ -214,3 +214,47 @@ fn a_corpus_of_awkward_and_broken_images_is_processed_or_skipped_with_reasons() 
         &[&out.display().to_string(), &n.to_string()],
     );
 }
+
+/// Exact per-class sums grow with the classes: 1000 labelled images of 1000 classes on
+/// MobileNetV2 (17 056 neurons) would need hundreds of GB; the run refuses before any work,
+/// naming the setting, instead of being killed for memory.
+#[test]
+fn per_class_sums_that_cannot_fit_in_memory_are_refused_up_front() {
+    let dir = tmp();
+    let photo = root().join("data/photos");
+    let first = std::fs::read_dir(&photo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let list: String = (0..1000)
+        .map(|i| format!("{} {i}\n", first.display()))
+        .collect();
+    let lf = dir.path().join("many-classes.txt");
+    std::fs::write(&lf, list).unwrap();
+    let out = dir.path().join("out");
+    let o = freqtag(&[
+        "run",
+        &root()
+            .join("pipelines/quickstart.toml")
+            .display()
+            .to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "source.kind=list",
+        "--set",
+        &format!("source.path={}", lf.display()),
+        "--set",
+        "source.labels=source",
+        "--set",
+        "output.per_class=true",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("output.per_class") && err.contains("1000 classes"),
+        "{err}"
+    );
+    assert!(!out.join("scores").exists());
+}
