@@ -217,6 +217,19 @@ pub(crate) fn run_worker(
                 (r, rgb)
             });
         let (c, n) = (ctx.clone(), net.clone());
+        // This worker's own rayon pool for the kernels of its forward passes: with the global
+        // pool, every worker's parallel kernels queue on the same (cores / workers) threads, so
+        // two workers ran no faster than one.
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("freqtag-w{index}-{i}"))
+            .build()
+            .map_err(|e| format!("cannot start the worker's threads: {e}"));
         let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
@@ -225,12 +238,10 @@ pub(crate) fn run_worker(
                         let p = &c.plan;
                         let rec = rgb.and_then(|rgb| {
                             let batch = p.pipeline.model.batch_size;
-                            timed(
-                                &c.times,
-                                |t| &mut t.forward,
-                                || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch),
-                            )
-                            .map_err(|e| format!("inference failed: {e}"))
+                            let run = || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch);
+                            let pool = pool.as_ref().map_err(|e| e.clone())?;
+                            timed(&c.times, |t| &mut t.forward, || pool.install(run))
+                                .map_err(|e| format!("inference failed: {e}"))
                         });
                         session.give((r, rec));
                     }
