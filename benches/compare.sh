@@ -7,7 +7,7 @@
 #
 # Needs target/release/freqtag (or FREQTAG=path) and benches/.venv (benches/setup.sh).
 # Optional: WORKERS (freqtag --workers; default its own), THREADS (torch threads; default torch's),
-# KEEP=1 to keep the temporary outputs.
+# KEEP=1 to keep the temporary outputs, PAPER_IMAGES=DIR for the paper pipeline's images.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -36,7 +36,18 @@ run_pair() { # name pipeline-file image-folder [baseline args...]
         "${pt_args[@]}" "$@" >"$tmp/pt-$name.json"
 }
 
-run_pair paper pipelines/paper-resnet32-cifar10.toml data/cifar10-foolbox-20 --dump "$tmp/dump-paper"
+# PAPER_IMAGES=DIR: another folder of 32x32 images for the paper pipeline (e.g. a class folder of
+# ../shared/data/cifar10-test-jpeg), so start-up costs weigh less than on the 20 shipped images
+paper_images="${PAPER_IMAGES:-data/cifar10-foolbox-20}"
+if [ -n "${PAPER_IMAGES:-}" ]; then
+    ft_paper=(--set "source.path=$(cd "$paper_images" && pwd)" --set source.labels=none)
+else
+    ft_paper=()
+fi
+ft_args_base=("${ft_args[@]}")
+ft_args=("${ft_args_base[@]}" "${ft_paper[@]}")
+run_pair paper pipelines/paper-resnet32-cifar10.toml "$paper_images" --dump "$tmp/dump-paper"
+ft_args=("${ft_args_base[@]}")
 run_pair quickstart pipelines/quickstart.toml data/photos
 
 echo "== paper: spectra agreement" >&2
