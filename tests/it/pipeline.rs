@@ -140,3 +140,36 @@ fn float16_spectra_are_half_the_precision_and_read_back() {
     run_python("python/compare_runs.py", &[&a, &b, "--amp-tol", "1e-3"]);
     run_python("python/check_outputs.py", &[&b, "2"]);
 }
+
+/// `freqtag bench` runs the paper pipeline in its own process per worker count and reports its
+/// figures (a smoke test of the command, not a timing: speed is judged by running it).
+#[test]
+fn bench_command_reports_figures_per_worker_count() {
+    if shared_data("bench_command_reports_figures_per_worker_count").is_none() {
+        return;
+    }
+    let o = crate::common::freqtag(&[
+        "bench",
+        "--only",
+        "paper",
+        "--images",
+        "2",
+        "--workers",
+        "1",
+        "--workers",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v}");
+    for (r, w) in runs.iter().zip([1, 2]) {
+        assert_eq!(r["name"], "paper");
+        assert_eq!(r["workers"], w);
+        assert_eq!(r["images"], 2);
+        assert!(r["images_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["stage_seconds"]["forward"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
