@@ -88,9 +88,23 @@ fn prune_report_and_examples_on_a_real_run() {
         &[jpegs.to_str().unwrap(), pngs.to_str().unwrap()],
     );
     let list = pngs.join("list.txt");
+    // one unreadable image among them: reported, skipped, counted, the evaluation goes on
+    std::fs::write(pngs.join("broken.png"), b"not a png").unwrap();
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    text.push_str(&format!("{} 3\n", pngs.join("broken.png").display()));
+    std::fs::write(&list, text).unwrap();
     let o = freqtag_args(&prune_args(&out, &w, &list, &[]));
-    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "one input skipped: exit 1\n{}",
+        show(&o)
+    );
     let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("1 skipped") && said.contains("broken.png"),
+        "{said}"
+    );
     for s in ["score-high", "score-low", "random", "l1-norm", "bn-scale"] {
         assert!(said.contains(s), "{s} missing:\n{said}");
     }
@@ -112,7 +126,7 @@ fn prune_report_and_examples_on_a_real_run() {
             "prune.selectors=[\"score-low\", \"random\", \"bn-scale\"]",
         ],
     ));
-    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     for d in [out.join("prune"), silence.clone()] {
         for f in [
             "curves.parquet",
