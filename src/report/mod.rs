@@ -56,12 +56,13 @@ pub fn table_files(out: &Path, table: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Reads `columns` of every file of `table` (all columns when empty), calling `each` per batch.
+/// Reads `columns` of every file of `table` (all columns when empty), calling `each` per batch
+/// until it returns `false`; returns the number of files.
 pub fn scan(
     out: &Path,
     table: &str,
     columns: &[&str],
-    mut each: impl FnMut(&RecordBatch) -> Result<()>,
+    mut each: impl FnMut(&RecordBatch) -> Result<bool>,
 ) -> Result<usize> {
     let files = table_files(out, table);
     for f in &files {
@@ -88,7 +89,9 @@ pub fn scan(
             b.with_projection(mask)
         };
         for batch in b.build().map_err(|e| bad(e.to_string()))? {
-            each(&batch.map_err(|e| bad(e.to_string()))?)?;
+            if !each(&batch.map_err(|e| bad(e.to_string()))?)? {
+                return Ok(files.len());
+            }
         }
     }
     Ok(files.len())
@@ -199,7 +202,7 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
                 mean_snr_db: opt(msd, i),
             });
         }
-        Ok(())
+        Ok(true)
     })?;
     if n_files == 0 || rows.is_empty() {
         return Err(Error::Output {
@@ -301,6 +304,9 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
                     let Some(&w) = want_set.get(&key) else {
                         continue;
                     };
+                    if sums[w].1 >= MAX_SPECTRUM_IMAGES {
+                        continue;
+                    }
                     let a = f64s(&amp.value(i));
                     let idx: Vec<usize> = if bins.is_null(i) {
                         (0..a.len()).collect()
@@ -316,7 +322,8 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
                     }
                     sums[w].1 += 1;
                 }
-                Ok(())
+                // enough images for a mean spectrum of every wanted neuron: stop reading
+                Ok(sums.iter().any(|s| s.1 < MAX_SPECTRUM_IMAGES))
             },
         )?;
     }
@@ -514,6 +521,9 @@ pub fn write(out: &Path, top: usize, chosen: &[String]) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&old);
     Ok(dest.join("index.html"))
 }
+
+/// Images averaged into a drawn spectrum at most: a huge run's `spectra/` is not read whole.
+const MAX_SPECTRUM_IMAGES: usize = 256;
 
 const CSS: &str = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:0 1em 1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.row{display:flex;flex-wrap:wrap}.note{color:#555;font-style:italic}figure{margin:1em 0}img{max-width:100%}";
 
