@@ -241,21 +241,21 @@ fn prune_settings_are_checked_by_validate() {
     let Some(shared) = shared_data("prune_settings_are_checked_by_validate") else {
         return;
     };
-    let w = resnet32(&shared);
-    let o = crate::common::freqtag(&[
-        "validate",
-        &crate::common::paper_pipeline(),
-        "--set",
-        &format!("model.weights={}", w.display()),
-        "--set",
+    let pipeline = crate::common::paper_pipeline();
+    let weights = format!("model.weights={}", resnet32(&shared).display());
+    // `freqtag validate` of the paper pipeline with these --set overrides
+    let validate = |sets: &[&str]| {
+        let mut args = vec!["validate", pipeline.as_str(), "--set", weights.as_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        crate::common::freqtag(&args)
+    };
+    let o = validate(&[
         "prune.source.path=/no/such/folder",
-        "--set",
         "prune.source.labels=folders",
-        "--set",
         "prune.fractions=[0.1, 1.5]",
-        "--set",
         "prune.rank_by=snr",
-        "--set",
         "prune.exclude=[\"layer9.0.conv1\"]",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
@@ -268,16 +268,7 @@ fn prune_settings_are_checked_by_validate() {
     ] {
         assert!(err.contains(needle), "`{needle}` not reported:\n{err}");
     }
-    let o = crate::common::freqtag(&[
-        "validate",
-        &crate::common::paper_pipeline(),
-        "--set",
-        &format!("model.weights={}", w.display()),
-        "--set",
-        "prune.source.path=.",
-        "--set",
-        "prune.selectors=[\"biggest\"]",
-    ]);
+    let o = validate(&["prune.source.path=.", "prune.selectors=[\"biggest\"]"]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("prune.selectors"),
