@@ -420,14 +420,7 @@ fn cmd_run(
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    let out = out.unwrap_or_else(|| {
-        PathBuf::from("out").join(
-            pipeline
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "run".into()),
-        )
-    });
+    let out = out.unwrap_or_else(|| default_out(&pipeline));
     let workers = workers
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)

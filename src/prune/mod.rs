@@ -16,17 +16,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::builder::{Float64Builder, Int32Builder, Int64Builder, StringBuilder};
-use arrow_array::{Array, ArrayRef, Float64Array, Int32Array, StringArray};
+use arrow_array::{Array, ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use candle_core::{Device, Tensor};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LabelSource, Plan, SourceConfig};
 use crate::error::{Error, Result};
 use crate::model::{weights, ConvRole, Network, TapGroup};
-use crate::report::svg;
+use crate::report::{col as report_col, svg};
 use crate::sink::{self, Part};
 use crate::source::{self, Locator, Skipped};
 pub use select::{Candidate, Scope, Selector};
@@ -236,67 +235,30 @@ pub fn read_scores(
     rank_by: &str,
     term: Option<&str>,
 ) -> Result<HashMap<(String, usize), Option<f64>>> {
-    let mut files = Vec::new();
-    for dir in [scores_dir.join("scores")].into_iter().chain(
-        process_dirs(scores_dir)
-            .into_iter()
-            .map(|d| d.join("scores")),
-    ) {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "parquet") {
-                    files.push(p);
-                }
+    let col = format!("{rank_by}_mean");
+    let mut out = HashMap::new();
+    let columns = ["layer", "channel", "term", "label", col.as_str()];
+    let files = crate::report::scan(scores_dir, "scores", &columns, |batch| {
+        let layer = report_col::<StringArray>(batch, "layer")?;
+        let ch = report_col::<Int32Array>(batch, "channel")?;
+        let tm = report_col::<StringArray>(batch, "term")?;
+        let lab = report_col::<Int64Array>(batch, "label")?;
+        let v = report_col::<Float64Array>(batch, &col)?;
+        for i in 0..batch.num_rows() {
+            if !lab.is_null(i) || term.is_some_and(|t| tm.value(i) != t) {
+                continue;
             }
+            let value = (!v.is_null(i)).then(|| v.value(i));
+            out.entry((layer.value(i).to_string(), ch.value(i) as usize))
+                .or_insert(value);
         }
-    }
-    if files.is_empty() {
+        Ok(true)
+    })?;
+    if files == 0 {
         return Err(Error::Output {
             file: scores_dir.join("scores"),
             msg: "no scores here: run the pipeline first (`freqtag run PIPELINE --out OUT`) and pass --scores OUT".into(),
         });
-    }
-    files.sort();
-    let col = format!("{rank_by}_mean");
-    let mut out = HashMap::new();
-    for f in files {
-        let bad = |msg: String| Error::Output {
-            file: f.clone(),
-            msg,
-        };
-        let file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| bad(format!("not a readable scores table: {e}")))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| bad(e.to_string()))?;
-            let get = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .ok_or_else(|| bad(format!("no column `{name}`: not a freqtag scores table")))
-            };
-            let layer = get("layer")?;
-            let layer = layer.as_any().downcast_ref::<StringArray>();
-            let ch = get("channel")?;
-            let ch = ch.as_any().downcast_ref::<Int32Array>();
-            let tm = get("term")?;
-            let tm = tm.as_any().downcast_ref::<StringArray>();
-            let lab = get("label")?;
-            let v = get(&col)?;
-            let v = v.as_any().downcast_ref::<Float64Array>();
-            let (Some(layer), Some(ch), Some(tm), Some(v)) = (layer, ch, tm, v) else {
-                return Err(bad("unexpected column types".into()));
-            };
-            for i in 0..batch.num_rows() {
-                if !lab.is_null(i) || term.is_some_and(|t| tm.value(i) != t) {
-                    continue;
-                }
-                let value = (!v.is_null(i)).then(|| v.value(i));
-                out.entry((layer.value(i).to_string(), ch.value(i) as usize))
-                    .or_insert(value);
-            }
-        }
     }
     if out.is_empty() {
         return Err(Error::Output {
@@ -308,23 +270,6 @@ pub fn read_scores(
         });
     }
     Ok(out)
-}
-
-fn process_dirs(out: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(out)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.is_dir()
-                        && p.file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with("process-"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Evaluation images, decoded and preprocessed: `[n, 3, S, S]` flat, with labels and ids.

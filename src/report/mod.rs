@@ -97,7 +97,8 @@ pub fn scan(
     Ok(files.len())
 }
 
-fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
+/// Column `name` of `b` as array type `T`; an error names the column.
+pub fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
         .ok_or_else(|| Error::Output {
