@@ -57,9 +57,13 @@ pub enum Command {
         /// Continue the unfinished run in the output folder (after a crash, kill or Ctrl-C).
         #[arg(long)]
         resume: bool,
-        /// Images per worker committed together (one segment of every table).
-        #[arg(long, default_value_t = 16)]
-        chunk: u64,
+        /// Images per worker committed together (one segment of every table) [default: 16;
+        /// on a GPU enough images to fill model.device_batch].
+        #[arg(long)]
+        chunk: Option<u64>,
+        /// Where the forward passes run: cpu, cuda or cuda:N (sets model.device).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Check a pipeline, report every problem at once, and print the resolved plan.
     Validate {
@@ -122,6 +126,12 @@ pub enum Command {
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
+        /// Run the pipelines on this device: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+        /// Override a setting of both pipelines (repeatable), e.g. --set source.path=DIR.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
 }
 
@@ -151,7 +161,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             connect_timeout,
             resume,
             chunk,
+            device,
         } => {
+            let mut sets = sets;
+            if let Some(d) = device {
+                sets.push(format!("model.device={d}"));
+            }
             let cluster = match (processes, hostfile) {
                 (1, None) => None,
                 (_, Some(h)) => Some(Cluster::new(
@@ -207,7 +222,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             workers,
             only,
             json,
-        } => cmd_bench(images, workers, only, json),
+            device,
+            sets,
+        } => {
+            let mut sets = sets;
+            if let Some(d) = device {
+                sets.push(format!("model.device={d}"));
+            }
+            cmd_bench(images, workers, only, json, &sets)
+        }
     }
 }
 
@@ -226,6 +249,7 @@ fn cmd_bench(
     workers: Vec<usize>,
     only: Option<String>,
     json: bool,
+    sets: &[String],
 ) -> anyhow::Result<i32> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut counts = if workers.is_empty() {
@@ -267,6 +291,9 @@ fn cmd_bench(
             if let Some(n) = images {
                 cmd.args(["--set", &format!("source.limit={n}")]);
             }
+            for kv in sets {
+                cmd.args(["--set", kv]);
+            }
             eprintln!("bench: {name}, {w} worker(s)...");
             let o = cmd.output().context("running freqtag run")?;
             if !o.status.success() {
@@ -288,6 +315,8 @@ fn cmd_bench(
                 "peak_rss_mb": run["peak_rss_mb"],
                 "stage_seconds": run["stage_seconds"],
                 "distinct_frames": run["resolved"]["distinct_frames"],
+                "device": run["pipeline"]["model"]["device"],
+                "dtype": run["pipeline"]["model"]["dtype"],
             }));
             let _ = std::fs::remove_dir_all(&out);
         }
@@ -401,7 +430,7 @@ struct How {
     workers: Option<usize>,
     cluster: Option<Cluster>,
     resume: bool,
-    chunk: u64,
+    chunk: Option<u64>,
 }
 
 fn cmd_run(

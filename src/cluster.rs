@@ -112,6 +112,9 @@ pub fn fingerprint(plan: &Plan, images: &[ImageRef]) -> String {
     p.source.path = Default::default();
     p.model.weights = String::new();
     p.stimulus.mask = None;
+    // processes may run on different devices (a GPU machine beside CPU ones)
+    p.model.device = String::new();
+    p.model.device_batch = 0;
     let mut h = Sha256::new();
     h.update(serde_json::to_string(&p).unwrap_or_default().as_bytes());
     h.update(plan.arch.name().as_bytes());

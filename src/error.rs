@@ -54,6 +54,12 @@ pub enum Error {
         /// Images committed so far.
         processed: u64,
     },
+    /// The device of `model.device` cannot be used.
+    #[error("device: {msg}")]
+    Device {
+        /// What went wrong and what to do.
+        msg: String,
+    },
     /// A tensor operation failed inside the model.
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),

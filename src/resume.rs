@@ -155,6 +155,9 @@ impl WorkDir {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .filter(|k| old.get(*k) != new.get(*k))
+            // where the forward passes ran does not change what they compute (beyond float
+            // rounding): a run started on the CPU may go on on a GPU
+            .filter(|k| !matches!(k.as_str(), "model.device" | "model.device_batch"))
             .map(|k| {
                 format!(
                     "{k} (was {}, now {})",

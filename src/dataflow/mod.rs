@@ -47,8 +47,9 @@ pub struct RunOptions {
     pub cluster: Option<Cluster>,
     /// Continue the unfinished run in `out` instead of starting over.
     pub resume: bool,
-    /// Images per worker in one chunk: one timestamp, one committed segment.
-    pub chunk: u64,
+    /// Images per worker in one chunk: one timestamp, one committed segment [default: 16; on
+    /// a GPU enough to fill `model.device_batch`, at most 512].
+    pub chunk: Option<u64>,
 }
 
 /// Set by Ctrl-C: workers stop taking new images, finish the chunk in flight and commit it.
@@ -154,7 +155,16 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     };
     check_writable(&out)?;
     let weights = weights_path(&plan)?;
-    let net = Arc::new(Network::load(plan.arch, &weights)?);
+    let net = {
+        use crate::model::device;
+        let m = &plan.pipeline.model;
+        let bad = |e: String| Error::Device { msg: e };
+        let spec = device::parse_device(&m.device).map_err(bad)?;
+        let dtype = device::parse_dtype(&m.dtype).map_err(bad)?;
+        let dev = device::open(spec)?;
+        tracing::info!(device = %device::describe(spec), dtype = %m.dtype, "model device");
+        Arc::new(Network::load_on(plan.arch, &weights, &dev, dtype)?)
+    };
     let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
     let expected = expected_output_bytes(&plan, images.len());
     tracing::info!(
@@ -252,7 +262,16 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         work.clone(),
         joined.clone(),
     );
-    let chunk = opts.chunk.max(1);
+    let chunk = opts.chunk.unwrap_or_else(|| {
+        if net.device().is_cpu() {
+            16
+        } else {
+            let m = &plan.pipeline.model;
+            let per_image = plan.stimulus.distinct_frames().0.len() + 1;
+            (m.device_batch_for(plan.stimulus.regions.size) / per_image).clamp(16, 512) as u64
+        }
+    });
+    let chunk = chunk.max(1);
     let check = opts.cluster.is_some().then(|| fingerprint.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

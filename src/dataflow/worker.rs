@@ -23,7 +23,7 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::{StageTimes, WorkerReport, STOP};
 use crate::config::Plan;
-use crate::model::record::record;
+use crate::model::record::{record, record_many, DeviceStimulus};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
 use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
@@ -230,12 +230,55 @@ pub(crate) fn run_worker(
             .thread_name(move |i| format!("freqtag-w{index}-{i}"))
             .build()
             .map_err(|e| format!("cannot start the worker's threads: {e}"));
+        // On a GPU the stimulus lives there (uploaded once per worker) and the images a worker
+        // holds go through the network together, `device_batch` frames per pass.
+        let on_gpu = !n.device().is_cpu();
+        let device_stim = on_gpu.then(|| {
+            DeviceStimulus::new(&plan.stimulus, n.device())
+                .map_err(|e| format!("inference failed: cannot upload the stimulus: {e}"))
+        });
         let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
+                    let p = &c.plan;
+                    if let Some(ds) = &device_stim {
+                        let ok: Vec<usize> =
+                            (0..data.len()).filter(|i| data[*i].1.is_ok()).collect();
+                        let images: Vec<(&[f32], &str)> = ok
+                            .iter()
+                            .filter_map(|i| {
+                                let (r, rgb) = &data[*i];
+                                rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str()))
+                            })
+                            .collect();
+                        let batch = p.pipeline.model.device_batch_for(p.stimulus.regions.size);
+                        let recs = timed(
+                            &c.times,
+                            |t| &mut t.forward,
+                            || {
+                                let ds = ds.as_ref().map_err(|e| e.clone())?;
+                                record_many(&n, &p.taps, &p.stimulus, pre, &images, batch, Some(ds))
+                                    .map_err(|e| format!("inference failed: {e}"))
+                            },
+                        );
+                        let mut recs = match recs {
+                            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                            Err(e) => vec![Err(e); ok.len()],
+                        }
+                        .into_iter();
+                        for (r, rgb) in data.drain(..) {
+                            let rec = match rgb {
+                                Ok(_) => recs.next().unwrap_or_else(|| {
+                                    Err("inference failed: no recording".into())
+                                }),
+                                Err(e) => Err(e),
+                            };
+                            session.give((r, rec));
+                        }
+                        return;
+                    }
                     for (r, rgb) in data.drain(..) {
-                        let p = &c.plan;
                         let rec = rgb.and_then(|rgb| {
                             let batch = p.pipeline.model.batch_size;
                             let run = || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch);

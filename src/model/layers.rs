@@ -16,6 +16,10 @@ enum ConvKind {
     Im2col(Vec<f32>),
     /// Depthwise k x k: weights `[k*k, C]`, ordered (ky, kx), channel fastest.
     Depthwise(Vec<f32>),
+    /// On a GPU: [`patches`] then one matmul with `[k*k*Cin, Cout]` on the device.
+    Patches(Tensor),
+    /// On a GPU, depthwise: [`patches`] times `[k*k, C]` on the device, summed over the window.
+    DepthwisePatches(Tensor),
 }
 
 /// A 2-D convolution on channels-last input, zero padding `k/2` on every side (or none, see
@@ -58,6 +62,27 @@ impl Conv {
                 "{name}: grouped convolutions other than depthwise are not supported"
             )
         };
+        let (kind, bias) = if !p.device_layers() {
+            if p.dtype() != candle_core::DType::F32 {
+                candle_core::bail!("{name}: the CPU layers compute in f32 only")
+            }
+            (kind, bias)
+        } else {
+            let (dev, dt) = (p.device().clone(), p.dtype());
+            let to = |t: Tensor| t.to_device(&dev)?.to_dtype(dt);
+            let cpu = &candle_core::Device::Cpu;
+            let kind = match kind {
+                ConvKind::Pointwise(w) => ConvKind::Pointwise(to(w)?),
+                ConvKind::Im2col(w) => {
+                    ConvKind::Patches(to(Tensor::from_vec(w, (k * k * cin, cout), cpu)?)?)
+                }
+                ConvKind::Depthwise(w) => {
+                    ConvKind::DepthwisePatches(to(Tensor::from_vec(w, (k * k, cout), cpu)?)?)
+                }
+                other => other,
+            };
+            (kind, bias.map(to).transpose()?)
+        };
         Ok(Conv {
             kind,
             bias,
@@ -98,12 +123,73 @@ impl Conv {
                 stride: self.stride,
                 pad: self.pad,
             })?,
+            ConvKind::Patches(wt) => conv_patches(x, wt, self.k, self.stride, self.pad)?,
+            ConvKind::DepthwisePatches(wt) => {
+                depthwise_patches(x, wt, self.k, self.stride, self.pad)?
+            }
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
             None => Ok(y),
         }
     }
+}
+
+/// im2col from tensor ops, for devices without this module's CPU kernels: the k x k windows of
+/// `x` `[B, H, W, C]` (zero padding `pad`, `stride`) as `[B, Ho, Wo, k*k*C]`, ordered
+/// (ky, kx, c) like the [`ConvKind::Im2col`] weight rows. Two gathers and one transpose,
+/// whatever `k`, so the kernel launches do not grow with the window.
+pub fn patches(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (ho, wo) = (
+        (h + 2 * pad - k) / stride + 1,
+        (w + 2 * pad - k) / stride + 1,
+    );
+    let xp = if pad > 0 {
+        x.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?
+    } else {
+        x.contiguous()?
+    };
+    let index = |n: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..k)
+            .flat_map(|o| (0..n).map(move |i| (o + i * stride) as u32))
+            .collect();
+        Tensor::from_vec(idx, k * n, x.device())
+    };
+    // rows (ky, oy), then columns (kx, ox): [B, k*Ho, k*Wo, C]
+    let g = xp
+        .index_select(&index(ho)?, 1)?
+        .index_select(&index(wo)?, 2)?;
+    g.reshape((b, k, ho, k, wo, c))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, ho, wo, k * k * c))
+}
+
+/// A convolution of `x` `[B, H, W, Cin]` with `w` `[k*k*Cin, Cout]` ((ky, kx, cin) rows) as
+/// [`patches`] and one matmul.
+pub fn conv_patches(x: &Tensor, w: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let p = patches(x, k, stride, pad)?;
+    let (b, ho, wo, kc) = p.dims4()?;
+    let cout = w.dim(1)?;
+    p.reshape((b * ho * wo, kc))?
+        .matmul(w)?
+        .reshape((b, ho, wo, cout))
+}
+
+/// A depthwise convolution of `x` `[B, H, W, C]` with `w` `[k*k, C]` as [`patches`] times
+/// the weights, summed over the window.
+pub fn depthwise_patches(
+    x: &Tensor,
+    w: &Tensor,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let c = x.dim(3)?;
+    let p = patches(x, k, stride, pad)?;
+    let (b, ho, wo, _) = p.dims4()?;
+    p.reshape((b, ho, wo, k * k, c))?.broadcast_mul(w)?.sum(3)
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -280,7 +366,11 @@ pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
         x.contiguous()?.apply_op1_no_bwd(&SpatialMean)
     } else {
-        x.mean((1, 2))
+        // in f32 whatever the compute dtype: a mean over thousands of f16 values loses digits
+        let (b, h, w, c) = x.dims4()?;
+        x.to_dtype(candle_core::DType::F32)?
+            .reshape((b, h * w, c))?
+            .mean(1)
     }
 }
 
@@ -366,6 +456,8 @@ impl Act {
 pub struct BatchNorm {
     scale: Vec<f32>,
     shift: Vec<f32>,
+    /// `[1, 1, 1, C]` scale and shift on a GPU, in its dtype.
+    on_device: Option<(Tensor, Tensor)>,
 }
 
 /// The fused scale, shift and activation over contiguous channels-last f32.
@@ -413,9 +505,20 @@ impl BatchNorm {
         let v = p.get(&format!("{name}.running_var"), &[c]);
         let scale = w.broadcast_div(&(v + eps)?.sqrt()?)?;
         let shift = (b - m.mul(&scale)?)?;
+        let on_device = if !p.device_layers() {
+            None
+        } else {
+            let to = |t: &Tensor| {
+                t.reshape((1, 1, 1, c))?
+                    .to_device(p.device())?
+                    .to_dtype(p.dtype())
+            };
+            Some((to(&scale)?, to(&shift)?))
+        };
         Ok(BatchNorm {
             scale: scale.to_vec1::<f32>()?,
             shift: shift.to_vec1::<f32>()?,
+            on_device,
         })
     }
 
@@ -426,18 +529,22 @@ impl BatchNorm {
 
     /// Applies it, then `act`.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if self.on_device.is_none() {
             return x.contiguous()?.apply_op1_no_bwd(&ScaleShiftAct {
                 scale: &self.scale,
                 shift: &self.shift,
                 act,
             });
         }
-        let c = self.scale.len();
-        let shape = (1, 1, 1, c);
-        let scale = Tensor::from_slice(&self.scale, shape, x.device())?;
-        let shift = Tensor::from_slice(&self.shift, shape, x.device())?;
-        let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        let y = match &self.on_device {
+            Some((scale, shift)) => x.broadcast_mul(scale)?.broadcast_add(shift)?,
+            None => {
+                let shape = (1, 1, 1, self.scale.len());
+                let scale = Tensor::from_slice(&self.scale, shape, x.device())?;
+                let shift = Tensor::from_slice(&self.shift, shape, x.device())?;
+                x.broadcast_mul(&scale)?.broadcast_add(&shift)?
+            }
+        };
         match act {
             Act::Identity => Ok(y),
             Act::Relu => y.relu(),
@@ -457,15 +564,18 @@ impl Linear {
     pub fn new(p: &mut Params, name: &str, cin: usize, cout: usize) -> Result<Self> {
         let w = p.get(&format!("{name}.weight"), &[cout, cin]);
         let bias = p.get(&format!("{name}.bias"), &[cout]);
+        let (dev, dt) = (p.device().clone(), p.dtype());
         Ok(Linear {
-            weight_t: w.t()?.contiguous()?,
-            bias,
+            weight_t: w.t()?.contiguous()?.to_device(&dev)?.to_dtype(dt)?,
+            bias: bias.to_device(&dev)?.to_dtype(dt)?,
         })
     }
 
     /// Applies it to `[B, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        x.to_dtype(self.weight_t.dtype())?
+            .matmul(&self.weight_t)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -495,7 +605,8 @@ mod tests {
         assert!(err < 1e-6, "{err}");
     }
 
-    /// The channels-last convolutions against candle's own NCHW `conv2d` on random tensors.
+    /// The channels-last convolutions, the CPU kernels and the GPU's tensor-op layers (built
+    /// here on the CPU), against candle's own NCHW `conv2d` on random tensors.
     #[test]
     fn convolutions_match_candle_conv2d() {
         let dev = Device::Cpu;
@@ -512,13 +623,17 @@ mod tests {
             (6, 6, 5, 2, 6, 11, 10, true),
             (4, 5, 7, 2, 1, 13, 12, false),
         ];
-        for (cin, cout, k, stride, groups, h, w, bias) in cases {
+        let both = cases.iter().flat_map(|c| [(*c, false), (*c, true)]);
+        for ((cin, cout, k, stride, groups, h, w, bias), gpu_layers) in both {
             let weight = Tensor::randn(0f32, 1.0, (cout, cin / groups, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
             let mut t = HashMap::new();
             t.insert("c.weight".to_string(), weight.clone());
             t.insert("c.bias".to_string(), b.clone());
             let mut p = Params::new(std::path::Path::new("test"), t);
+            if gpu_layers {
+                p = p.device_layers_on_cpu();
+            }
             let conv = Conv::new(&mut p, "c", cin, cout, k, stride, groups, bias).unwrap();
             let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
             let mut want = x.conv2d(&weight, k / 2, stride, 1, groups).unwrap();
@@ -540,7 +655,7 @@ mod tests {
             let err = max_err(&got, &want);
             assert!(
                 err < 1e-4,
-                "case {cin} {cout} {k} {stride} {groups} {h}x{w}: {err}"
+                "case {cin} {cout} {k} {stride} {groups} {h}x{w} (GPU layers {gpu_layers}): {err}"
             );
         }
     }

@@ -5,6 +5,7 @@
 //! In: frames `[B, 3, H, W]`. Out: logits `[B, classes]` and, per recorded tap, `[B, channels]`.
 //! Inside, activations are channels-last (`[B, H, W, C]`): convolutions become matmuls.
 
+pub mod device;
 pub mod efficientnet_lite;
 pub mod fetch;
 pub mod layers;
@@ -17,7 +18,7 @@ pub mod weights;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::error::Result;
@@ -315,7 +316,7 @@ impl Recorder {
             let v = if x.rank() == 4 {
                 layers::spatial_mean(x)?
             } else {
-                x.clone()
+                x.to_dtype(DType::F32)?
             };
             self.out[*i] = Some(v);
         }
@@ -333,57 +334,108 @@ impl Recorder {
     }
 }
 
-/// A network with weights, ready for forward passes.
-pub enum Network {
-    /// CIFAR ResNet.
+/// The architectures' layer stacks.
+enum Body {
     ResNet(resnet_cifar::ResNet),
-    /// MobileNetV2.
     MobileNetV2(mobilenet_v2::MobileNetV2),
-    /// torchvision ResNet.
     TvResNet(torchvision::ResNet),
-    /// torchvision VGG.
     Vgg(torchvision::Vgg),
-    /// EfficientNet-Lite0.
     EfficientNetLite0(efficientnet_lite::EfficientNetLite0),
 }
 
+/// A network with weights on its device, ready for forward passes.
+pub struct Network {
+    body: Body,
+    device: Device,
+    dtype: DType,
+}
+
 impl Network {
-    /// Builds `arch` from the checkpoint `path`; every tensor problem is reported at once.
+    /// Builds `arch` from the checkpoint `path` on the CPU; every tensor problem is reported
+    /// at once.
     pub fn load(arch: Arch, path: &Path) -> Result<Network> {
         Network::from_tensors(arch, path, weights::load(path)?)
     }
 
-    /// Builds `arch` from checkpoint tensors already read from `path` (perhaps edited, as
-    /// pruning does); `path` names the file in messages.
+    /// Builds `arch` from the checkpoint `path` on `device`, computing in `dtype` (f16 and bf16
+    /// on a GPU only).
+    pub fn load_on(arch: Arch, path: &Path, device: &Device, dtype: DType) -> Result<Network> {
+        Network::from_tensors_on(arch, path, weights::load(path)?, device, dtype)
+    }
+
+    /// Builds `arch` on the CPU from checkpoint tensors already read from `path` (perhaps
+    /// edited, as pruning does); `path` names the file in messages.
     pub fn from_tensors(
         arch: Arch,
         path: &Path,
         tensors: HashMap<String, Tensor>,
     ) -> Result<Network> {
-        let mut p = weights::Params::new(path, tensors);
-        let net = match arch {
-            Arch::ResNetCifar(d) => Network::ResNet(resnet_cifar::ResNet::new(d, &mut p)?),
-            Arch::MobileNetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::new(&mut p)?),
-            Arch::ResNet(d) => Network::TvResNet(torchvision::ResNet::new(d, &mut p)?),
-            Arch::Vgg(d) => Network::Vgg(torchvision::Vgg::new(d, &mut p)?),
+        Network::from_tensors_on(arch, path, tensors, &Device::Cpu, DType::F32)
+    }
+
+    /// [`Network::from_tensors`] on `device`, computing in `dtype`.
+    pub fn from_tensors_on(
+        arch: Arch,
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Network> {
+        Network::build(weights::Params::new(path, tensors).on(device, dtype), arch)
+    }
+
+    /// The network a GPU runs (its layers as tensor ops), built on the CPU: for tests of that
+    /// code path on machines without a GPU.
+    pub fn load_gpu_layers_on_cpu(arch: Arch, path: &Path) -> Result<Network> {
+        let p = weights::Params::new(path, weights::load(path)?).device_layers_on_cpu();
+        Network::build(p, arch)
+    }
+
+    fn build(mut p: weights::Params, arch: Arch) -> Result<Network> {
+        let (device, dtype) = (p.device().clone(), p.dtype());
+        let body = match arch {
+            Arch::ResNetCifar(d) => Body::ResNet(resnet_cifar::ResNet::new(d, &mut p)?),
+            Arch::MobileNetV2 => Body::MobileNetV2(mobilenet_v2::MobileNetV2::new(&mut p)?),
+            Arch::ResNet(d) => Body::TvResNet(torchvision::ResNet::new(d, &mut p)?),
+            Arch::Vgg(d) => Body::Vgg(torchvision::Vgg::new(d, &mut p)?),
             Arch::EfficientNetLite0 => {
-                Network::EfficientNetLite0(efficientnet_lite::EfficientNetLite0::new(&mut p)?)
+                Body::EfficientNetLite0(efficientnet_lite::EfficientNetLite0::new(&mut p)?)
             }
         };
         p.finish(&arch.name())?;
-        Ok(net)
+        Ok(Network {
+            body,
+            device,
+            dtype,
+        })
     }
 
-    /// Logits of frames `x` `[B, 3, H, W]` (as PyTorch lays them out), recording taps into
-    /// `rec`. The layers run channels-last.
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype it computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Logits of frames `x` `[B, 3, H, W]` (as PyTorch lays them out, f32 on any device),
+    /// recording taps into `rec`. The layers run channels-last, in the network's dtype; the
+    /// logits come back in f32.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> candle_core::Result<Tensor> {
-        let x = x.permute((0, 2, 3, 1))?.contiguous()?;
-        match self {
-            Network::ResNet(n) => n.forward(&x, rec),
-            Network::MobileNetV2(n) => n.forward(&x, rec),
-            Network::TvResNet(n) => n.forward(&x, rec),
-            Network::Vgg(n) => n.forward(&x, rec),
-            Network::EfficientNetLite0(n) => n.forward(&x, rec),
-        }
+        let x = x
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let logits = match &self.body {
+            Body::ResNet(n) => n.forward(&x, rec),
+            Body::MobileNetV2(n) => n.forward(&x, rec),
+            Body::TvResNet(n) => n.forward(&x, rec),
+            Body::Vgg(n) => n.forward(&x, rec),
+            Body::EfficientNetLite0(n) => n.forward(&x, rec),
+        }?;
+        logits.to_dtype(DType::F32)
     }
 }

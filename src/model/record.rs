@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 
 use super::{Network, Preprocess, Recorder};
-use crate::stimulus::{NoiseStream, StimulusSpec};
+use crate::stimulus::{Modulate, NoiseStream, StimulusSpec};
 
 /// One tap's time series for one image.
 #[derive(Debug, Clone)]
@@ -113,4 +113,222 @@ pub fn record(
         distinct_frames: distinct.len(),
         taps,
     })
+}
+
+/// The stimulus on a GPU: the region index and the distinct scalar tuples (plus a tuple of ones
+/// for the unmodulated frame), uploaded once; each image is uploaded once and its frames are
+/// built on the device as `image x scalar map`. With pixel noise the frames are built on the
+/// CPU (the noise stream is sequential), then uploaded.
+pub struct DeviceStimulus {
+    /// `[H*W]` u32: the tuple column of each pixel (untagged pixels read the last, all ones).
+    index: Tensor,
+    /// `[D+1, R+1]`: the distinct tuples, then ones; a column of ones for untagged pixels.
+    tuples: Tensor,
+    /// Distinct frames D.
+    distinct: usize,
+    /// Frame -> distinct frame.
+    map: Vec<usize>,
+}
+
+impl DeviceStimulus {
+    /// Uploads `stim`'s regions and tuples to `device`.
+    pub fn new(stim: &StimulusSpec, device: &Device) -> candle_core::Result<Self> {
+        let (distinct, map) = stim.distinct_frames();
+        let r = stim.regions.count();
+        let index: Vec<u32> = stim
+            .regions
+            .index
+            .iter()
+            .map(|i| i.map_or(r as u32, |i| i as u32))
+            .collect();
+        let mut rows = Vec::with_capacity((distinct.len() + 1) * (r + 1));
+        for t in distinct.iter().chain(std::iter::once(&vec![1f32; r])) {
+            rows.extend_from_slice(t);
+            rows.push(1.0);
+        }
+        Ok(DeviceStimulus {
+            index: Tensor::new(index.as_slice(), device)?,
+            tuples: Tensor::from_vec(rows, (distinct.len() + 1, r + 1), device)?,
+            distinct: distinct.len(),
+            map,
+        })
+    }
+
+    /// Image `rgb`'s distinct frames, then its unmodulated frame: `[D+1, 3, S, S]` f32 on the
+    /// device, equal to [`StimulusSpec::write_frame`]'s (the same f32 operations in the same
+    /// order; the scalar map is a gather, not a product).
+    pub fn frames(
+        &self,
+        stim: &StimulusSpec,
+        pre: Preprocess,
+        rgb: &[f32],
+        image_id: &str,
+    ) -> candle_core::Result<Tensor> {
+        let s = stim.regions.size;
+        let hw = s * s;
+        let dev = self.tuples.device();
+        let d = self.distinct + 1;
+        if stim.noise_std > 0.0 {
+            let (distinct, _) = stim.distinct_frames();
+            let mut noise = NoiseStream::new(stim.noise_seed, image_id, stim.noise_std);
+            let mut buf = vec![0f32; d * 3 * hw];
+            let ones = vec![1f32; stim.regions.count()];
+            for (i, tuple) in distinct.iter().chain(std::iter::once(&ones)).enumerate() {
+                let n = (i < self.distinct).then_some(&mut noise);
+                let out = &mut buf[i * 3 * hw..(i + 1) * 3 * hw];
+                stim.write_frame(rgb, pre.mean, pre.std, tuple, n, out);
+            }
+            return Tensor::from_vec(buf, (d, 3, s, s), dev);
+        }
+        // [D+1, 1, H*W]: every pixel's scalar in every frame
+        let scalars = self.tuples.index_select(&self.index, 1)?.unsqueeze(1)?;
+        let frames = match stim.modulate {
+            Modulate::Normalized => {
+                let mut z = vec![0f32; 3 * hw];
+                for c in 0..3 {
+                    let (m, sd) = (pre.mean[c], pre.std[c]);
+                    for (z, v) in z[c * hw..(c + 1) * hw].iter_mut().zip(&rgb[c * hw..]) {
+                        *z = (v - m) / sd;
+                    }
+                }
+                let z = Tensor::from_vec(z, (1, 3, hw), dev)?;
+                z.broadcast_mul(&scalars)?
+            }
+            Modulate::Pixel => {
+                let x = Tensor::from_slice(&rgb[..3 * hw], (1, 3, hw), dev)?;
+                let m = Tensor::from_slice(&pre.mean, (1, 3, 1), dev)?;
+                let sd = Tensor::from_slice(&pre.std, (1, 3, 1), dev)?;
+                x.broadcast_mul(&scalars)?
+                    .broadcast_sub(&m)?
+                    .broadcast_div(&sd)?
+            }
+        };
+        frames.reshape((d, 3, s, s))
+    }
+}
+
+/// Records several images at once on a GPU: their frames (built there, see [`DeviceStimulus`])
+/// go through the network `batch` frames at a time across images, so that small inputs such as
+/// CIFAR's fill the card. Without `on_device` this is [`record`] image by image (on the CPU each
+/// image's batches are then independent of which images share a worker).
+#[allow(clippy::too_many_arguments)]
+pub fn record_many(
+    net: &Network,
+    taps: &[String],
+    stim: &StimulusSpec,
+    pre: Preprocess,
+    images: &[(&[f32], &str)],
+    batch: usize,
+    on_device: Option<&DeviceStimulus>,
+) -> candle_core::Result<Vec<Recording>> {
+    let Some(ds) = on_device else {
+        return images
+            .iter()
+            .map(|(rgb, id)| record(net, taps, stim, pre, rgb, id, batch))
+            .collect();
+    };
+    let per_image = ds.distinct + 1;
+    let batch = batch.max(1);
+    // per tap: rows (frames across images) x channels, on the host
+    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); taps.len()];
+    let mut channels = vec![0usize; taps.len()];
+    let mut logits: Vec<f32> = Vec::new();
+    let mut pending: Vec<Tensor> = Vec::new();
+    let mut pending_frames = 0usize;
+    let mut run = |x: &Tensor, logits: &mut Vec<f32>| -> candle_core::Result<()> {
+        let mut rec = Recorder::new(taps);
+        let l = net.forward(x, &mut rec)?;
+        let mut outs = rec.finish()?;
+        for (t, v) in outs.iter().enumerate() {
+            channels[t] = v.dim(1)?;
+        }
+        // one copy back per pass: every tap and the logits side by side, `[B, sum C + classes]`
+        outs.push(l);
+        let all = Tensor::cat(&outs, 1)?.to_vec2::<f32>()?;
+        let classes = outs[outs.len() - 1].dim(1)?;
+        for row in all {
+            let mut at = 0;
+            for (t, c) in channels.iter().enumerate() {
+                rows[t].extend_from_slice(&row[at..at + c]);
+                at += c;
+            }
+            logits.extend_from_slice(&row[at..at + classes]);
+        }
+        Ok(())
+    };
+    for (i, (rgb, id)) in images.iter().enumerate() {
+        pending.push(ds.frames(stim, pre, rgb, id)?);
+        pending_frames += per_image;
+        let last = i + 1 == images.len();
+        while pending_frames >= batch || (last && pending_frames > 0) {
+            let all = Tensor::cat(&pending, 0)?;
+            let take = pending_frames.min(batch);
+            run(&all.narrow(0, 0, take)?, &mut logits)?;
+            pending.clear();
+            pending_frames -= take;
+            if pending_frames > 0 {
+                pending.push(all.narrow(0, take, pending_frames)?);
+            }
+        }
+    }
+    let classes = logits.len() / (images.len() * per_image).max(1);
+    let n = ds.map.len();
+    let mut out = Vec::with_capacity(images.len());
+    for i in 0..images.len() {
+        let base = i * per_image;
+        let plain = &logits[(base + ds.distinct) * classes..][..classes];
+        let (pred, prob) = softmax_argmax(plain);
+        let taps = rows
+            .iter()
+            .enumerate()
+            .map(|(t, vals)| {
+                let c = channels[t];
+                let mut data = vec![0f32; c * n];
+                for (frame, d) in ds.map.iter().enumerate() {
+                    for ch in 0..c {
+                        data[ch * n + frame] = vals[(base + d) * c + ch];
+                    }
+                }
+                TapSeries {
+                    tap: t,
+                    channels: c,
+                    data,
+                }
+            })
+            .collect();
+        out.push(Recording {
+            pred,
+            prob,
+            distinct_frames: ds.distinct,
+            taps,
+        });
+    }
+    Ok(out)
+}
+
+/// The class with the largest logit and its softmax probability (computed in f64).
+fn softmax_argmax(logits: &[f32]) -> (i64, f32) {
+    let max = logits.iter().fold(f32::MIN, |a, v| a.max(*v));
+    let sum: f64 = logits.iter().map(|v| ((v - max) as f64).exp()).sum();
+    let (pred, best) =
+        logits.iter().enumerate().fold(
+            (0usize, f32::MIN),
+            |a, (i, v)| if *v > a.1 { (i, *v) } else { a },
+        );
+    (pred as i64, (((best - max) as f64).exp() / sum) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_argmax_matches_a_direct_softmax() {
+        let l = [1.0f32, 3.5, -2.0, 3.0];
+        let e: Vec<f64> = l.iter().map(|v| (*v as f64).exp()).collect();
+        let p = e[1] / e.iter().sum::<f64>();
+        let (pred, prob) = softmax_argmax(&l);
+        assert_eq!(pred, 1);
+        assert!((prob as f64 - p).abs() < 1e-7, "{prob} vs {p}");
+    }
 }

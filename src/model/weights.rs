@@ -274,6 +274,9 @@ pub struct Params {
     tensors: HashMap<String, Tensor>,
     used: Vec<String>,
     problems: Vec<String>,
+    device: Device,
+    dtype: DType,
+    device_layers: bool,
 }
 
 impl Params {
@@ -284,7 +287,40 @@ impl Params {
             tensors,
             used: Vec::new(),
             problems: Vec::new(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            device_layers: false,
         }
+    }
+
+    /// Builds the GPU's layers (tensor ops only) even on the CPU, so that tests here run the
+    /// code a GPU runs.
+    pub fn device_layers_on_cpu(mut self) -> Self {
+        self.device_layers = true;
+        self
+    }
+
+    /// Whether the layers are the GPU's (tensor ops) rather than the CPU kernels.
+    pub fn device_layers(&self) -> bool {
+        self.device_layers || !self.device.is_cpu()
+    }
+
+    /// Builds the layers for `device`, computing in `dtype` (f16/bf16 on a GPU only); the
+    /// tensors handed out by [`Params::get`] stay f32 on the CPU, the layers move them.
+    pub fn on(mut self, device: &Device, dtype: DType) -> Self {
+        self.device = device.clone();
+        self.dtype = dtype;
+        self
+    }
+
+    /// The device the layers run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype the layers compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The tensor `name` with `shape`; a missing or wrongly shaped one is recorded and a zero

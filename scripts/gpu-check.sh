@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU check, prepared so that a GPU machine's few minutes go to measuring, not building.
+#
+#   scripts/gpu-check.sh prepare   here, no GPU needed: builds the CUDA binary
+#                                  (scripts/build-cuda.sh) and packs it with the weights and
+#                                  images the check needs into gpu/ (about 40 MB, git-ignored)
+#   scripts/gpu-check.sh check     on the GPU machine, from the project root with gpu/ beside:
+#                                  GPU against CPU outputs, f16/bf16 against f32, then the
+#                                  benchmark; everything goes to $OUT (or gpu-out/)
+#
+# The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
+# libraries cuBLAS, cuRAND, NVRTC and the runtime, for example from PyTorch's cu13 wheels:
+# the check looks for them under /opt, /usr and /usr/local, or takes CUDA_LIBS=DIR:DIR.
+# Data: ../shared/data when preparing (see its README); the paper images and photos ship in data/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=gpu
+
+prepare() {
+    set -e
+    local shared=${SHARED_DATA:-../shared/data}
+    [ -d "$shared" ] || { echo "gpu-check: $shared not found (set SHARED_DATA)" >&2; exit 2; }
+    bash scripts/build-cuda.sh
+    rm -rf "$G" && mkdir -p "$G/cifar" "$G/inet"
+    strip -o "$G/freqtag" target/cuda/release/freqtag
+    xz -T2 -6 "$G/freqtag"
+    cp "$shared/weights/cifar10-resnet/resnet32-d509ac18.th" "$G/resnet32.th"
+    local mb
+    mb=$(target/release/freqtag weights fetch mobilenet_v2 | sed 's/^mobilenet_v2: //')
+    cp "$mb" "$G/mobilenet_v2.pth"
+    # CIFAR-10 test images: the first 100 of each class, class folders
+    local files
+    for d in "$shared"/cifar10-test-jpeg/*/; do
+        c=$(basename "$d"); mkdir -p "$G/cifar/$c"
+        files=("$d"*.jpg)
+        cp "${files[@]:0:100}" "$G/cifar/$c/"
+    done
+    # ImageNet samples: the first 120 photographs as they are (decoding them is part of the cost)
+    files=("$shared"/imagenet-samples/*.JPEG)
+    cp "${files[@]:0:120}" "$G/inet/"
+    du -sh "$G"
+}
+
+check() {
+    local out=${OUT:-$PWD/gpu-out}
+    mkdir -p "$out"
+    exec > >(tee -a "$out/gpu-check.log") 2>&1
+    local bin=${FREQTAG_BIN:-/tmp/freqtag} dev=${GPU_DEVICE:-cuda}
+    [ -n "${FREQTAG_BIN:-}" ] || { xz -dc "$G/freqtag.xz" >"$bin" && chmod +x "$bin"; }
+    if [ -z "${CUDA_LIBS:-}" ]; then
+        CUDA_LIBS=$(find /opt /usr/local /usr/lib -name 'libcublas.so.13' -o -name 'libcurand.so.10' \
+            -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' -o -name 'libcublasLt.so.13' 2>/dev/null |
+            xargs -r -n1 dirname | sort -u | paste -sd:)
+    fi
+    export LD_LIBRARY_PATH=$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    ldd "$bin" | grep -E 'cu|nvrtc' || true
+    local py=${PYTHON:-python3} cores; cores=$(nproc)
+    local paper=pipelines/paper-resnet32-cifar10.toml quick=pipelines/quickstart.toml
+    local wp="--set model.weights=$PWD/$G/resnet32.th" wq="--set model.weights=$PWD/$G/mobilenet_v2.pth"
+    run() { # name, then freqtag run arguments
+        local name=$1; shift
+        echo "== $name"
+        local t0=$SECONDS
+        rm -rf "/tmp/runs/$name"
+        timeout "${STEP_TIMEOUT:-300}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level warn; local rc=$?
+        echo "$name: exit $rc in $((SECONDS - t0)) s"
+        [ -f "/tmp/runs/$name/run.json" ] && $py -c "import json,sys; r=json.load(open('/tmp/runs/$name/run.json')); print(json.dumps({'run': '$name', 'images_per_s': r['images_per_s'], 'images': r['counts']['images_processed'], 'wall_s': r['wall_s'], 'peak_rss_mb': r['peak_rss_mb'], 'stage_seconds': r['stage_seconds']}))" | tee -a "$out/runs.jsonl"
+        return $rc
+    }
+    err() { $py tests/python/spectra_error.py "/tmp/runs/$1" "/tmp/runs/$2" --json "$out/errors.jsonl" ${3:+--tol $3}; }
+
+    echo "== 1. GPU against CPU, f32 (tolerance 1e-4 of each neuron's peak)"
+    if ! run paper-gpu $paper $wp --workers 2 --device $dev; then
+        echo "gpu-check: the first GPU run failed; libraries seen:"
+        ldd "$bin"; echo "$CUDA_LIBS" | tr : '\n' | xargs -r ls 2>&1 | head -40
+        exit 1
+    fi
+    run paper-cpu $paper $wp --workers "$cores" && err paper-cpu paper-gpu 1e-4
+    run quick-cpu $quick $wq --workers "$cores"
+    run quick-gpu $quick $wq --workers 2 --device $dev && err quick-cpu quick-gpu 1e-4
+
+    echo "== 2. half precision against f32 on the GPU"
+    for dt in bf16 f16; do
+        run "paper-$dt" $paper $wp --workers 2 --device $dev --set model.dtype=$dt && err paper-gpu "paper-$dt"
+        run "quick-$dt" $quick $wq --workers 2 --device $dev --set model.dtype=$dt && err quick-gpu "quick-$dt"
+    done
+
+    echo "== 3. benchmark, full spectra off (output.spectra = none, neurons off)"
+    # more images: the packed ones under several names (each is decoded and run again)
+    mkdir -p /tmp/bench/cifar /tmp/bench/inet
+    for i in $(seq "${BENCH_COPIES:-10}"); do ln -sfn "$PWD/$G/cifar" "/tmp/bench/cifar/copy$i"; done
+    for i in $(seq "${BENCH_COPIES:-8}"); do ln -sfn "$PWD/$G/inet" "/tmp/bench/inet/copy$i"; done
+    local off="--set output.spectra=none --set output.neurons=false"
+    for w in ${BENCH_WORKERS:-4 8}; do
+        run "bench-paper-gpu-w$w" $paper $wp $off --set source.path=/tmp/bench/cifar --set source.labels=none --workers "$w" --device $dev
+        run "bench-quick-gpu-w$w" $quick $wq $off --set source.path=/tmp/bench/inet --workers "$w" --device $dev
+    done
+    run bench-paper-gpu-bf16 $paper $wp $off --set source.path=/tmp/bench/cifar --set source.labels=none --workers 8 --device $dev --set model.dtype=bf16
+    run bench-quick-gpu-bf16 $quick $wq $off --set source.path=/tmp/bench/inet --workers 8 --device $dev --set model.dtype=bf16
+    # the CPU of this machine on a slice, for the ratio
+    run bench-paper-cpu $paper $wp $off --set source.path=/tmp/bench/cifar/copy1 --set source.labels=none --workers "$cores"
+    echo "== done"
+}
+
+case "${1:-}" in
+prepare) prepare ;;
+check) check ;;
+*) echo "usage: scripts/gpu-check.sh prepare | check" >&2; exit 2 ;;
+esac

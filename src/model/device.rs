@@ -1,0 +1,134 @@
+//! Where the forward passes run and in what precision: `model.device` (`cpu`, `cuda`,
+//! `cuda:N`) and `model.dtype` (`f32`; `f16` or `bf16` on a GPU).
+//!
+//! A binary built without the `cuda` feature names the build command instead of failing
+//! somewhere inside candle; a GPU that cannot be opened is named with what to check.
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// A parsed `model.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU kernels.
+    Cpu,
+    /// CUDA GPU `N`.
+    Cuda(usize),
+}
+
+/// Whether this binary was built with CUDA.
+pub const HAS_CUDA: bool = cfg!(feature = "cuda");
+
+/// How to get a binary that has CUDA.
+pub const CUDA_BUILD_HINT: &str = "build one with `scripts/build-cuda.sh` (or `cargo build --release --features cuda` where nvcc and the CUDA libraries are installed)";
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+    match s.trim() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| {
+                format!("model.device = \"{other}\" is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"")
+            }),
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.trim() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(format!(
+            "model.dtype = \"{other}\" is not a precision: use \"f32\", \"f16\" or \"bf16\""
+        )),
+    }
+}
+
+/// Every problem with a device and dtype pair, for `validate`.
+pub fn check(device: &str, dtype: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let dev = parse_device(device).map_err(|e| problems.push(e)).ok();
+    let dt = parse_dtype(dtype).map_err(|e| problems.push(e)).ok();
+    if let (Some(DeviceSpec::Cpu), Some(dt)) = (dev, dt) {
+        if dt != DType::F32 {
+            problems.push(format!(
+                "model.dtype = \"{dtype}\" runs on a GPU only (the CPU kernels compute in f32): set model.device = \"cuda\" or model.dtype = \"f32\""
+            ));
+        }
+    }
+    if let Some(DeviceSpec::Cuda(_)) = dev {
+        if !HAS_CUDA {
+            problems.push(format!(
+                "model.device = \"{device}\": this freqtag was built without CUDA; {CUDA_BUILD_HINT}"
+            ));
+        }
+    }
+    problems
+}
+
+/// Opens `spec`.
+pub fn open(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) => open_cuda(n),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<Device> {
+    Device::new_cuda(n).map_err(|e| Error::Device {
+        msg: format!(
+            "cuda:{n} could not be opened ({e}): check `nvidia-smi` lists it, and that libcublas, libcurand and libnvrtc of CUDA 13 are on LD_LIBRARY_PATH"
+        ),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> Result<Device> {
+    Err(Error::Device {
+        msg: format!("cuda:{n}: this freqtag was built without CUDA; {CUDA_BUILD_HINT}"),
+    })
+}
+
+/// A name for the device in summaries: `cpu` or the GPU's `cuda:N`.
+pub fn describe(spec: DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::Cpu => "cpu".into(),
+        DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_dtypes_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceSpec::Cuda(3)));
+        assert!(parse_device("cuda:x").unwrap_err().contains("\"cuda:x\""));
+        assert!(parse_device("tpu").is_err());
+        assert_eq!(parse_dtype("bf16"), Ok(DType::BF16));
+        assert!(parse_dtype("f64").unwrap_err().contains("f64"));
+        // half precision on the CPU is refused with the setting named
+        let p = check("cpu", "f16");
+        assert!(p.iter().any(|m| m.contains("model.dtype")), "{p:?}");
+        assert!(check("cpu", "f32").is_empty());
+        let p = check("cuda:0", "f32");
+        assert_eq!(p.is_empty(), HAS_CUDA, "{p:?}");
+        if !HAS_CUDA {
+            assert!(p[0].contains("--features cuda"), "{p:?}");
+            assert!(open(DeviceSpec::Cuda(0))
+                .unwrap_err()
+                .to_string()
+                .contains("built without CUDA"));
+        }
+    }
+}
