@@ -64,12 +64,19 @@ check() {
         echo "== $name"
         local t0=$SECONDS
         rm -rf "/tmp/runs/$name"
-        timeout "${STEP_TIMEOUT:-300}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level warn; local rc=$?
+        timeout "${STEP_TIMEOUT:-75}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level warn; local rc=$?
         echo "$name: exit $rc in $((SECONDS - t0)) s"
         [ -f "/tmp/runs/$name/run.json" ] && $py -c "import json,sys; r=json.load(open('/tmp/runs/$name/run.json')); print(json.dumps({'run': '$name', 'images_per_s': r['images_per_s'], 'images': r['counts']['images_processed'], 'wall_s': r['wall_s'], 'peak_rss_mb': r['peak_rss_mb'], 'stage_seconds': r['stage_seconds']}))" | tee -a "$out/runs.jsonl"
         return $rc
     }
     err() { $py tests/python/spectra_error.py "/tmp/runs/$1" "/tmp/runs/$2" --json "$out/errors.jsonl" ${3:+--tol $3}; }
+
+    local off="--set output.spectra=none --set output.neurons=false"
+    mkdir -p /tmp/bench/cifar /tmp/bench/inet
+    for i in $(seq "${BENCH_COPIES:-5}"); do ln -sfn "$PWD/$G/cifar" "/tmp/bench/cifar/copy$i"; done
+    for i in $(seq "${BENCH_COPIES:-4}"); do ln -sfn "$PWD/$G/inet" "/tmp/bench/inet/copy$i"; done
+    local cifar="--set source.path=/tmp/bench/cifar --set source.labels=none" inet="--set source.path=/tmp/bench/inet"
+    local np="--set source.limit=${PAPER_IMAGES:-3000}" nq="--set source.limit=${QUICK_IMAGES:-240}"
 
     echo "== 1. GPU against CPU, f32 (tolerance 1e-4 of each neuron's peak)"
     if ! run paper-gpu $paper $wp --workers 2 --device $dev; then
@@ -81,26 +88,26 @@ check() {
     run quick-cpu $quick $wq --workers "$cores"
     run quick-gpu $quick $wq --workers 2 --device $dev && err quick-cpu quick-gpu 1e-4
 
-    echo "== 2. half precision against f32 on the GPU"
+    echo "== 2. benchmark, f32, full spectra off (output.spectra = none, neurons off)"
+    run bench-paper-gpu $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
+    run bench-quick-gpu $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev
+
+    echo "== 3. where the GPU time goes (FREQTAG_GPU_PROFILE, one worker)"
+    export FREQTAG_GPU_PROFILE=1
+    run profile-paper $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
+    run profile-quick $quick $wq $off $inet --set source.limit=40 --workers 1 --device $dev
+    unset FREQTAG_GPU_PROFILE
+
+    echo "== 4. half precision against f32 on the GPU"
     for dt in bf16 f16; do
         run "paper-$dt" $paper $wp --workers 2 --device $dev --set model.dtype=$dt && err paper-gpu "paper-$dt"
         run "quick-$dt" $quick $wq --workers 2 --device $dev --set model.dtype=$dt && err quick-gpu "quick-$dt"
     done
+    run bench-paper-gpu-bf16 $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev --set model.dtype=bf16
+    run bench-quick-gpu-bf16 $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev --set model.dtype=bf16
 
-    echo "== 3. benchmark, full spectra off (output.spectra = none, neurons off)"
-    # more images: the packed ones under several names (each is decoded and run again)
-    mkdir -p /tmp/bench/cifar /tmp/bench/inet
-    for i in $(seq "${BENCH_COPIES:-10}"); do ln -sfn "$PWD/$G/cifar" "/tmp/bench/cifar/copy$i"; done
-    for i in $(seq "${BENCH_COPIES:-8}"); do ln -sfn "$PWD/$G/inet" "/tmp/bench/inet/copy$i"; done
-    local off="--set output.spectra=none --set output.neurons=false"
-    for w in ${BENCH_WORKERS:-4 8}; do
-        run "bench-paper-gpu-w$w" $paper $wp $off --set source.path=/tmp/bench/cifar --set source.labels=none --workers "$w" --device $dev
-        run "bench-quick-gpu-w$w" $quick $wq $off --set source.path=/tmp/bench/inet --workers "$w" --device $dev
-    done
-    run bench-paper-gpu-bf16 $paper $wp $off --set source.path=/tmp/bench/cifar --set source.labels=none --workers 8 --device $dev --set model.dtype=bf16
-    run bench-quick-gpu-bf16 $quick $wq $off --set source.path=/tmp/bench/inet --workers 8 --device $dev --set model.dtype=bf16
-    # the CPU of this machine on a slice, for the ratio
-    run bench-paper-cpu $paper $wp $off --set source.path=/tmp/bench/cifar/copy1 --set source.labels=none --workers "$cores"
+    echo "== 5. this machine's CPU, for the ratio"
+    run bench-paper-cpu $paper $wp $off $cifar --set source.limit=500 --workers "$cores"
     echo "== done"
 }
 

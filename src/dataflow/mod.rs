@@ -395,5 +395,8 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         &out.join("run.json"),
         &serde_json::to_string_pretty(&report).unwrap_or_default(),
     )?;
+    if let Some(p) = crate::model::profile::report() {
+        eprintln!("{p}");
+    }
     Ok(summary)
 }

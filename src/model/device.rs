@@ -82,10 +82,15 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| Error::Device {
-        msg: format!(
-            "cuda:{n} could not be opened ({e}): check `nvidia-smi` lists it, and that libcublas, libcurand and libnvrtc of CUDA 13 are on LD_LIBRARY_PATH"
-        ),
+    Device::new_cuda(n).map_err(|e| {
+        // candle appends a backtrace: the first line says what failed
+        let e = e.to_string();
+        let what = e.lines().next().unwrap_or_default().trim_end_matches('(').trim();
+        Error::Device {
+            msg: format!(
+                "cuda:{n} could not be opened ({what}): check that `nvidia-smi` lists it, that the driver is 580 or newer (CUDA 13), and that libcublas, libcurand and libnvrtc of CUDA 13 are on LD_LIBRARY_PATH"
+            ),
+        }
     })
 }
 

@@ -16,10 +16,13 @@ enum ConvKind {
     Im2col(Vec<f32>),
     /// Depthwise k x k: weights `[k*k, C]`, ordered (ky, kx), channel fastest.
     Depthwise(Vec<f32>),
-    /// On a GPU: [`patches`] then one matmul with `[k*k*Cin, Cout]` on the device.
-    Patches(Tensor),
-    /// On a GPU, depthwise: [`patches`] times `[k*k, C]` on the device, summed over the window.
-    DepthwisePatches(Tensor),
+    /// On a GPU: candle's convolution (its im2col kernel reads our channels-last activation
+    /// through an NCHW view, then one matmul); PyTorch-layout weight `[Cout, Cin, k, k]`.
+    Direct(Tensor),
+    /// On a GPU, depthwise: the sum over the window of shifted views times per-channel weights,
+    /// one `[1, 1, 1, C]` weight per (ky, kx). (candle runs a grouped convolution as one
+    /// convolution per channel.)
+    Windows(Vec<Tensor>),
 }
 
 /// A 2-D convolution on channels-last input, zero padding `k/2` on every side (or none, see
@@ -70,14 +73,15 @@ impl Conv {
         } else {
             let (dev, dt) = (p.device().clone(), p.dtype());
             let to = |t: Tensor| t.to_device(&dev)?.to_dtype(dt);
-            let cpu = &candle_core::Device::Cpu;
             let kind = match kind {
                 ConvKind::Pointwise(w) => ConvKind::Pointwise(to(w)?),
-                ConvKind::Im2col(w) => {
-                    ConvKind::Patches(to(Tensor::from_vec(w, (k * k * cin, cout), cpu)?)?)
-                }
-                ConvKind::Depthwise(w) => {
-                    ConvKind::DepthwisePatches(to(Tensor::from_vec(w, (k * k, cout), cpu)?)?)
+                ConvKind::Im2col(_) => ConvKind::Direct(to(weight)?),
+                ConvKind::Depthwise(_) => {
+                    let w = weight.reshape((cout, k * k))?.t()?.contiguous()?;
+                    let windows = (0..k * k)
+                        .map(|i| to(w.narrow(0, i, 1)?.reshape((1, 1, 1, cout))?))
+                        .collect::<Result<Vec<_>>>()?;
+                    ConvKind::Windows(windows)
                 }
                 other => other,
             };
@@ -123,10 +127,15 @@ impl Conv {
                 stride: self.stride,
                 pad: self.pad,
             })?,
-            ConvKind::Patches(wt) => conv_patches(x, wt, self.k, self.stride, self.pad)?,
-            ConvKind::DepthwisePatches(wt) => {
-                depthwise_patches(x, wt, self.k, self.stride, self.pad)?
-            }
+            ConvKind::Direct(wt) => super::profile::op("conv", x, || {
+                x.permute((0, 3, 1, 2))?
+                    .conv2d(wt, self.pad, self.stride, 1, 1)?
+                    .permute((0, 2, 3, 1))?
+                    .contiguous()
+            })?,
+            ConvKind::Windows(ws) => super::profile::op("depthwise", x, || {
+                depthwise_windows(x, ws, self.k, self.stride, self.pad)
+            })?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
@@ -135,12 +144,17 @@ impl Conv {
     }
 }
 
-/// im2col from tensor ops, for devices without this module's CPU kernels: the k x k windows of
-/// `x` `[B, H, W, C]` (zero padding `pad`, `stride`) as `[B, Ho, Wo, k*k*C]`, ordered
-/// (ky, kx, c) like the [`ConvKind::Im2col`] weight rows. Two gathers and one transpose,
-/// whatever `k`, so the kernel launches do not grow with the window.
-pub fn patches(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
+/// A depthwise k x k convolution of `x` `[B, H, W, C]` from tensor ops, for devices without
+/// this module's CPU kernels: the sum over (ky, kx) of the shifted (and, at stride 2, gathered)
+/// views of the zero-padded input times that window position's `[1, 1, 1, C]` weights.
+pub fn depthwise_windows(
+    x: &Tensor,
+    windows: &[Tensor],
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
     let (ho, wo) = (
         (h + 2 * pad - k) / stride + 1,
         (w + 2 * pad - k) / stride + 1,
@@ -150,46 +164,34 @@ pub fn patches(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor
     } else {
         x.contiguous()?
     };
-    let index = |n: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..k)
-            .flat_map(|o| (0..n).map(move |i| (o + i * stride) as u32))
-            .collect();
-        Tensor::from_vec(idx, k * n, x.device())
+    // at stride s, rows (ky, oy) = ky + s*oy and columns likewise, gathered once: the view of
+    // window (ky, kx) is then a plain block [ky*Ho.., kx*Wo..]
+    let (src, (rh, rw)) = if stride == 1 {
+        (xp, (1, 1))
+    } else {
+        let index = |n: usize| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..k)
+                .flat_map(|o| (0..n).map(move |i| (o + i * stride) as u32))
+                .collect();
+            Tensor::from_vec(idx, k * n, x.device())
+        };
+        let g = xp
+            .index_select(&index(ho)?, 1)?
+            .index_select(&index(wo)?, 2)?;
+        (g, (ho, wo))
     };
-    // rows (ky, oy), then columns (kx, ox): [B, k*Ho, k*Wo, C]
-    let g = xp
-        .index_select(&index(ho)?, 1)?
-        .index_select(&index(wo)?, 2)?;
-    g.reshape((b, k, ho, k, wo, c))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .contiguous()?
-        .reshape((b, ho, wo, k * k * c))
-}
-
-/// A convolution of `x` `[B, H, W, Cin]` with `w` `[k*k*Cin, Cout]` ((ky, kx, cin) rows) as
-/// [`patches`] and one matmul.
-pub fn conv_patches(x: &Tensor, w: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
-    let p = patches(x, k, stride, pad)?;
-    let (b, ho, wo, kc) = p.dims4()?;
-    let cout = w.dim(1)?;
-    p.reshape((b * ho * wo, kc))?
-        .matmul(w)?
-        .reshape((b, ho, wo, cout))
-}
-
-/// A depthwise convolution of `x` `[B, H, W, C]` with `w` `[k*k, C]` as [`patches`] times
-/// the weights, summed over the window.
-pub fn depthwise_patches(
-    x: &Tensor,
-    w: &Tensor,
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Result<Tensor> {
-    let c = x.dim(3)?;
-    let p = patches(x, k, stride, pad)?;
-    let (b, ho, wo, _) = p.dims4()?;
-    p.reshape((b, ho, wo, k * k, c))?.broadcast_mul(w)?.sum(3)
+    let mut acc: Option<Tensor> = None;
+    for ky in 0..k {
+        for kx in 0..k {
+            let v = src.narrow(1, ky * rh, ho)?.narrow(2, kx * rw, wo)?;
+            let t = v.broadcast_mul(&windows[ky * k + kx])?;
+            acc = Some(match acc {
+                None => t,
+                Some(a) => (a + t)?,
+            });
+        }
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("depthwise: empty window".into()))
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -368,9 +370,11 @@ pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     } else {
         // in f32 whatever the compute dtype: a mean over thousands of f16 values loses digits
         let (b, h, w, c) = x.dims4()?;
-        x.to_dtype(candle_core::DType::F32)?
-            .reshape((b, h * w, c))?
-            .mean(1)
+        super::profile::op("spatial-mean", x, || {
+            x.to_dtype(candle_core::DType::F32)?
+                .reshape((b, h * w, c))?
+                .mean(1)
+        })
     }
 }
 
@@ -537,7 +541,9 @@ impl BatchNorm {
             });
         }
         let y = match &self.on_device {
-            Some((scale, shift)) => x.broadcast_mul(scale)?.broadcast_add(shift)?,
+            Some((scale, shift)) => super::profile::op("batch-norm", x, || {
+                x.broadcast_mul(scale)?.broadcast_add(shift)
+            })?,
             None => {
                 let shape = (1, 1, 1, self.scale.len());
                 let scale = Tensor::from_slice(&self.scale, shape, x.device())?;

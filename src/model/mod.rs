@@ -10,6 +10,7 @@ pub mod efficientnet_lite;
 pub mod fetch;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod profile;
 pub mod record;
 pub mod resnet_cifar;
 pub mod torchvision;

@@ -237,14 +237,14 @@ pub fn record_many(
     let mut pending_frames = 0usize;
     let mut run = |x: &Tensor, logits: &mut Vec<f32>| -> candle_core::Result<()> {
         let mut rec = Recorder::new(taps);
-        let l = net.forward(x, &mut rec)?;
+        let l = super::profile::op("forward", x, || net.forward(x, &mut rec))?;
         let mut outs = rec.finish()?;
         for (t, v) in outs.iter().enumerate() {
             channels[t] = v.dim(1)?;
         }
         // one copy back per pass: every tap and the logits side by side, `[B, sum C + classes]`
         outs.push(l);
-        let all = Tensor::cat(&outs, 1)?.to_vec2::<f32>()?;
+        let all = super::profile::op("copy back", x, || Tensor::cat(&outs, 1)?.to_vec2::<f32>())?;
         let classes = outs[outs.len() - 1].dim(1)?;
         for row in all {
             let mut at = 0;
@@ -257,7 +257,9 @@ pub fn record_many(
         Ok(())
     };
     for (i, (rgb, id)) in images.iter().enumerate() {
-        pending.push(ds.frames(stim, pre, rgb, id)?);
+        pending.push(super::profile::op("frames", &ds.tuples, || {
+            ds.frames(stim, pre, rgb, id)
+        })?);
         pending_frames += per_image;
         let last = i + 1 == images.len();
         while pending_frames >= batch || (last && pending_frames > 0) {

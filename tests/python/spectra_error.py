@@ -26,6 +26,8 @@ rel = np.abs(ax - ay).max(axis=1) / peak
 ia = pd.read_parquet(f"{a}/images").set_index("image_id").sort_index()
 ib = pd.read_parquet(f"{b}/images").set_index("image_id").sort_index()
 agree = int((ia.pred == ib.pred).sum())
+w = int(np.argmax(rel))
+layer_peak = pd.Series(peak).groupby(x.layer).median()
 r = {
     "reference": a,
     "other": b,
@@ -35,7 +37,17 @@ r = {
     "median_of_peak": float(np.median(rel)),
     "images": int(len(ia)),
     "same_prediction": agree,
+    # the worst neuron, and how its largest amplitude compares with its layer's typical one
+    "worst": {
+        "image_id": str(x.image_id[w]),
+        "layer": str(x.layer[w]),
+        "channel": int(x.channel[w]),
+        "peak": float(peak[w]),
+        "layer_median_peak": float(layer_peak[x.layer[w]]),
+    },
 }
+if tol is not None:
+    r["neurons_above_tol"] = int((rel > tol).sum())
 print(json.dumps(r))
 if out:
     with open(out, "a") as f:
