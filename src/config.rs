@@ -127,8 +127,8 @@ pub struct ModelConfig {
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Frames per forward pass on a GPU, across images; 0 sizes it for the input (about
-    /// 4 million input pixels: 4 096 frames at 32x32, 83 at 224x224), which leaves room for
-    /// 8 workers on an 80 GB card.
+    /// 4 million input pixels, 256 to 4 096 frames: 4 096 at 32x32, 256 at 224x224), which
+    /// leaves room for 8 workers on an 80 GB card.
     #[serde(default)]
     pub device_batch: usize,
 }
@@ -146,7 +146,7 @@ impl ModelConfig {
         if self.device_batch > 0 {
             self.device_batch
         } else {
-            ((4usize << 20) / (side * side).max(1)).clamp(16, 8192)
+            ((4usize << 20) / (side * side).max(1)).clamp(256, 4096)
         }
     }
 }

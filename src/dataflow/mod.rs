@@ -163,7 +163,12 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         let dtype = device::parse_dtype(&m.dtype).map_err(bad)?;
         let dev = device::open(spec)?;
         tracing::info!(device = %device::describe(spec), dtype = %m.dtype, "model device");
-        Arc::new(Network::load_on(plan.arch, &weights, &dev, dtype)?)
+        if worker::gpu_path_on_cpu() && dev.is_cpu() {
+            tracing::warn!("FREQTAG_GPU_PATH_ON_CPU: running the GPU's code path on the CPU");
+            Arc::new(Network::load_gpu_layers_on_cpu(plan.arch, &weights)?)
+        } else {
+            Arc::new(Network::load_on(plan.arch, &weights, &dev, dtype)?)
+        }
     };
     let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
     let expected = expected_output_bytes(&plan, images.len());
@@ -263,7 +268,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         joined.clone(),
     );
     let chunk = opts.chunk.unwrap_or_else(|| {
-        if net.device().is_cpu() {
+        if net.device().is_cpu() && !worker::gpu_path_on_cpu() {
             16
         } else {
             let m = &plan.pipeline.model;

@@ -23,13 +23,19 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::{StageTimes, WorkerReport, STOP};
 use crate::config::Plan;
-use crate::model::record::{record, record_many, DeviceStimulus};
+use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
 use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
+
+/// `FREQTAG_GPU_PATH_ON_CPU=1`: run the GPU's code path (its layers as tensor ops, frames
+/// built as tensors, images batched across a pass) on the CPU, so that tests here cover it.
+pub(crate) fn gpu_path_on_cpu() -> bool {
+    std::env::var_os("FREQTAG_GPU_PATH_ON_CPU").is_some_and(|v| v != "0")
+}
 
 /// Runs `f` and adds its duration to `slot`.
 fn timed<R>(
@@ -217,6 +223,7 @@ pub(crate) fn run_worker(
                 (r, rgb)
             });
         let (c, n) = (ctx.clone(), net.clone());
+        let (c2, n2) = (ctx.clone(), net.clone());
         // This worker's own rayon pool for the kernels of its forward passes: with the global
         // pool, every worker's parallel kernels queue on the same (cores / workers) threads, so
         // two workers ran no faster than one.
@@ -230,55 +237,89 @@ pub(crate) fn run_worker(
             .thread_name(move |i| format!("freqtag-w{index}-{i}"))
             .build()
             .map_err(|e| format!("cannot start the worker's threads: {e}"));
-        // On a GPU the stimulus lives there (uploaded once per worker) and the images a worker
-        // holds go through the network together, `device_batch` frames per pass.
-        let on_gpu = !n.device().is_cpu();
-        let device_stim = on_gpu.then(|| {
+        // On a GPU the stimulus lives there (uploaded once per worker), and the Record operator
+        // holds decoded images back until it has `device_batch` frames' worth, or the chunk is
+        // complete, then runs them through the network together: images arrive one by one, and
+        // one image's 50 frames leave a GPU nearly idle.
+        let gpu_path = !n.device().is_cpu() || gpu_path_on_cpu();
+        let device_stim = gpu_path.then(|| {
             DeviceStimulus::new(&plan.stimulus, n.device())
                 .map_err(|e| format!("inference failed: cannot upload the stimulus: {e}"))
         });
-        let recorded = decoded.unary(Pipeline, "Record", move |_, _| {
-            move |input, output| {
+        let per_pass = {
+            let per_image = plan.stimulus.distinct_frames().0.len() + 1;
+            let frames = plan
+                .pipeline
+                .model
+                .device_batch_for(plan.stimulus.regions.size);
+            (frames / per_image).max(1)
+        };
+        type Decoded = (ImageRef, std::result::Result<Vec<f32>, String>);
+        type Recorded = (ImageRef, std::result::Result<Recording, String>);
+        let recorded = decoded.unary_frontier(Pipeline, "Record", move |_, _| {
+            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Decoded>)> = BTreeMap::new();
+            // several images on the device in one go; decoding errors pass through
+            let record_group = move |items: Vec<Decoded>| -> Vec<Recorded> {
+                let p = &c.plan;
+                let images: Vec<(&[f32], &str)> = items
+                    .iter()
+                    .filter_map(|(r, rgb)| rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str())))
+                    .collect();
+                let frames = p.pipeline.model.device_batch_for(p.stimulus.regions.size);
+                tracing::debug!(images = images.len(), "record: one group on the device");
+                let recs = timed(
+                    &c.times,
+                    |t| &mut t.forward,
+                    || {
+                        let ds = match &device_stim {
+                            Some(Ok(ds)) => ds,
+                            Some(Err(e)) => return Err(e.clone()),
+                            None => {
+                                return Err("inference failed: no stimulus on the device".into())
+                            }
+                        };
+                        record_many(&n, &p.taps, &p.stimulus, pre, &images, frames, Some(ds))
+                            .map_err(|e| format!("inference failed: {e}"))
+                    },
+                );
+                let mut recs = match recs {
+                    Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e); images.len()],
+                }
+                .into_iter();
+                items
+                    .into_iter()
+                    .map(|(r, rgb)| {
+                        let rec = match rgb {
+                            Ok(_) => recs
+                                .next()
+                                .unwrap_or_else(|| Err("inference failed: no recording".into())),
+                            Err(e) => Err(e),
+                        };
+                        (r, rec)
+                    })
+                    .collect()
+            };
+            let (c, n) = (c2, n2);
+            move |(input, frontier), output| {
                 input.for_each(|cap, data| {
-                    let mut session = output.session(&cap);
-                    let p = &c.plan;
-                    if let Some(ds) = &device_stim {
-                        let ok: Vec<usize> =
-                            (0..data.len()).filter(|i| data[*i].1.is_ok()).collect();
-                        let images: Vec<(&[f32], &str)> = ok
-                            .iter()
-                            .filter_map(|i| {
-                                let (r, rgb) = &data[*i];
-                                rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str()))
-                            })
-                            .collect();
-                        let batch = p.pipeline.model.device_batch_for(p.stimulus.regions.size);
-                        let recs = timed(
-                            &c.times,
-                            |t| &mut t.forward,
-                            || {
-                                let ds = ds.as_ref().map_err(|e| e.clone())?;
-                                record_many(&n, &p.taps, &p.stimulus, pre, &images, batch, Some(ds))
-                                    .map_err(|e| format!("inference failed: {e}"))
+                    if gpu_path {
+                        let Some(time) = cap.least().copied() else {
+                            return;
+                        };
+                        let held = match stash.entry(time) {
+                            Entry::Occupied(e) => e.into_mut(),
+                            Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
+                                Some(cap) => v.insert((cap, Vec::new())),
+                                None => return,
                             },
-                        );
-                        let mut recs = match recs {
-                            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-                            Err(e) => vec![Err(e); ok.len()],
-                        }
-                        .into_iter();
-                        for (r, rgb) in data.drain(..) {
-                            let rec = match rgb {
-                                Ok(_) => recs.next().unwrap_or_else(|| {
-                                    Err("inference failed: no recording".into())
-                                }),
-                                Err(e) => Err(e),
-                            };
-                            session.give((r, rec));
-                        }
+                        };
+                        held.1.append(data);
                         return;
                     }
+                    let mut session = output.session(&cap);
                     for (r, rgb) in data.drain(..) {
+                        let p = &c.plan;
                         let rec = rgb.and_then(|rgb| {
                             let batch = p.pipeline.model.batch_size;
                             let run = || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch);
@@ -289,6 +330,24 @@ pub(crate) fn run_worker(
                         session.give((r, rec));
                     }
                 });
+                // full passes now; what is left of a chunk once the chunk is complete
+                let times: Vec<u64> = stash.keys().copied().collect();
+                for time in times {
+                    let done = !frontier.frontier().less_equal(&time);
+                    if let Some((cap, items)) = stash.get_mut(&time) {
+                        while items.len() >= per_pass || (done && !items.is_empty()) {
+                            let group: Vec<Decoded> =
+                                items.drain(..per_pass.min(items.len())).collect();
+                            let mut session = output.session(&*cap);
+                            for out in record_group(group) {
+                                session.give(out);
+                            }
+                        }
+                    }
+                    if done {
+                        stash.remove(&time);
+                    }
+                }
             }
         });
         let c = ctx.clone();

@@ -173,3 +173,43 @@ fn bench_command_reports_figures_per_worker_count() {
         assert!(r["stage_seconds"]["forward"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
+
+/// The GPU's code path end to end, run here on the CPU (`FREQTAG_GPU_PATH_ON_CPU`): images held
+/// back and sent through the network several at a time (3 a pass, 4 a chunk: full passes and
+/// the rest of a chunk), frames built as tensors, layers as tensor ops. Same spectra as the CPU
+/// kernels within 1e-4 of each neuron's peak, same predictions, complete tables.
+#[test]
+fn gpu_code_path_run_matches_the_cpu_run() {
+    let Some(shared) = shared_data("GPU code path run") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let (cpu, gpu) = (dir.path().join("cpu"), dir.path().join("gpu"));
+    let extra = ["--set", "source.limit=7", "--chunk", "4"];
+    let o = freqtag_args(&paper_args(&cpu, 2, &w, &extra));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let mut args = paper_args(&gpu, 2, &w, &extra);
+    args.extend(["--set".into(), "model.device_batch=150".into()]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_freqtag"))
+        .args(&args)
+        .current_dir(root())
+        .env("FREQTAG_GPU_PATH_ON_CPU", "1")
+        .env("RUST_LOG", "")
+        .args(["--log-level", "freqtag=debug"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    // 7 images over 2 workers in chunks of 4: groups of 3 and the rest of each chunk
+    let groups = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.contains("one group on the device"))
+        .count();
+    assert!((3..=6).contains(&groups), "{groups} groups:\n{}", show(&o));
+    let (c, g) = (cpu.display().to_string(), gpu.display().to_string());
+    run_python("python/check_outputs.py", &[&g, "7"]);
+    run_python(
+        "python/spectra_error.py",
+        &[&c, &g, "--tol", "1e-4", "--same-predictions"],
+    );
+}

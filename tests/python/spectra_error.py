@@ -2,8 +2,9 @@
 against f32): each neuron's largest amplitude difference as a fraction of its largest amplitude,
 and how many images got the same predicted class.
 
-usage: python spectra_error.py REFERENCE OTHER [--tol T] [--json FILE]
-Exit 1 when the largest difference is above T (default: no limit, report only).
+usage: python spectra_error.py REFERENCE OTHER [--tol T] [--json FILE] [--same-predictions]
+Exit 1 when the largest difference is above T (default: no limit, report only), or with
+--same-predictions when an image's predicted class differs.
 """
 import json
 import sys
@@ -54,3 +55,5 @@ if out:
         f.write(json.dumps(r) + "\n")
 if tol is not None and r["max_of_peak"] > tol:
     sys.exit(f"spectra_error: {b} differs from {a} by {r['max_of_peak']:.2e} of a neuron's peak (tolerance {tol})")
+if "--same-predictions" in args and agree != len(ia):
+    sys.exit(f"spectra_error: {len(ia) - agree} of {len(ia)} images have another predicted class")
