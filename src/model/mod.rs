@@ -335,7 +335,8 @@ impl Recorder {
     }
 }
 
-/// The architectures' layer stacks.
+/// The architectures' layer stacks (one per process: their sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 enum Body {
     ResNet(resnet_cifar::ResNet),
     MobileNetV2(mobilenet_v2::MobileNetV2),
