@@ -127,8 +127,8 @@ pub struct ModelConfig {
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Frames per forward pass on a GPU, across images; 0 sizes it for the input (about
-    /// 4 million input pixels, 256 to 4 096 frames: 4 096 at 32x32, 256 at 224x224), which
-    /// leaves room for 8 workers on an 80 GB card.
+    /// 4 million input pixels, 256 to 4 096 frames: 4 096 at 32x32, 256 at 224x224, made
+    /// smaller beyond 8 workers), which leaves room for the workers' passes on an 80 GB card.
     #[serde(default)]
     pub device_batch: usize,
 }
@@ -141,13 +141,15 @@ fn default_dtype() -> String {
 }
 
 impl ModelConfig {
-    /// Frames per forward pass on a GPU for inputs of `side` x `side`.
-    pub fn device_batch_for(&self, side: usize) -> usize {
+    /// Frames per forward pass on a GPU for inputs of `side` x `side` with `workers` workers
+    /// sharing the card: `device_batch`, or about 4 million input pixels (256 to 4 096
+    /// frames), scaled down beyond 8 workers so their passes fit together.
+    pub fn device_batch_for(&self, side: usize, workers: usize) -> usize {
         if self.device_batch > 0 {
-            self.device_batch
-        } else {
-            ((4usize << 20) / (side * side).max(1)).clamp(256, 4096)
+            return self.device_batch;
         }
+        let base = ((4usize << 20) / (side * side).max(1)).clamp(256, 4096);
+        (base * 8 / workers.max(8)).max(64)
     }
 }
 
@@ -651,5 +653,30 @@ fn abbreviate(items: &[String], n: usize) -> String {
             items[..n - 1].join(", "),
             items[items.len() - 1]
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_batch_is_sized_for_the_input_and_the_workers_unless_set() {
+        let mut m = ModelConfig {
+            arch: "resnet32".into(),
+            weights: String::new(),
+            taps: default_taps(),
+            batch_size: 32,
+            device: "cuda".into(),
+            dtype: "f32".into(),
+            device_batch: 0,
+        };
+        assert_eq!(m.device_batch_for(32, 1), 4096);
+        assert_eq!(m.device_batch_for(32, 8), 4096);
+        assert_eq!(m.device_batch_for(32, 16), 2048);
+        assert_eq!(m.device_batch_for(224, 4), 256);
+        assert_eq!(m.device_batch_for(224, 64), 64);
+        m.device_batch = 500;
+        assert_eq!(m.device_batch_for(224, 64), 500);
     }
 }

@@ -170,6 +170,13 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             Arc::new(Network::load_on(plan.arch, &weights, &dev, dtype)?)
         }
     };
+    // on a GPU, frames per pass: resolved once, for the workers of this process (run.json
+    // records the value used)
+    let mut plan = plan;
+    if !net.device().is_cpu() || worker::gpu_path_on_cpu() {
+        let (side, m) = (plan.stimulus.regions.size, &plan.pipeline.model);
+        plan.pipeline.model.device_batch = m.device_batch_for(side, opts.workers);
+    }
     let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
     let expected = expected_output_bytes(&plan, images.len());
     tracing::info!(
@@ -271,9 +278,8 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
         if net.device().is_cpu() && !worker::gpu_path_on_cpu() {
             16
         } else {
-            let m = &plan.pipeline.model;
             let per_image = plan.stimulus.distinct_frames().0.len() + 1;
-            (m.device_batch_for(plan.stimulus.regions.size) / per_image).clamp(16, 512) as u64
+            (plan.pipeline.model.device_batch / per_image).clamp(16, 512) as u64
         }
     });
     let chunk = chunk.max(1);

@@ -328,11 +328,7 @@ pub(crate) fn run_worker(
         });
         let per_pass = {
             let per_image = plan.stimulus.distinct_frames().0.len() + 1;
-            let frames = plan
-                .pipeline
-                .model
-                .device_batch_for(plan.stimulus.regions.size);
-            (frames / per_image).max(1)
+            (plan.pipeline.model.device_batch / per_image).max(1)
         };
         type Decoded = (ImageRef, std::result::Result<Vec<f32>, String>);
         type Recorded = (ImageRef, std::result::Result<Recording, String>);
@@ -345,7 +341,7 @@ pub(crate) fn run_worker(
                     .iter()
                     .filter_map(|(r, rgb)| rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str())))
                     .collect();
-                let frames = p.pipeline.model.device_batch_for(p.stimulus.regions.size);
+                let frames = p.pipeline.model.device_batch.max(1);
                 tracing::debug!(images = images.len(), "record: one group on the device");
                 let recs = timed(
                     &c.times,
