@@ -127,7 +127,10 @@ pub fn authors_mean_snr_db(amp: &[f64], nb: Neighbourhood) -> f64 {
     let s = &amp[1..];
     let len = s.len() as isize;
     let (n, skip) = (nb.n as isize, nb.skip as isize);
-    let mut total = 0.0;
+    // sum_j max(0, 10 log10 snr_j) = 10 log10 prod_j max(1, snr_j): one logarithm per neuron
+    // instead of one per bin (the logarithms were most of the spectrum stage). The product is
+    // kept as a mantissa in [1, 2) and a binary exponent, so it cannot overflow.
+    let (mut mant, mut exp2) = (1.0f64, 0i64);
     for j in 0..len {
         let mut sum = 0.0;
         let mut count = 0usize;
@@ -139,8 +142,14 @@ pub fn authors_mean_snr_db(amp: &[f64], nb: Neighbourhood) -> f64 {
         }
         let base = if count > 0 { sum / count as f64 } else { 0.0 };
         let snr = (s[j as usize] + GUARD) / (base + GUARD);
-        total += (10.0 * snr.log10()).max(0.0);
+        if snr > 1.0 && snr.is_finite() {
+            mant *= snr;
+            let bits = mant.to_bits();
+            exp2 += ((bits >> 52) & 0x7ff) as i64 - 1023;
+            mant = f64::from_bits((bits & !(0x7ff << 52)) | (1023 << 52));
+        }
     }
+    let total = 10.0 * (mant.log10() + exp2 as f64 * std::f64::consts::LOG10_2);
     total / len as f64
 }
 
@@ -152,6 +161,56 @@ mod tests {
 
     fn paper_terms() -> TermSet {
         TermSet::new(&[6.0, 7.5], 120.0, 240, 2, 2, &mut Vec::new())
+    }
+
+    /// The one-logarithm form against the definition, bin by bin, on spectra with huge,
+    /// tiny, zero and flat values.
+    #[test]
+    fn authors_mean_snr_db_matches_the_per_bin_definition() {
+        let direct = |amp: &[f64]| {
+            let s = &amp[1..];
+            let len = s.len() as isize;
+            let mut total = 0.0;
+            for j in 0..len {
+                let (l, r) = (
+                    (j - 4).max(0)..(j - 1).max(0),
+                    (j + 2).min(len)..(j + 5).min(len),
+                );
+                let nbr: Vec<f64> = l.chain(r).map(|i| s[i as usize]).collect();
+                let base = nbr.iter().sum::<f64>() / nbr.len() as f64;
+                total += (10.0 * ((s[j as usize] + 1e-8) / (base + 1e-8)).log10()).max(0.0);
+            }
+            total / len as f64
+        };
+        let mut rng = 12345u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for case in 0..50 {
+            let amp: Vec<f64> = (0..121)
+                .map(|i| match case % 5 {
+                    0 => next(),
+                    1 => next() * 1e30,
+                    2 => {
+                        if i % 7 == 0 {
+                            1e12
+                        } else {
+                            1e-12
+                        }
+                    }
+                    3 => 0.0,
+                    _ => 1.0 + 1e-9 * next(),
+                })
+                .collect();
+            let (a, b) = (authors_mean_snr_db(&amp, NB), direct(&amp));
+            assert!(
+                (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                "case {case}: {a} vs {b}"
+            );
+        }
     }
 
     #[test]
