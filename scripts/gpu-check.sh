@@ -5,8 +5,9 @@
 #                                  (scripts/build-cuda.sh) and packs it with the weights and
 #                                  images the check needs into gpu/ (about 40 MB, git-ignored)
 #   scripts/gpu-check.sh check     on the GPU machine, from the project root with gpu/ beside:
-#                                  GPU against CPU outputs, f16/bf16 against f32, then the
-#                                  benchmark; everything goes to $OUT (or gpu-out/)
+#                                  GPU against CPU outputs, the benchmark, a one-worker
+#                                  profile, f16/bf16 against f32; everything goes to $OUT
+#                                  (or gpu-out/). About 3 minutes on an H100.
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC and the runtime, for example from PyTorch's cu13 wheels:
@@ -26,6 +27,7 @@ prepare() {
     xz -T2 -6 "$G/freqtag"
     cp "$shared/weights/cifar10-resnet/resnet32-d509ac18.th" "$G/resnet32.th"
     local mb
+    [ -x target/release/freqtag ] || cargo build --release
     mb=$(target/release/freqtag weights fetch mobilenet_v2 | sed 's/^mobilenet_v2: //')
     cp "$mb" "$G/mobilenet_v2.pth"
     # CIFAR-10 test images: the first 100 of each class, class folders
