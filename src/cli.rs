@@ -147,6 +147,14 @@ pub enum WeightsAction {
     List,
 }
 
+/// `--set` overrides with `--device D` as `model.device=D`.
+fn with_device(mut sets: Vec<String>, device: Option<String>) -> Vec<String> {
+    if let Some(d) = device {
+        sets.push(format!("model.device={d}"));
+    }
+    sets
+}
+
 /// Runs the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
@@ -163,10 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             chunk,
             device,
         } => {
-            let mut sets = sets;
-            if let Some(d) = device {
-                sets.push(format!("model.device={d}"));
-            }
+            let sets = with_device(sets, device);
             let cluster = match (processes, hostfile) {
                 (1, None) => None,
                 (_, Some(h)) => Some(Cluster::new(
@@ -224,13 +229,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             device,
             sets,
-        } => {
-            let mut sets = sets;
-            if let Some(d) = device {
-                sets.push(format!("model.device={d}"));
-            }
-            cmd_bench(images, workers, only, json, &sets)
-        }
+        } => cmd_bench(images, workers, only, json, &with_device(sets, device)),
     }
 }
 

@@ -20,6 +20,25 @@ pub struct TapSeries {
     pub data: Vec<f32>,
 }
 
+impl TapSeries {
+    /// Tap `tap`'s series over every frame from its values per distinct frame (`distinct x
+    /// channels`, frame-major): frame `f` reads distinct frame `map[f]`.
+    fn scatter(tap: usize, channels: usize, per_distinct: &[f32], map: &[usize]) -> Self {
+        let n = map.len();
+        let mut data = vec![0f32; channels * n];
+        for (frame, d) in map.iter().enumerate() {
+            for ch in 0..channels {
+                data[ch * n + frame] = per_distinct[d * channels + ch];
+            }
+        }
+        TapSeries {
+            tap,
+            channels,
+            data,
+        }
+    }
+}
+
 /// Everything recorded for one image.
 #[derive(Debug, Clone)]
 pub struct Recording {
@@ -88,24 +107,10 @@ pub fn record(
             (0usize, f32::MIN),
             |a, (i, p)| if *p > a.1 { (i, *p) } else { a },
         );
-    let n = map.len();
     let taps = per_frame
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(t, vals)| {
-            let c = channels[t];
-            let mut data = vec![0f32; c * n];
-            for (frame, d) in map.iter().enumerate() {
-                for ch in 0..c {
-                    data[ch * n + frame] = vals[d * c + ch];
-                }
-            }
-            TapSeries {
-                tap: t,
-                channels: c,
-                data,
-            }
-        })
+        .map(|(t, vals)| TapSeries::scatter(t, channels[t], vals, &map))
         .collect();
     Ok(Recording {
         pred: pred as i64,
@@ -274,7 +279,6 @@ pub fn record_many(
         }
     }
     let classes = logits.len() / (images.len() * per_image).max(1);
-    let n = ds.map.len();
     let mut out = Vec::with_capacity(images.len());
     for i in 0..images.len() {
         let base = i * per_image;
@@ -285,17 +289,7 @@ pub fn record_many(
             .enumerate()
             .map(|(t, vals)| {
                 let c = channels[t];
-                let mut data = vec![0f32; c * n];
-                for (frame, d) in ds.map.iter().enumerate() {
-                    for ch in 0..c {
-                        data[ch * n + frame] = vals[(base + d) * c + ch];
-                    }
-                }
-                TapSeries {
-                    tap: t,
-                    channels: c,
-                    data,
-                }
+                TapSeries::scatter(t, c, &vals[base * c..(base + per_image) * c], &ds.map)
             })
             .collect();
         out.push(Recording {

@@ -6,15 +6,21 @@ use freqtag::source::{label_from_name, prepare_bytes};
 
 use crate::common::{resnet32, root, shared_data, tmp};
 
-/// Classifies the shipped foolbox images of `folder`; returns (correct, total).
-fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usize) {
-    let net = Network::load(arch, weights).expect("weights load");
-    let pre = arch.preprocess();
+/// The files of `data/<folder>`, sorted.
+fn shipped_files(folder: &str) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(root().join("data").join(folder))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
+    files
+}
+
+/// Classifies the shipped foolbox images of `folder`; returns (correct, total).
+fn accuracy(arch: Arch, weights: &std::path::Path, folder: &str) -> (usize, usize) {
+    let net = Network::load(arch, weights).expect("weights load");
+    let pre = arch.preprocess();
+    let files = shipped_files(folder);
     let mut correct = 0;
     for f in &files {
         let rgb = prepare_bytes(&std::fs::read(f).unwrap(), pre).unwrap();
@@ -378,7 +384,7 @@ fn torchvision_resnets_and_vggs_match_a_numpy_forward_of_the_same_random_weights
     }
 }
 
-/// The code a GPU runs, here on the CPU: the layers as tensor ops (im2col by gathers, depthwise
+/// The code a GPU runs, here on the CPU: the layers as tensor ops (candle's convolution, depthwise
 /// as windows times weights, batch norm as broadcasts), frames built as tensors from the image
 /// and the scalar tuples, and several images' frames in one forward pass across image borders.
 /// Against the CPU kernels image by image: the same recordings within float rounding.
@@ -388,11 +394,7 @@ fn gpu_path_matches_cpu(arch: Arch, weights: &std::path::Path, pipeline: &str, f
     let cpu = Network::load(arch, weights).unwrap();
     let gpu = Network::load_gpu_layers_on_cpu(arch, weights).unwrap();
     let pre = arch.preprocess();
-    let mut files: Vec<_> = std::fs::read_dir(root().join("data").join(folder))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
+    let files = shipped_files(folder);
     let rgbs: Vec<Vec<f32>> = files[..2]
         .iter()
         .map(|f| prepare_bytes(&std::fs::read(f).unwrap(), pre).unwrap())
