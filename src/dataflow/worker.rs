@@ -37,6 +37,18 @@ pub(crate) fn gpu_path_on_cpu() -> bool {
     std::env::var_os("FREQTAG_GPU_PATH_ON_CPU").is_some_and(|v| v != "0")
 }
 
+/// The message for a failed pass on a GPU: candle's first line (it appends a backtrace), and
+/// what to do when the card ran out of memory.
+fn inference_error(e: &candle_core::Error, frames: usize) -> String {
+    let e = e.to_string();
+    let first = e.lines().next().unwrap_or_default();
+    if first.contains("OUT_OF_MEMORY") || first.to_lowercase().contains("out of memory") {
+        format!("inference failed: {first}: the GPU ran out of memory; lower model.device_batch (now {frames} frames a pass) or --workers")
+    } else {
+        format!("inference failed: {first}")
+    }
+}
+
 /// Runs `f` and adds its duration to `slot`.
 fn timed<R>(
     slot: &RefCell<StageTimes>,
@@ -355,7 +367,7 @@ pub(crate) fn run_worker(
                             }
                         };
                         record_many(&n, &p.taps, &p.stimulus, pre, &images, frames, Some(ds))
-                            .map_err(|e| format!("inference failed: {e}"))
+                            .map_err(|e| inference_error(&e, frames))
                     },
                 );
                 let mut recs = match recs {
@@ -564,4 +576,24 @@ pub(crate) fn run_worker(
         stages,
         interrupted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_out_of_memory_pass_says_what_to_lower() {
+        let oom = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: backtrace".into(),
+        );
+        let m = inference_error(&oom, 4096);
+        assert!(m.contains("model.device_batch (now 4096"), "{m}");
+        assert!(!m.contains("backtrace"), "{m}");
+        let other = candle_core::Error::Msg("shape mismatch".into());
+        assert_eq!(
+            inference_error(&other, 4096),
+            "inference failed: shape mismatch"
+        );
+    }
 }
