@@ -533,24 +533,16 @@ impl BatchNorm {
 
     /// Applies it, then `act`.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        if self.on_device.is_none() {
+        let Some((scale, shift)) = &self.on_device else {
             return x.contiguous()?.apply_op1_no_bwd(&ScaleShiftAct {
                 scale: &self.scale,
                 shift: &self.shift,
                 act,
             });
-        }
-        let y = match &self.on_device {
-            Some((scale, shift)) => super::profile::op("batch-norm", x, || {
-                x.broadcast_mul(scale)?.broadcast_add(shift)
-            })?,
-            None => {
-                let shape = (1, 1, 1, self.scale.len());
-                let scale = Tensor::from_slice(&self.scale, shape, x.device())?;
-                let shift = Tensor::from_slice(&self.shift, shape, x.device())?;
-                x.broadcast_mul(&scale)?.broadcast_add(&shift)?
-            }
         };
+        let y = super::profile::op("batch-norm", x, || {
+            x.broadcast_mul(scale)?.broadcast_add(shift)
+        })?;
         match act {
             Act::Identity => Ok(y),
             Act::Relu => y.relu(),

@@ -131,6 +131,8 @@ pub struct DeviceStimulus {
     tuples: Tensor,
     /// Distinct frames D.
     distinct: usize,
+    /// The tuples on the host, kept only when frames are built on the CPU (pixel noise).
+    host_tuples: Vec<Vec<f32>>,
     /// Frame -> distinct frame.
     map: Vec<usize>,
 }
@@ -155,6 +157,11 @@ impl DeviceStimulus {
             index: Tensor::new(index.as_slice(), device)?,
             tuples: Tensor::from_vec(rows, (distinct.len() + 1, r + 1), device)?,
             distinct: distinct.len(),
+            host_tuples: if stim.noise_std > 0.0 {
+                distinct
+            } else {
+                Vec::new()
+            },
             map,
         })
     }
@@ -174,11 +181,11 @@ impl DeviceStimulus {
         let dev = self.tuples.device();
         let d = self.distinct + 1;
         if stim.noise_std > 0.0 {
-            let (distinct, _) = stim.distinct_frames();
             let mut noise = NoiseStream::new(stim.noise_seed, image_id, stim.noise_std);
             let mut buf = vec![0f32; d * 3 * hw];
             let ones = vec![1f32; stim.regions.count()];
-            for (i, tuple) in distinct.iter().chain(std::iter::once(&ones)).enumerate() {
+            let tuples = self.host_tuples.iter().chain(std::iter::once(&ones));
+            for (i, tuple) in tuples.enumerate() {
                 let n = (i < self.distinct).then_some(&mut noise);
                 let out = &mut buf[i * 3 * hw..(i + 1) * 3 * hw];
                 stim.write_frame(rgb, pre.mean, pre.std, tuple, n, out);

@@ -28,8 +28,14 @@ pub fn resnet32(shared: &Path) -> PathBuf {
 
 /// Runs the freqtag binary.
 pub fn freqtag(args: &[&str]) -> Output {
+    freqtag_env(args, &[])
+}
+
+/// Runs the freqtag binary with extra environment variables.
+pub fn freqtag_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_freqtag"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .output()
         .expect("the freqtag binary runs")

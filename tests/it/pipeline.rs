@@ -1,7 +1,9 @@
 //! The paper pipeline end to end through the binary: the tagging signature, independence from
 //! the worker count, frame de-duplication, stimulus noise, and the float64 reference.
 
-use crate::common::{freqtag_args, paper_args, resnet32, root, run_python, shared_data, show, tmp};
+use crate::common::{
+    freqtag_args, freqtag_env, paper_args, resnet32, root, run_python, shared_data, show, tmp,
+};
 
 fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, extra: &[&str]) {
     let mut more = vec!["--set", "source.limit=4"];
@@ -190,15 +192,17 @@ fn gpu_code_path_run_matches_the_cpu_run() {
     let o = freqtag_args(&paper_args(&cpu, 2, &w, &extra));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let mut args = paper_args(&gpu, 2, &w, &extra);
-    args.extend(["--set".into(), "model.device_batch=150".into()]);
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_freqtag"))
-        .args(&args)
-        .current_dir(root())
-        .env("FREQTAG_GPU_PATH_ON_CPU", "1")
-        .env("RUST_LOG", "")
-        .args(["--log-level", "freqtag=debug"])
-        .output()
-        .unwrap();
+    args.extend(
+        [
+            "--set",
+            "model.device_batch=150",
+            "--log-level",
+            "freqtag=debug",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = freqtag_env(&args, &[("FREQTAG_GPU_PATH_ON_CPU", "1")]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     // 7 images over 2 workers in chunks of 4: groups of 3 and the rest of each chunk
     let groups = String::from_utf8_lossy(&o.stderr)
@@ -208,6 +212,35 @@ fn gpu_code_path_run_matches_the_cpu_run() {
     assert!((3..=6).contains(&groups), "{groups} groups:\n{}", show(&o));
     let (c, g) = (cpu.display().to_string(), gpu.display().to_string());
     run_python("python/check_outputs.py", &[&g, "7"]);
+    run_python(
+        "python/spectra_error.py",
+        &[&c, &g, "--tol", "1e-4", "--same-predictions"],
+    );
+}
+
+/// With pixel noise the GPU path builds frames on the CPU (the noise stream is sequential) and
+/// uploads them: the same spectra and predictions as the CPU path.
+#[test]
+fn gpu_code_path_with_noise_matches_the_cpu_run() {
+    let Some(shared) = shared_data("GPU code path with noise") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let (cpu, gpu) = (dir.path().join("cpu"), dir.path().join("gpu"));
+    let extra = [
+        "--set",
+        "source.limit=3",
+        "--set",
+        "stimulus.noise_std=0.02",
+    ];
+    let o = freqtag_args(&paper_args(&cpu, 2, &w, &extra));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let args = paper_args(&gpu, 2, &w, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = freqtag_env(&args, &[("FREQTAG_GPU_PATH_ON_CPU", "1")]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let (c, g) = (cpu.display().to_string(), gpu.display().to_string());
     run_python(
         "python/spectra_error.py",
         &[&c, &g, "--tol", "1e-4", "--same-predictions"],
