@@ -18,7 +18,7 @@ use differential_dataflow::difference::{IsZero, Monoid, Semigroup};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Capability, Input, Probe};
+use timely::dataflow::operators::{Capability, Exchange, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::{StageTimes, WorkerReport, STOP};
@@ -516,8 +516,9 @@ pub(crate) fn run_worker(
         let c = ctx.clone();
         updates
             .container::<Vec<(ScoreKey, u64, Acc)>>()
+            .exchange(|(k, _, _)| differential_dataflow::Hashable::hashed(k))
             .as_collection()
-            .consolidate()
+            .consolidate_stream()
             .inner
             .probe_with(&probe)
             .sink(Pipeline, "CollectScores", move |(input, _frontier)| {

@@ -3,7 +3,7 @@
 //! norm folded to scale and shift, linear. candle's own `conv2d` is several times slower on this kind of CPU
 //! and runs a grouped convolution as one convolution per group (hundreds in MobileNetV2).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::weights::Params;
@@ -257,6 +257,20 @@ impl CustomOp1 for ConvGemm<'_> {
                 self.weight.len()
             );
         }
+        if super::direct::handles(n) {
+            let shape = super::direct::Shape {
+                b,
+                h,
+                w,
+                c,
+                cout: n,
+                k,
+                stride: g.stride,
+                pad: g.pad,
+            };
+            let out = super::direct::conv(x, self.weight, shape);
+            return Ok((CpuStorage::F32(out), Shape::from((b, ho, wo, n))));
+        }
         // output rows (one image row of Wo pixels each) per block
         let rows = (1024 / wo.max(1)).max(1);
         let mut out = vec![0f32; b * ho * wo * n];
@@ -500,6 +514,54 @@ impl CustomOp1 for ScaleShiftAct<'_> {
     }
 }
 
+/// [`ScaleShiftAct`] with a residual added before the activation: `act(x * scale + shift + r)`,
+/// rounded as `bn(x) + r` then `act` would be, in one pass instead of three.
+struct ScaleShiftAddAct<'a>(ScaleShiftAct<'a>);
+
+impl CustomOp2 for ScaleShiftAddAct<'_> {
+    fn name(&self) -> &'static str {
+        "scale-shift-add-act-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let r = contiguous_f32(s2, l2, self.name())?;
+        let f = &self.0;
+        let c = f.scale.len();
+        if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&c) {
+            candle_core::bail!(
+                "{}: {:?} plus {:?} with {c} channels last",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c * 256)
+            .zip(x.par_chunks(c * 256).zip(r.par_chunks(c * 256)))
+            .for_each(|(o, (xs, rs))| {
+                for ((op, xp), rp) in o
+                    .chunks_exact_mut(c)
+                    .zip(xs.chunks_exact(c))
+                    .zip(rs.chunks_exact(c))
+                {
+                    for ((((o, v), r), s), t) in
+                        op.iter_mut().zip(xp).zip(rp).zip(f.scale).zip(f.shift)
+                    {
+                        *o = f.act.apply((v * s + t) + r);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 impl BatchNorm {
     /// Loads `{name}.{weight,bias,running_mean,running_var}` and folds them with `eps`.
     pub fn new(p: &mut Params, name: &str, c: usize, eps: f64) -> Result<Self> {
@@ -529,6 +591,26 @@ impl BatchNorm {
     /// Applies it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, Act::Identity)
+    }
+
+    /// Applies it, adds `residual` (same shape), then `act`: a residual block's join.
+    pub fn forward_add_act(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
+        if self.on_device.is_none() {
+            let op = ScaleShiftAddAct(ScaleShiftAct {
+                scale: &self.scale,
+                shift: &self.shift,
+                act,
+            });
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, &op);
+        }
+        let y = (self.forward(x)? + residual)?;
+        match act {
+            Act::Identity => Ok(y),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
     }
 
     /// Applies it, then `act`.

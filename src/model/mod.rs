@@ -6,6 +6,7 @@
 //! Inside, activations are channels-last (`[B, H, W, C]`): convolutions become matmuls.
 
 pub mod device;
+pub mod direct;
 pub mod efficientnet_lite;
 pub mod fetch;
 pub mod layers;

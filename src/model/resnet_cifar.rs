@@ -125,7 +125,6 @@ impl ResNet {
             let y = b.bn1.forward_act(&y, Act::Relu)?;
             let y = b.conv2.forward(&y)?;
             rec.tap(&format!("{}.conv2", b.name), &y)?;
-            let y = b.bn2.forward(&y)?;
             let short = match b.pad {
                 Some(pad) => {
                     let (n, h, w, c) = x.dims4()?;
@@ -139,7 +138,7 @@ impl ResNet {
                 }
                 None => x.clone(),
             };
-            x = (y + short)?.relu()?;
+            x = b.bn2.forward_add_act(&y, &short, Act::Relu)?;
             rec.tap(&b.name, &x)?;
         }
         let pooled = super::layers::spatial_mean(&x)?;
