@@ -113,8 +113,6 @@ struct ChunkSums {
     offsets: Vec<usize>,
     all: Vec<Acc>,
     labels: BTreeMap<i64, Vec<Acc>>,
-    /// Label tables of earlier chunks, zeroed, for reuse.
-    spare: Vec<Vec<Acc>>,
 }
 
 impl ChunkSums {
@@ -129,7 +127,6 @@ impl ChunkSums {
             offsets,
             all: vec![Acc::zero(); n],
             labels: BTreeMap::new(),
-            spare: Vec::new(),
         }
     }
 
@@ -142,10 +139,7 @@ impl ChunkSums {
             None => &mut self.all,
             Some(l) => {
                 let n = self.all.len();
-                let spare = &mut self.spare;
-                self.labels
-                    .entry(l)
-                    .or_insert_with(|| spare.pop().unwrap_or_else(|| vec![Acc::zero(); n]))
+                self.labels.entry(l).or_insert_with(|| vec![Acc::zero(); n])
             }
         }
     }
@@ -171,7 +165,9 @@ impl ChunkSums {
     }
 
     /// Hands every non-zero sum to `emit` with its key, and leaves the tables zeroed for the
-    /// next chunk.
+    /// next chunk. Label tables are freed as they are drained (with a table per class they are
+    /// most of a chunk's memory, and the aggregation downstream can reuse it; freed pages stay
+    /// with the allocator, so a later chunk's tables fault nothing in).
     fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Acc)) {
         let (offsets, terms) = (&self.offsets, self.terms);
         let mut walk = |table: &mut Vec<Acc>, label: Option<i64>| {
@@ -192,7 +188,6 @@ impl ChunkSums {
         walk(&mut self.all, None);
         for (l, mut table) in std::mem::take(&mut self.labels) {
             walk(&mut table, Some(l));
-            self.spare.push(table);
         }
     }
 }

@@ -88,7 +88,9 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
         &padded
     };
     let n = s.cout;
-    let mut out = vec![0f32; s.b * ho * wo * n];
+    let len = s.b * ho * wo * n;
+    // not zeroed first: the tiles write every output (below)
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     // the tiles of one output row, per block of 64, 32 or 16 channels
     let mut blocks = Vec::new();
     let mut co = 0;
@@ -98,34 +100,40 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
         blocks.push((co, v, tile_width(v, wo)));
         co += 16 * v;
     }
-    out.par_chunks_mut(wo * n).enumerate().for_each(|(row, o)| {
-        let (bi, oy) = (row / ho, row % ho);
-        let top = (bi * hp + oy * s.stride) * wp * s.c;
-        for &(co, v, r) in &blocks {
-            let mut ox = 0;
-            while ox < wo {
-                // the last tile ends at the row's end, overlapping the one before it
-                let x0 = ox.min(wo - r.min(wo));
-                let r = r.min(wo);
-                let args = Tile {
-                    x: xp[top + x0 * s.stride * s.c..].as_ptr(),
-                    pixel: s.stride * s.c,
-                    row: wp * s.c,
-                    k: s.k,
-                    kc: s.k * s.c,
-                    w: weight[co..].as_ptr(),
-                    n,
-                    out: o[x0 * n + co..].as_mut_ptr(),
-                };
-                // SAFETY: `available()` holds (asserted by `handles`); the tile reads rows
-                // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
-                // all inside it since x0 + r <= wo; it writes r pixels x 16v channels of this
-                // output row from channel co, inside `o` since co + 16v <= n.
-                unsafe { run_tile(v, r, &args) };
-                ox = x0 + r;
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(wo * n)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (bi, oy) = (row / ho, row % ho);
+            let top = (bi * hp + oy * s.stride) * wp * s.c;
+            for &(co, v, r) in &blocks {
+                let mut ox = 0;
+                while ox < wo {
+                    // the last tile ends at the row's end, overlapping the one before it
+                    let x0 = ox.min(wo - r.min(wo));
+                    let r = r.min(wo);
+                    let args = Tile {
+                        x: xp[top + x0 * s.stride * s.c..].as_ptr(),
+                        pixel: s.stride * s.c,
+                        row: wp * s.c,
+                        k: s.k,
+                        kc: s.k * s.c,
+                        w: weight[co..].as_ptr(),
+                        n,
+                        out: o[x0 * n + co..].as_mut_ptr().cast::<f32>(),
+                    };
+                    // SAFETY: `available()` holds (asserted by `handles`); the tile reads rows
+                    // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
+                    // all inside it since x0 + r <= wo; it writes r pixels x 16v channels of this
+                    // output row from channel co, inside `o` since co + 16v <= n.
+                    unsafe { run_tile(v, r, &args) };
+                    ox = x0 + r;
+                }
             }
-        }
-    });
+        });
+    // SAFETY: every row's tiles cover its wo pixels (the last one ends at wo) and the blocks
+    // cover all n channels, so all len outputs were written
+    unsafe { out.set_len(len) };
     out
 }
 

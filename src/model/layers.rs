@@ -108,6 +108,12 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let y = match &self.kind {
+            ConvKind::Pointwise(wt)
+                if wt.device().is_cpu() && super::direct::handles(self.cout) =>
+            {
+                x.contiguous()?
+                    .apply_op1_no_bwd(&Pointwise { weight: wt })?
+            }
             ConvKind::Pointwise(wt) => x
                 .reshape((b * h * w, c))?
                 .matmul(wt)?
@@ -347,6 +353,46 @@ impl CustomOp1 for ConvGemm<'_> {
     }
 }
 
+/// A 1x1 convolution by [`super::direct::conv`]: `weight` `[Cin, Cout]` f32 on the CPU.
+struct Pointwise<'a> {
+    weight: &'a Tensor,
+}
+
+impl CustomOp1 for Pointwise<'_> {
+    fn name(&self) -> &'static str {
+        "pointwise-direct-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = layout.shape().dims4()?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let (cin, cout) = self.weight.dims2()?;
+        if cin != c {
+            candle_core::bail!(
+                "{}: {c} input channels for a {cin} x {cout} weight",
+                self.name()
+            )
+        }
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("{}: weight not on the CPU", self.name())
+        };
+        let weight = contiguous_f32(ws, wl, self.name())?;
+        let shape = super::direct::Shape {
+            b,
+            h,
+            w,
+            c,
+            cout,
+            k: 1,
+            stride: 1,
+            pad: 0,
+        };
+        let out = super::direct::conv(x, weight, shape);
+        Ok((CpuStorage::F32(out), Shape::from((b, h, w, cout))))
+    }
+}
+
 /// Mean over H and W of contiguous channels-last f32 `[B, H, W, C]` -> `[B, C]` (candle's
 /// reduction over middle dimensions is slow).
 pub struct SpatialMean;
@@ -457,17 +503,6 @@ pub enum Act {
     Relu6,
 }
 
-impl Act {
-    #[inline]
-    fn apply(self, v: f32) -> f32 {
-        match self {
-            Act::Identity => v,
-            Act::Relu => v.max(0.0),
-            Act::Relu6 => v.clamp(0.0, 6.0),
-        }
-    }
-}
-
 /// Batch norm in inference mode as `x * scale + shift`, channels last, with an optional
 /// activation, in one pass over the activation (instead of a multiply, an add and the
 /// activation, each a pass and an allocation).
@@ -500,17 +535,69 @@ impl CustomOp1 for ScaleShiftAct<'_> {
                 layout.shape()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * 256)
-            .zip(x.par_chunks(c * 256))
-            .for_each(|(o, xs)| {
-                for (op, xp) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                    for (((o, v), s), t) in op.iter_mut().zip(xp).zip(self.scale).zip(self.shift) {
-                        *o = self.act.apply(v * s + t);
+        let out = scale_shift_act(x, None, self.scale, self.shift, self.act);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `act(x * scale + shift)`, or `act((x * scale + shift) + r)` with a residual `r`, per channel
+/// of channels-last `x` (`scale.len()` channels), in parallel blocks of 256 pixels. The output
+/// is written once, without zeroing it first, and the loop is compiled once per activation.
+fn scale_shift_act(
+    x: &[f32],
+    r: Option<&[f32]>,
+    scale: &[f32],
+    shift: &[f32],
+    act: Act,
+) -> Vec<f32> {
+    fn run(
+        x: &[f32],
+        r: Option<&[f32]>,
+        scale: &[f32],
+        shift: &[f32],
+        f: impl Fn(f32) -> f32 + Sync,
+    ) -> Vec<f32> {
+        let c = scale.len();
+        let block = c * 256;
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, o)| {
+                let xs = &x[i * block..][..o.len()];
+                match r {
+                    None => {
+                        for (op, xp) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                            for (((o, v), s), t) in op.iter_mut().zip(xp).zip(scale).zip(shift) {
+                                o.write(f(v * s + t));
+                            }
+                        }
+                    }
+                    Some(r) => {
+                        let rs = &r[i * block..][..o.len()];
+                        for ((op, xp), rp) in o
+                            .chunks_exact_mut(c)
+                            .zip(xs.chunks_exact(c))
+                            .zip(rs.chunks_exact(c))
+                        {
+                            for ((((o, v), r), s), t) in
+                                op.iter_mut().zip(xp).zip(rp).zip(scale).zip(shift)
+                            {
+                                o.write(f((v * s + t) + r));
+                            }
+                        }
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        // SAFETY: the chunks cover x.len() elements and every one was written above (the
+        // channel count divides the length, checked by the callers)
+        unsafe { out.set_len(x.len()) };
+        out
+    }
+    match act {
+        Act::Identity => run(x, r, scale, shift, |v| v),
+        Act::Relu => run(x, r, scale, shift, |v| v.max(0.0)),
+        Act::Relu6 => run(x, r, scale, shift, |v| v.clamp(0.0, 6.0)),
     }
 }
 
@@ -542,22 +629,7 @@ impl CustomOp2 for ScaleShiftAddAct<'_> {
                 l2.shape()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * 256)
-            .zip(x.par_chunks(c * 256).zip(r.par_chunks(c * 256)))
-            .for_each(|(o, (xs, rs))| {
-                for ((op, xp), rp) in o
-                    .chunks_exact_mut(c)
-                    .zip(xs.chunks_exact(c))
-                    .zip(rs.chunks_exact(c))
-                {
-                    for ((((o, v), r), s), t) in
-                        op.iter_mut().zip(xp).zip(rp).zip(f.scale).zip(f.shift)
-                    {
-                        *o = f.act.apply((v * s + t) + r);
-                    }
-                }
-            });
+        let out = scale_shift_act(x, Some(r), f.scale, f.shift, f.act);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -702,6 +774,12 @@ mod tests {
             (6, 6, 5, 1, 6, 9, 8, false),
             (6, 6, 5, 2, 6, 11, 10, true),
             (4, 5, 7, 2, 1, 13, 12, false),
+            // output channels in multiples of 16: the direct AVX-512 kernel where the CPU has it
+            (8, 16, 1, 1, 1, 6, 5, true),
+            (16, 32, 3, 1, 1, 9, 10, false),
+            (16, 48, 3, 2, 1, 10, 9, true),
+            (24, 64, 1, 2, 1, 7, 7, false),
+            (3, 16, 3, 2, 1, 33, 31, false),
         ];
         let both = cases.iter().flat_map(|c| [(*c, false), (*c, true)]);
         for ((cin, cout, k, stride, groups, h, w, bias), gpu_layers) in both {
