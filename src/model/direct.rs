@@ -137,17 +137,37 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
     out
 }
 
-/// A zero-padded copy of `x`.
+/// A zero-padded copy of `x`, each element written once (no zeroing pass first).
 fn pad(x: &[f32], s: Shape) -> Vec<f32> {
+    use std::mem::MaybeUninit;
     let (hp, wp, c, p) = (s.h + 2 * s.pad, s.w + 2 * s.pad, s.c, s.pad);
-    let mut out = vec![0f32; s.b * hp * wp * c];
-    out.par_chunks_mut(wp * c).enumerate().for_each(|(row, o)| {
-        let (bi, y) = (row / hp, row % hp);
-        if y >= p && y < p + s.h {
-            let src = &x[(bi * s.h + y - p) * s.w * c..][..s.w * c];
-            o[p * c..(p + s.w) * c].copy_from_slice(src);
-        }
-    });
+    let len = s.b * hp * wp * c;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let zero = |o: &mut [MaybeUninit<f32>]| {
+        o.iter_mut().for_each(|v| {
+            v.write(0.0);
+        })
+    };
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(wp * c)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (bi, y) = (row / hp, row % hp);
+            if y >= p && y < p + s.h {
+                let src = &x[(bi * s.h + y - p) * s.w * c..][..s.w * c];
+                let (left, rest) = o.split_at_mut(p * c);
+                let (mid, right) = rest.split_at_mut(s.w * c);
+                zero(left);
+                for (d, v) in mid.iter_mut().zip(src) {
+                    d.write(*v);
+                }
+                zero(right);
+            } else {
+                zero(o);
+            }
+        });
+    // SAFETY: the rows cover all len elements, and each row was written whole above
+    unsafe { out.set_len(len) };
     out
 }
 
