@@ -166,7 +166,7 @@ impl Part {
             msg: format!("cannot create: {e}"),
         })?;
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let writer =
