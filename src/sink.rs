@@ -17,8 +17,8 @@ use arrow_array::builder::{
 use arrow_array::types::{ArrowPrimitiveType, Float16Type, Float32Type};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
+use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use crate::config::{Plan, SpectraMode};
@@ -165,10 +165,34 @@ impl Part {
             file: tmp.clone(),
             msg: format!("cannot create: {e}"),
         })?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
-            .set_max_row_group_row_count(Some(64 * 1024))
-            .build();
+            .set_max_row_group_row_count(Some(64 * 1024));
+        // Floating-point columns (amplitudes, scores) almost never repeat: a dictionary is built
+        // for each page only to be dropped for plain encoding. Skip it, and split the floats'
+        // bytes into streams so that zstd finds the shared exponents.
+        let descr = ArrowSchemaConverter::new()
+            .convert(&schema)
+            .map_err(|e| Error::Output {
+                file: tmp.clone(),
+                msg: e.to_string(),
+            })?;
+        for col in descr.columns() {
+            let path = col.path().clone();
+            match col.physical_type() {
+                PhysicalType::FLOAT | PhysicalType::DOUBLE => {
+                    props = props
+                        .set_column_dictionary_enabled(path.clone(), false)
+                        .set_column_encoding(path, Encoding::BYTE_STREAM_SPLIT);
+                }
+                // float16 (`output.float16`): readers' support for split half floats is newer
+                PhysicalType::FIXED_LEN_BYTE_ARRAY => {
+                    props = props.set_column_dictionary_enabled(path, false);
+                }
+                _ => {}
+            }
+        }
+        let props = props.build();
         let writer =
             ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::Output {
                 file: tmp.clone(),
