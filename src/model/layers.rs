@@ -407,18 +407,30 @@ impl CustomOp1 for SpatialMean {
         let x = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; b * c];
         let n = h * w;
-        for (bi, o) in out.chunks_mut(c).enumerate() {
-            // sum in f64 so the mean of large maps keeps f32 precision
+        out.par_chunks_mut(c).enumerate().for_each(|(bi, o)| {
+            // sum in f64 so the mean of large maps keeps f32 precision; channels in blocks of
+            // 8 (a fixed-size array the compiler turns into vector adds), the rest one by one
             let mut acc = vec![0f64; c];
+            let blocks = c / 8 * 8;
             for px in x[bi * n * c..(bi + 1) * n * c].chunks_exact(c) {
-                for (a, v) in acc.iter_mut().zip(px) {
+                for (a, v) in acc[..blocks]
+                    .chunks_exact_mut(8)
+                    .zip(px[..blocks].chunks_exact(8))
+                {
+                    let a: &mut [f64; 8] = a.try_into().expect("blocks of 8");
+                    let v: &[f32; 8] = v.try_into().expect("blocks of 8");
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a += *v as f64;
+                    }
+                }
+                for (a, v) in acc[blocks..].iter_mut().zip(&px[blocks..]) {
                     *a += *v as f64;
                 }
             }
             for (o, a) in o.iter_mut().zip(acc) {
                 *o = (a / n as f64) as f32;
             }
-        }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, c))))
     }
 }
