@@ -9,8 +9,10 @@ use rayon::prelude::*;
 use super::weights::Params;
 
 enum ConvKind {
-    /// 1x1, stride 1: `[B*H*W, Cin] x [Cin, Cout]`.
+    /// 1x1, stride 1: `[B*H*W, Cin] x [Cin, Cout]`, by the direct kernel where it applies.
     Pointwise(Tensor),
+    /// On a GPU, 1x1 stride 1: the same product as one matmul.
+    Matmul(Tensor),
     /// im2col then `[B*Ho*Wo, k*k*Cin] x [k*k*Cin, Cout]`, in cache-sized blocks of output rows
     /// ([`ConvGemm`]); weight rows ordered (ky, kx, cin), `[k*k*Cin, Cout]` row-major.
     Im2col(Vec<f32>),
@@ -74,7 +76,7 @@ impl Conv {
             let (dev, dt) = (p.device().clone(), p.dtype());
             let to = |t: Tensor| t.to_device(&dev)?.to_dtype(dt);
             let kind = match kind {
-                ConvKind::Pointwise(w) => ConvKind::Pointwise(to(w)?),
+                ConvKind::Pointwise(w) => ConvKind::Matmul(to(w)?),
                 ConvKind::Im2col(_) => ConvKind::Direct(to(weight)?),
                 ConvKind::Depthwise(_) => {
                     let w = weight.reshape((cout, k * k))?.t()?.contiguous()?;
@@ -108,13 +110,10 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let y = match &self.kind {
-            ConvKind::Pointwise(wt)
-                if wt.device().is_cpu() && super::direct::handles(self.cout) =>
-            {
-                x.contiguous()?
-                    .apply_op1_no_bwd(&Pointwise { weight: wt })?
-            }
-            ConvKind::Pointwise(wt) => x
+            ConvKind::Pointwise(wt) if super::direct::handles(self.cout) => x
+                .contiguous()?
+                .apply_op1_no_bwd(&Pointwise { weight: wt })?,
+            ConvKind::Pointwise(wt) | ConvKind::Matmul(wt) => x
                 .reshape((b * h * w, c))?
                 .matmul(wt)?
                 .reshape((b, h, w, self.cout))?,
