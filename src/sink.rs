@@ -431,7 +431,7 @@ pub fn write_scores(
     staging: &Path,
     worker: usize,
     plan: &Plan,
-    aggregates: &BTreeMap<ScoreKey, Acc>,
+    aggregates: &BTreeMap<ScoreKey, Box<Acc>>,
 ) -> Result<()> {
     let mut part = Part::create(
         &staging.join("scores"),
