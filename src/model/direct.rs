@@ -296,6 +296,25 @@ unsafe fn flush<const R: usize, const V: usize>(t: &Tile, acc: &mut [[__m512; V]
 mod tests {
     use super::*;
 
+    /// Whether to skip: without AVX-512F the kernel cannot run (said loudly).
+    fn skip() -> bool {
+        if available() {
+            return false;
+        }
+        eprintln!("SKIPPED: no AVX-512F on this CPU (or FREQTAG_NO_AVX512 set)");
+        true
+    }
+
+    /// Uniform values in [-1, 1) from a fixed seed (a linear congruential generator).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
     /// A float64 reference convolution, summed in the same (ky, kx, cin) order.
     fn reference(x: &[f32], weight: &[f32], s: Shape) -> Vec<f64> {
         let (ho, wo) = s.out();
@@ -332,8 +351,7 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_on_every_tile_shape() {
-        if !available() {
-            eprintln!("SKIPPED: no AVX-512F on this CPU (or FREQTAG_NO_AVX512 set)");
+        if skip() {
             return;
         }
         // cout covers 1, 2 and 4 vectors and their mixes (48 = 32 + 16, 112 = 64 + 32 + 16);
@@ -349,13 +367,7 @@ mod tests {
             (1, 11, 10, 6, 64, 5, 2, 2),
             (1, 3, 3, 2, 32, 3, 1, 0),
         ];
-        let mut seed = 12345u64;
-        let mut rand = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rand = uniform(12345);
         for (b, h, w, c, cout, k, stride, pad) in cases {
             let s = Shape {
                 b,
@@ -387,8 +399,7 @@ mod tests {
     /// 1.0e-6 off on these numbers (and candle's matmul 5.7e-7).
     #[test]
     fn long_windows_are_summed_in_blocks() {
-        if !available() {
-            eprintln!("SKIPPED: no AVX-512F on this CPU (or FREQTAG_NO_AVX512 set)");
+        if skip() {
             return;
         }
         let s = Shape {
@@ -402,13 +413,7 @@ mod tests {
             pad: 0,
         };
         let (m, k, n) = (s.b * s.h * s.w, s.c, s.cout);
-        let mut seed = 7u64;
-        let mut rand = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rand = uniform(7);
         // post-ReLU inputs, small weights: sums with cancellation, as in a network
         let x: Vec<f32> = (0..m * k).map(|_| rand().max(0.0)).collect();
         let w: Vec<f32> = (0..k * n).map(|_| rand() * 0.05).collect();
@@ -428,8 +433,7 @@ mod tests {
 
     #[test]
     fn outputs_do_not_depend_on_the_batch() {
-        if !available() {
-            eprintln!("SKIPPED: no AVX-512F on this CPU (or FREQTAG_NO_AVX512 set)");
+        if skip() {
             return;
         }
         let s = Shape {

@@ -263,18 +263,7 @@ impl CustomOp1 for ConvGemm<'_> {
             );
         }
         if super::direct::handles(n) {
-            let shape = super::direct::Shape {
-                b,
-                h,
-                w,
-                c,
-                cout: n,
-                k,
-                stride: g.stride,
-                pad: g.pad,
-            };
-            let out = super::direct::conv(x, self.weight, shape);
-            return Ok((CpuStorage::F32(out), Shape::from((b, ho, wo, n))));
+            return Ok(direct_conv(x, self.weight, (b, h, w, c), n, g));
         }
         // output rows (one image row of Wo pixels each) per block
         let rows = (1024 / wo.max(1)).max(1);
@@ -352,6 +341,30 @@ impl CustomOp1 for ConvGemm<'_> {
     }
 }
 
+/// [`super::direct::conv`] of contiguous `x` `[b, h, w, c]` with `weight` `[k*k*c, cout]`, as a
+/// custom op's output.
+fn direct_conv(
+    x: &[f32],
+    weight: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    cout: usize,
+    g: &Im2col,
+) -> (CpuStorage, Shape) {
+    let shape = super::direct::Shape {
+        b,
+        h,
+        w,
+        c,
+        cout,
+        k: g.k,
+        stride: g.stride,
+        pad: g.pad,
+    };
+    let (ho, wo) = shape.out();
+    let out = super::direct::conv(x, weight, shape);
+    (CpuStorage::F32(out), Shape::from((b, ho, wo, cout)))
+}
+
 /// A 1x1 convolution by [`super::direct::conv`]: `weight` `[Cin, Cout]` f32 on the CPU.
 struct Pointwise<'a> {
     weight: &'a Tensor,
@@ -377,18 +390,12 @@ impl CustomOp1 for Pointwise<'_> {
             candle_core::bail!("{}: weight not on the CPU", self.name())
         };
         let weight = contiguous_f32(ws, wl, self.name())?;
-        let shape = super::direct::Shape {
-            b,
-            h,
-            w,
-            c,
-            cout,
+        let geom = Im2col {
             k: 1,
             stride: 1,
             pad: 0,
         };
-        let out = super::direct::conv(x, weight, shape);
-        Ok((CpuStorage::F32(out), Shape::from((b, h, w, cout))))
+        Ok(direct_conv(x, weight, (b, h, w, c), cout, &geom))
     }
 }
 
