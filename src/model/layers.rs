@@ -521,6 +521,17 @@ pub enum Act {
     Relu6,
 }
 
+impl Act {
+    /// Applies the activation to a tensor (on a GPU, where no fused pass exists).
+    fn on_tensor(self, y: Tensor) -> Result<Tensor> {
+        match self {
+            Act::Identity => Ok(y),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
+    }
+}
+
 /// Batch norm in inference mode as `x * scale + shift`, channels last, with an optional
 /// activation, in one pass over the activation (instead of a multiply, an add and the
 /// activation, each a pass and an allocation).
@@ -683,43 +694,34 @@ impl BatchNorm {
         self.forward_act(x, Act::Identity)
     }
 
+    /// The CPU's fused pass for `act`.
+    fn cpu_op(&self, act: Act) -> ScaleShiftAct<'_> {
+        ScaleShiftAct {
+            scale: &self.scale,
+            shift: &self.shift,
+            act,
+        }
+    }
+
     /// Applies it, adds `residual` (same shape), then `act`: a residual block's join.
     pub fn forward_add_act(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
         if self.on_device.is_none() {
-            let op = ScaleShiftAddAct(ScaleShiftAct {
-                scale: &self.scale,
-                shift: &self.shift,
-                act,
-            });
+            let op = ScaleShiftAddAct(self.cpu_op(act));
             return x
                 .contiguous()?
                 .apply_op2_no_bwd(&residual.contiguous()?, &op);
         }
-        let y = (self.forward(x)? + residual)?;
-        match act {
-            Act::Identity => Ok(y),
-            Act::Relu => y.relu(),
-            Act::Relu6 => y.clamp(0f32, 6f32),
-        }
+        act.on_tensor((self.forward(x)? + residual)?)
     }
 
     /// Applies it, then `act`.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let Some((scale, shift)) = &self.on_device else {
-            return x.contiguous()?.apply_op1_no_bwd(&ScaleShiftAct {
-                scale: &self.scale,
-                shift: &self.shift,
-                act,
-            });
+            return x.contiguous()?.apply_op1_no_bwd(&self.cpu_op(act));
         };
-        let y = super::profile::op("batch-norm", x, || {
+        act.on_tensor(super::profile::op("batch-norm", x, || {
             x.broadcast_mul(scale)?.broadcast_add(shift)
-        })?;
-        match act {
-            Act::Identity => Ok(y),
-            Act::Relu => y.relu(),
-            Act::Relu6 => y.clamp(0f32, 6f32),
-        }
+        })?)
     }
 }
 
