@@ -26,7 +26,7 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Neighbourhood, NeuronResult};
+use crate::score::{analyse, Acc, Neighbourhood, NeuronResult, N_SCORES};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -103,16 +103,21 @@ impl WorkerCtx {
     }
 }
 
-/// A chunk's partial sums laid out densely: one [`Acc`] per (neuron, term) in forward order, for
-/// all images and for each label the chunk has seen. An image's updates then walk memory in
-/// order; in a hash map of 936-byte sums each of an image's updates (about 14 000 for the
-/// paper pipeline) missed the cache, which made summing cost more than the image's FFTs.
+/// A chunk's partial sums: one [`Acc`] per (neuron, term) in forward order for all images, laid
+/// out densely so that an image's updates walk memory in order (in a hash map of 936-byte sums
+/// each of an image's updates, about 14 000 for the paper pipeline, missed the cache). Sums per
+/// label are built only when the chunk is drained, from the scores of its labelled images kept
+/// as plain floats (72 bytes per neuron and term against 936 for a sum): a dense table per
+/// label seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline.
 struct ChunkSums {
     terms: usize,
     /// First neuron of each tap (plan order), then the total.
     offsets: Vec<usize>,
     all: Vec<Acc>,
-    labels: BTreeMap<i64, Vec<Acc>>,
+    /// Each labelled image's scores, [`N_SCORES`] per (neuron, term) slot, NaN where absent.
+    labelled: Vec<(i64, Vec<f64>)>,
+    /// Per-label sums handed in whole by [`ChunkSums::add`] (a resumed run's earlier images).
+    seeded: BTreeMap<ScoreKey, Acc>,
 }
 
 impl ChunkSums {
@@ -126,7 +131,8 @@ impl ChunkSums {
             terms,
             offsets,
             all: vec![Acc::zero(); n],
-            labels: BTreeMap::new(),
+            labelled: Vec::new(),
+            seeded: BTreeMap::new(),
         }
     }
 
@@ -134,60 +140,81 @@ impl ChunkSums {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
     }
 
-    fn table(&mut self, label: Option<i64>) -> &mut Vec<Acc> {
-        match label {
-            None => &mut self.all,
-            Some(l) => {
-                let n = self.all.len();
-                self.labels.entry(l).or_insert_with(|| vec![Acc::zero(); n])
-            }
+    /// Adds `acc` under `key` (the sums of images committed by an earlier attempt).
+    fn add(&mut self, key: &ScoreKey, acc: &Acc) {
+        if key.3.is_some() {
+            self.seeded
+                .entry(*key)
+                .or_insert_with(Acc::zero)
+                .plus_equals(acc);
+        } else {
+            let i = self.slot(key.0, key.1, key.2);
+            self.all[i].plus_equals(acc);
         }
     }
 
-    /// Adds `acc` under `key` (the sums of images committed by an earlier attempt).
-    fn add(&mut self, key: &ScoreKey, acc: &Acc) {
-        let i = self.slot(key.0, key.1, key.2);
-        self.table(key.3)[i].plus_equals(acc);
-    }
-
-    /// Adds one image's scores, to all images and to its label's sums if `label`.
+    /// Adds one image's scores to all images' sums, and keeps them for its label's if `label`.
     fn add_image(&mut self, neurons: &[NeuronResult], label: Option<i64>) {
+        let mut kept = match label {
+            Some(_) => vec![f64::NAN; self.all.len() * N_SCORES],
+            None => Vec::new(),
+        };
         for nr in neurons {
             let base = self.slot(nr.tap, nr.channel, 0);
             for (ti, s) in nr.terms.iter().enumerate() {
-                let acc = Acc::of(&s.as_array(nr.mean_snr_db));
-                self.all[base + ti].plus_equals(&acc);
-                if let Some(l) = label {
-                    self.table(Some(l))[base + ti].plus_equals(&acc);
-                }
-            }
-        }
-    }
-
-    /// Hands every non-zero sum to `emit` with its key, and leaves the tables zeroed for the
-    /// next chunk. Label tables are freed as they are drained (with a table per class they are
-    /// most of a chunk's memory, and the aggregation downstream can reuse it; freed pages stay
-    /// with the allocator, so a later chunk's tables fault nothing in).
-    fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Acc)) {
-        let (offsets, terms) = (&self.offsets, self.terms);
-        let mut walk = |table: &mut Vec<Acc>, label: Option<i64>| {
-            for tap in 0..offsets.len() - 1 {
-                for (c, neuron) in (offsets[tap]..offsets[tap + 1]).enumerate() {
-                    for t in 0..terms {
-                        let a = &mut table[neuron * terms + t];
-                        if !a.is_zero() {
-                            emit(
-                                (tap as u32, c as u32, t as u32, label),
-                                std::mem::replace(a, Acc::zero()),
-                            );
-                        }
+                let values = s.as_array(nr.mean_snr_db);
+                self.all[base + ti].plus_equals(&Acc::of(&values));
+                if label.is_some() {
+                    let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
+                    for (k, v) in k.iter_mut().zip(values) {
+                        *k = v.unwrap_or(f64::NAN);
                     }
                 }
             }
+        }
+        if let Some(l) = label {
+            self.labelled.push((l, kept));
+        }
+    }
+
+    /// Hands every non-zero sum to `emit` with its key, all images' first and then each
+    /// label's, and leaves the sums empty for the next chunk (the all-images table is kept, so
+    /// a later chunk faults nothing in).
+    fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Acc)) {
+        let (offsets, terms) = (&self.offsets, self.terms);
+        let key = |slot: usize, label: Option<i64>| {
+            let (neuron, t) = (slot / terms, slot % terms);
+            let tap = offsets.partition_point(|&o| o <= neuron) - 1;
+            (tap as u32, (neuron - offsets[tap]) as u32, t as u32, label)
         };
-        walk(&mut self.all, None);
-        for (l, mut table) in std::mem::take(&mut self.labels) {
-            walk(&mut table, Some(l));
+        for (slot, a) in self.all.iter_mut().enumerate() {
+            if !a.is_zero() {
+                emit(key(slot, None), std::mem::replace(a, Acc::zero()));
+            }
+        }
+        // each label's images, in a fixed order (the sums are exact, so it does not matter)
+        let mut labelled = std::mem::take(&mut self.labelled);
+        labelled.sort_by_key(|(l, _)| *l);
+        let mut values = [None; N_SCORES];
+        for group in labelled.chunk_by(|a, b| a.0 == b.0) {
+            let label = Some(group[0].0);
+            for slot in 0..self.all.len() {
+                let mut acc = Acc::zero();
+                for (_, kept) in group {
+                    for (v, k) in values.iter_mut().zip(&kept[slot * N_SCORES..][..N_SCORES]) {
+                        *v = (!k.is_nan()).then_some(*k);
+                    }
+                    acc.plus_equals(&Acc::of(&values));
+                }
+                if !acc.is_zero() {
+                    emit(key(slot, label), acc);
+                }
+            }
+        }
+        for (k, acc) in std::mem::take(&mut self.seeded) {
+            if !acc.is_zero() {
+                emit(k, acc);
+            }
         }
     }
 }
@@ -317,11 +344,7 @@ pub(crate) fn run_worker(
         // This worker's own rayon pool for the kernels of its forward passes: with the global
         // pool, every worker's parallel kernels queue on the same (cores / workers) threads, so
         // two workers ran no faster than one.
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(1);
+        let threads = super::threads_per_worker();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("freqtag-w{index}-{i}"))
