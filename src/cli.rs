@@ -64,6 +64,10 @@ pub enum Command {
         /// Where the forward passes run: cpu, cuda or cuda:N (sets model.device).
         #[arg(long)]
         device: Option<String>,
+        /// Threads per worker for the kernels of its forward passes [default: cores / workers,
+        /// at least 1; or RAYON_NUM_THREADS].
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Check a pipeline, report every problem at once, and print the resolved plan.
     Validate {
@@ -170,6 +174,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             resume,
             chunk,
             device,
+            threads,
         } => {
             let sets = with_device(sets, device);
             let cluster = match (processes, hostfile) {
@@ -186,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let how = How {
                 workers,
+                threads,
                 cluster,
                 resume,
                 chunk,
@@ -258,6 +264,17 @@ fn cmd_bench(
     };
     counts.sort_unstable();
     counts.dedup();
+    // each count with its default threads (cores / workers), then, for the scaling of the
+    // dataflow itself, one worker and the most workers with one thread each (where the default
+    // differs): one worker's kernels already spread over every core
+    let mut configs: Vec<(usize, Option<usize>)> = counts.iter().map(|&w| (w, None)).collect();
+    let most = counts[counts.len() - 1];
+    if counts.len() > 1 && cores > 1 {
+        configs.push((1, Some(1)));
+        if cores / most > 1 {
+            configs.push((most, Some(1)));
+        }
+    }
     let all = [
         ("paper", "pipelines/paper-resnet32-cifar10.toml"),
         ("quickstart", "pipelines/quickstart.toml"),
@@ -276,8 +293,8 @@ fn cmd_bench(
             continue;
         }
         let pipeline = project_file(file);
-        for &w in &counts {
-            let out = tmp.join(format!("{name}-{w}"));
+        for &(w, threads) in &configs {
+            let out = tmp.join(format!("{name}-{w}-{}", threads.unwrap_or(0)));
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("run")
                 .arg(&pipeline)
@@ -287,13 +304,19 @@ fn cmd_bench(
                 .arg(w.to_string())
                 .args(["--log-level", "warn"])
                 .env_remove("RAYON_NUM_THREADS");
+            if let Some(t) = threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
             if let Some(n) = images {
                 cmd.args(["--set", &format!("source.limit={n}")]);
             }
             for kv in sets {
                 cmd.args(["--set", kv]);
             }
-            eprintln!("bench: {name}, {w} worker(s)...");
+            match threads {
+                Some(t) => eprintln!("bench: {name}, {w} worker(s) of {t} thread(s)..."),
+                None => eprintln!("bench: {name}, {w} worker(s)..."),
+            }
             let o = cmd.output().context("running freqtag run")?;
             if !o.status.success() {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -308,6 +331,8 @@ fn cmd_bench(
             results.push(serde_json::json!({
                 "name": name,
                 "workers": w,
+                "threads_per_worker": run["threads_per_worker"],
+                "threads_default": threads.is_none(),
                 "images": run["counts"]["images_processed"],
                 "seconds": run["wall_s"],
                 "images_per_s": run["images_per_s"],
@@ -329,17 +354,18 @@ fn cmd_bench(
         return Ok(0);
     }
     println!(
-        "{:<11} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/forward/spectrum/write/aggregate)",
-        "pipeline", "workers", "images", "seconds", "images/s", "peak MB"
+        "{:<11} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/forward/spectrum/write/aggregate)",
+        "pipeline", "workers", "threads", "images", "seconds", "images/s", "peak MB"
     );
     for r in &results {
         let st = &r["stage_seconds"];
         let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<11} {:>7} {:>6} {:>8.2} {:>9.2} {:>9.0}   {:.1}/{:.1}/{:.1}/{:.1}/{:.1}",
+            "{:<11} {:>7} {:>7} {:>6} {:>8.2} {:>9.2} {:>9.0}   {:.1}/{:.1}/{:.1}/{:.1}/{:.1}",
             r["name"].as_str().unwrap_or(""),
-            r["workers"],
-            r["images"],
+            r["workers"].as_u64().unwrap_or(0),
+            r["threads_per_worker"].as_u64().unwrap_or(0),
+            r["images"].as_u64().unwrap_or(0),
             r["seconds"].as_f64().unwrap_or(0.0),
             r["images_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_mb"].as_f64().unwrap_or(0.0),
@@ -350,18 +376,36 @@ fn cmd_bench(
             f("aggregate")
         );
     }
-    // worker scaling: most workers against one, per pipeline
+    // worker scaling, per pipeline: the most workers against one, with the default threads
+    // and with one thread per worker
+    let rate = |name: &str, w: usize, threads: Option<usize>| {
+        results
+            .iter()
+            .find(|r| {
+                r["name"] == name
+                    && r["workers"] == w
+                    && match threads {
+                        None => r["threads_default"] == true,
+                        Some(t) => r["threads_per_worker"] == t,
+                    }
+            })
+            .and_then(|r| r["images_per_s"].as_f64())
+    };
     for (name, _) in all {
-        let get = |w: usize| {
-            results
-                .iter()
-                .find(|r| r["name"] == name && r["workers"] == w)
-                .and_then(|r| r["images_per_s"].as_f64())
-        };
-        if let (Some(one), Some(&most), true) = (get(1), counts.last(), counts.len() > 1) {
-            if let Some(m) = get(most) {
-                println!("{name}: {most} workers run {:.2}x one worker", m / one);
-            }
+        if counts.len() < 2 {
+            break;
+        }
+        if let (Some(one), Some(m)) = (rate(name, 1, None), rate(name, most, None)) {
+            println!(
+                "{name}: {most} workers run {:.2}x one worker of {cores} threads",
+                m / one
+            );
+        }
+        if let (Some(one), Some(m)) = (rate(name, 1, Some(1)), rate(name, most, Some(1))) {
+            println!(
+                "{name}: with one thread per worker, {most} workers run {:.2}x one",
+                m / one
+            );
         }
     }
     Ok(0)
@@ -427,6 +471,7 @@ fn cmd_validate(pipeline: PathBuf, sets: &[String]) -> anyhow::Result<i32> {
 /// How `run` runs (flags), as typed.
 struct How {
     workers: Option<usize>,
+    threads: Option<usize>,
     cluster: Option<Cluster>,
     resume: bool,
     chunk: Option<u64>,
@@ -440,6 +485,7 @@ fn cmd_run(
 ) -> anyhow::Result<i32> {
     let How {
         workers,
+        threads,
         cluster,
         resume,
         chunk,
@@ -455,7 +501,10 @@ fn cmd_run(
         .max(1);
     // One worker per core is faster than workers sharing a rayon pool for these small nets
     // (BUILD-NOTES): give each worker's matmuls cores / workers threads unless the user chose.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads 0: give at least 1 thread per worker");
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / workers).max(1).to_string());
     }

@@ -52,6 +52,16 @@ pub struct RunOptions {
     pub chunk: Option<u64>,
 }
 
+/// Threads of each worker's pool for the kernels of its forward passes: `RAYON_NUM_THREADS`,
+/// which `freqtag run` sets from `--threads` or to cores / workers; 1 where unset.
+pub fn threads_per_worker() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
 /// Set by Ctrl-C: workers stop taking new images, finish the chunk in flight and commit it.
 pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

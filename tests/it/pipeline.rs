@@ -165,10 +165,21 @@ fn bench_command_reports_figures_per_worker_count() {
     assert!(o.status.success(), "{}", show(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2, "{v}");
-    for (r, w) in runs.iter().zip([1, 2]) {
+    // 1 and 2 workers with their default threads (cores / workers), then, on a machine of
+    // several cores, one thread per worker for the dataflow's own scaling
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut want = vec![(1, cores), (2, (cores / 2).max(1))];
+    if cores > 1 {
+        want.push((1, 1));
+        if cores / 2 > 1 {
+            want.push((2, 1));
+        }
+    }
+    assert_eq!(runs.len(), want.len(), "{v}");
+    for (r, (w, t)) in runs.iter().zip(want) {
         assert_eq!(r["name"], "paper");
         assert_eq!(r["workers"], w);
+        assert_eq!(r["threads_per_worker"], t, "{r}");
         assert_eq!(r["images"], 2);
         assert!(r["images_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
