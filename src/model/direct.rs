@@ -1,43 +1,114 @@
-//! Direct convolution on channels-last f32 with AVX-512, for output channels in multiples of 16.
+//! Direct convolution on channels-last f32 with AVX-512 or AVX2, for output channels in
+//! multiples of 8.
 //!
 //! Each call of the microkernel computes a tile of `R` neighbouring output pixels of one row by
-//! `16 * V` output channels in `R * V` vector registers: for every input position of the window
-//! (`ky`, then `kx` and input channel, which are contiguous in a channels-last row) it loads `V`
-//! weight vectors and adds each pixel's input value, broadcast, times them. The inputs are read
-//! in place from a zero-padded copy of the activation, so there is no im2col buffer to build and
-//! pack, and no branch for the borders. Every output sums its terms in the same order, (ky, kx,
-//! cin), whatever the tile, the thread or the batch: results do not depend on how frames are
-//! grouped into passes.
+//! `V` vectors of output channels in `R * V` vector registers: for every input position of the
+//! window (`ky`, then `kx` and input channel, which are contiguous in a channels-last row) it
+//! loads `V` weight vectors and adds each pixel's input value, broadcast, times them. The inputs
+//! are read in place from a zero-padded copy of the activation, so there is no im2col buffer to
+//! build and pack, and no branch for the borders. Every output sums its terms in the same order,
+//! (ky, kx, cin), whatever the tile, the thread, the batch or the instruction set: results do
+//! not depend on how frames are grouped into passes, and AVX2 gives the same bits as AVX-512
+//! (one fused multiply-add per term in both).
 //!
-//! Used where the CPU has AVX-512F (checked at run time) unless `FREQTAG_NO_AVX512=1`;
-//! otherwise [`super::layers`] falls back to im2col and the `gemm` crate.
+//! The instruction set is chosen at run time ([`isa`]): AVX-512F where the CPU has it and
+//! `FREQTAG_NO_AVX512` is unset (with AVX2 tiles for a last block of 8 channels), else AVX2
+//! with FMA (most x86-64 CPUs of the last decade); `FREQTAG_NO_DIRECT=1` turns the kernel off.
+//! Without it [`super::layers`] falls back to im2col and the `gemm` crate.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-/// Whether [`conv`] can run here: an x86-64 CPU with AVX-512F, and `FREQTAG_NO_AVX512` unset.
-pub fn available() -> bool {
-    use std::sync::OnceLock;
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let off = std::env::var_os("FREQTAG_NO_AVX512").is_some_and(|v| v != "0");
+/// The vector instructions the kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 16 floats per register, 32 registers.
+    Avx512,
+    /// AVX2 with FMA: 8 floats per register, 16 registers.
+    Avx2,
+}
+
+impl Isa {
+    /// Floats per vector register.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        }
+    }
+
+    /// Whether this CPU can run it (whatever the environment says).
+    pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            !off && std::arch::is_x86_feature_detected!("avx512f")
+            match self {
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = off;
             false
+        }
+    }
+
+    /// Vectors per tile for the `left` output channels still to cover (a multiple of
+    /// [`Isa::lanes`]): as wide as the registers allow.
+    fn vectors(self, left: usize) -> usize {
+        let v = left / self.lanes();
+        match self {
+            Isa::Avx512 if v >= 4 => 4,
+            Isa::Avx512 => v.min(2),
+            Isa::Avx2 => v.min(2),
+        }
+    }
+
+    /// Pixels per tile that may be tried for `v` vectors: the accumulators, the weights and a
+    /// broadcast input fit the register file.
+    fn widths(self, v: usize) -> &'static [usize] {
+        match (self, v) {
+            (Isa::Avx512, 1) => &[16, 12, 8, 4, 2, 1],
+            (Isa::Avx512, 2) => &[12, 8, 4, 2, 1],
+            (Isa::Avx512, _) => &[6, 4, 2, 1],
+            (Isa::Avx2, 1) => &[12, 8, 4, 2, 1],
+            (Isa::Avx2, _) => &[6, 4, 2, 1],
+        }
+    }
+}
+
+/// The instruction set [`conv`] runs with here: AVX-512 unless the CPU lacks AVX-512F or
+/// `FREQTAG_NO_AVX512` is set, else AVX2 with FMA; `None` without either, or with
+/// `FREQTAG_NO_DIRECT` set.
+pub fn isa() -> Option<Isa> {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let set = |k: &str| std::env::var_os(k).is_some_and(|v| v != "0");
+        if set("FREQTAG_NO_DIRECT") {
+            None
+        } else if !set("FREQTAG_NO_AVX512") && Isa::Avx512.supported() {
+            Some(Isa::Avx512)
+        } else if Isa::Avx2.supported() {
+            Some(Isa::Avx2)
+        } else {
+            None
         }
     })
 }
 
-/// Whether [`conv`] handles `cout` output channels.
+/// Whether [`conv`] can run here (see [`isa`]).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// Whether [`conv`] handles `cout` output channels (a multiple of 8).
 pub fn handles(cout: usize) -> bool {
-    cout > 0 && cout.is_multiple_of(16) && available()
+    available() && cout > 0 && cout.is_multiple_of(8)
 }
 
 /// The shape of one convolution: input `[b, h, w, c]`, `cout` outputs, kernel `k`, `stride`,
@@ -65,11 +136,20 @@ impl Shape {
 }
 
 /// `[b, ho, wo, cout]` from contiguous `x` `[b, h, w, c]` and `weight` `[k*k*c, cout]` row-major
-/// (rows ordered ky, kx, cin). Panics unless [`handles`]`(cout)` and the slices fit the shape.
+/// (rows ordered ky, kx, cin), with [`isa`]. Panics unless [`handles`]`(cout)` and the slices
+/// fit the shape.
 pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
+    let isa = isa().expect("direct::conv needs AVX-512F or AVX2 with FMA");
+    conv_with(isa, x, weight, s)
+}
+
+/// [`conv`] with the instruction set `isa`, which the CPU must support (AVX-512 runs a last
+/// block of 8 channels with AVX2, which every AVX-512 CPU has).
+pub fn conv_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
+    assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
     assert!(
-        handles(s.cout),
-        "direct::conv needs AVX-512F and cout % 16 == 0"
+        s.cout > 0 && s.cout.is_multiple_of(8),
+        "direct::conv needs cout % 8 == 0"
     );
     assert_eq!(x.len(), s.b * s.h * s.w * s.c, "direct::conv input size");
     assert_eq!(
@@ -91,14 +171,16 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
     let len = s.b * ho * wo * n;
     // not zeroed first: the tiles write every output (below)
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    // the tiles of one output row, per block of 64, 32 or 16 channels
+    // the tiles of one output row, per block of channels (v vectors of the block's isa each)
     let mut blocks = Vec::new();
     let mut co = 0;
     while co < n {
-        let v = ((n - co) / 16).min(4);
-        let v = if v == 3 { 2 } else { v };
-        blocks.push((co, v, tile_width(v, wo)));
-        co += 16 * v;
+        let left = n - co;
+        let isa = if left < isa.lanes() { Isa::Avx2 } else { isa };
+        assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
+        let v = isa.vectors(left);
+        blocks.push((co, isa, v, tile_width(isa, v, wo)));
+        co += isa.lanes() * v;
     }
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(wo * n)
@@ -106,7 +188,7 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
         .for_each(|(row, o)| {
             let (bi, oy) = (row / ho, row % ho);
             let top = (bi * hp + oy * s.stride) * wp * s.c;
-            for &(co, v, r) in &blocks {
+            for &(co, isa, v, r) in &blocks {
                 let mut ox = 0;
                 while ox < wo {
                     // the last tile ends at the row's end, overlapping the one before it
@@ -122,11 +204,11 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
                         n,
                         out: o[x0 * n + co..].as_mut_ptr().cast::<f32>(),
                     };
-                    // SAFETY: `available()` holds (asserted by `handles`); the tile reads rows
+                    // SAFETY: the CPU supports the block's `isa` (asserted above); the tile reads rows
                     // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
-                    // all inside it since x0 + r <= wo; it writes r pixels x 16v channels of this
-                    // output row from channel co, inside `o` since co + 16v <= n.
-                    unsafe { run_tile(v, r, &args) };
+                    // all inside it since x0 + r <= wo; it writes r pixels x v vectors of this
+                    // output row from channel co, inside `o` since co + lanes * v <= n.
+                    unsafe { run_tile(isa, v, r, &args) };
                     ox = x0 + r;
                 }
             }
@@ -171,16 +253,11 @@ fn pad(x: &[f32], s: Shape) -> Vec<f32> {
     out
 }
 
-/// Pixels per tile for `v` vectors of 16 channels on rows of `wo` pixels: the candidate with
-/// the fewest estimated cycles per row (the FMAs of the tiles, overlap included, plus the
-/// weight loads and loop overhead per step).
-fn tile_width(v: usize, wo: usize) -> usize {
-    let candidates: &[usize] = match v {
-        1 => &[16, 12, 8, 4, 2, 1],
-        2 => &[12, 8, 4, 2, 1],
-        _ => &[6, 4, 2, 1],
-    };
-    candidates
+/// Pixels per tile for `v` vectors on rows of `wo` pixels: the candidate with the fewest
+/// estimated cycles per row (the FMAs of the tiles, overlap included, plus the weight loads and
+/// loop overhead per step).
+fn tile_width(isa: Isa, v: usize, wo: usize) -> usize {
+    isa.widths(v)
         .iter()
         .copied()
         .filter(|&r| r <= wo)
@@ -206,29 +283,31 @@ struct Tile {
     out: *mut f32,
 }
 
-/// Runs the microkernel for `v` vectors and `r` pixels.
+/// Runs the microkernel of `isa` for `v` vectors and `r` pixels.
 ///
 /// # Safety
-/// AVX-512F must be available, and `t` must describe memory as [`conv`] sets it up.
-unsafe fn run_tile(v: usize, r: usize, t: &Tile) {
+/// The CPU must support `isa`, and `t` must describe memory as [`conv_with`] sets it up.
+unsafe fn run_tile(isa: Isa, v: usize, r: usize, t: &Tile) {
     macro_rules! pick {
-        ($v:literal; $($r:literal),*) => {
+        ($f:ident, $v:literal; $($r:literal),*) => {
             match r {
-                $($r => tile::<$r, $v>(t),)*
+                $($r => $f::<$r, $v>(t),)*
                 _ => unreachable!("tile width {r} for {} vectors", $v),
             }
         };
     }
     #[cfg(target_arch = "x86_64")]
-    match v {
-        1 => pick!(1; 16, 12, 8, 4, 2, 1),
-        2 => pick!(2; 12, 8, 4, 2, 1),
-        4 => pick!(4; 6, 4, 2, 1),
-        _ => unreachable!("{v} vectors per tile"),
+    match (isa, v) {
+        (Isa::Avx512, 1) => pick!(tile16, 1; 16, 12, 8, 4, 2, 1),
+        (Isa::Avx512, 2) => pick!(tile16, 2; 12, 8, 4, 2, 1),
+        (Isa::Avx512, 4) => pick!(tile16, 4; 6, 4, 2, 1),
+        (Isa::Avx2, 1) => pick!(tile8, 1; 12, 8, 4, 2, 1),
+        (Isa::Avx2, 2) => pick!(tile8, 2; 6, 4, 2, 1),
+        _ => unreachable!("{v} vectors per tile with {isa:?}"),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (v, r, t);
+        let _ = (isa, v, r, t);
         unreachable!("direct convolution without x86-64")
     }
 }
@@ -238,71 +317,107 @@ unsafe fn run_tile(v: usize, r: usize, t: &Tile) {
 /// blocks rather than with the whole window (960 inputs in MobileNetV2's widest 1x1 layers).
 const BLOCK: usize = 128;
 
-/// `R` pixels x `V` vectors of 16 output channels.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let mut first = true;
-    let mut steps = 0;
-    for ky in 0..t.k {
-        let x = t.x.add(ky * t.row);
-        let w = t.w.add(ky * t.kc * t.n);
-        for j in 0..t.kc {
-            let wr = w.add(j * t.n);
-            let mut wv = [_mm512_setzero_ps(); V];
-            for (i, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_ps(wr.add(16 * i));
-            }
-            for (p, acc) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*x.add(p * t.pixel + j));
-                for (a, wv) in acc.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *wv, *a);
+/// The microkernel and its flush for one vector type: `$tile::<R, V>` computes `R` pixels x
+/// `V` vectors of `$lanes` output channels; `$flush` stores the partial sums (the first block)
+/// or adds them to the outputs, and zeroes them.
+macro_rules! microkernel {
+    ($tile:ident, $flush:ident, $feature:literal, $vec:ty, $lanes:literal,
+     $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $add:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $tile<const R: usize, const V: usize>(t: &Tile) {
+            let mut acc = [[$zero(); V]; R];
+            let mut first = true;
+            let mut steps = 0;
+            for ky in 0..t.k {
+                let x = t.x.add(ky * t.row);
+                let w = t.w.add(ky * t.kc * t.n);
+                for j in 0..t.kc {
+                    let wr = w.add(j * t.n);
+                    let mut wv = [$zero(); V];
+                    for (i, wv) in wv.iter_mut().enumerate() {
+                        *wv = $load(wr.add($lanes * i));
+                    }
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        let xv = $set1(*x.add(p * t.pixel + j));
+                        for (a, wv) in acc.iter_mut().zip(&wv) {
+                            *a = $fmadd(xv, *wv, *a);
+                        }
+                    }
+                    steps += 1;
+                    if steps == BLOCK {
+                        $flush(t, &mut acc, first);
+                        first = false;
+                        steps = 0;
+                    }
                 }
             }
-            steps += 1;
-            if steps == BLOCK {
-                flush(t, &mut acc, first);
-                first = false;
-                steps = 0;
+            if steps > 0 || first {
+                $flush(t, &mut acc, first);
             }
         }
-    }
-    if steps > 0 || first {
-        flush(t, &mut acc, first);
-    }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $flush<const R: usize, const V: usize>(
+            t: &Tile,
+            acc: &mut [[$vec; V]; R],
+            first: bool,
+        ) {
+            for (p, acc) in acc.iter_mut().enumerate() {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let o = t.out.add(p * t.n + $lanes * i);
+                    let v = if first { *a } else { $add($load(o), *a) };
+                    $store(o, v);
+                    *a = $zero();
+                }
+            }
+        }
+    };
 }
 
-/// Stores the tile's partial sums (`first`) or adds them to the outputs, and zeroes them.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn flush<const R: usize, const V: usize>(t: &Tile, acc: &mut [[__m512; V]; R], first: bool) {
-    for (p, acc) in acc.iter_mut().enumerate() {
-        for (i, a) in acc.iter_mut().enumerate() {
-            let o = t.out.add(p * t.n + 16 * i);
-            let v = if first {
-                *a
-            } else {
-                _mm512_add_ps(_mm512_loadu_ps(o), *a)
-            };
-            _mm512_storeu_ps(o, v);
-            *a = _mm512_setzero_ps();
-        }
-    }
-}
+microkernel!(
+    tile16,
+    flush16,
+    "avx512f",
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_storeu_ps
+);
+microkernel!(
+    tile8,
+    flush8,
+    "avx2,fma",
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    _mm256_storeu_ps
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Whether to skip: without AVX-512F the kernel cannot run (said loudly).
-    fn skip() -> bool {
-        if available() {
-            return false;
+    /// The instruction sets this CPU can run (none is said loudly: the tests then check nothing).
+    fn isas() -> Vec<Isa> {
+        let all: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect();
+        if all.is_empty() {
+            eprintln!("SKIPPED: neither AVX-512F nor AVX2 with FMA on this CPU");
         }
-        eprintln!("SKIPPED: no AVX-512F on this CPU (or FREQTAG_NO_AVX512 set)");
-        true
+        all
     }
 
     /// Uniform values in [-1, 1) from a fixed seed (a linear congruential generator).
@@ -351,11 +466,9 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_on_every_tile_shape() {
-        if skip() {
-            return;
-        }
-        // cout covers 1, 2 and 4 vectors and their mixes (48 = 32 + 16, 112 = 64 + 32 + 16);
-        // widths cover every tile width, overlapping last tiles and rows narrower than a tile
+        // cout covers 1, 2 and 4 vectors and their mixes (48 = 32 + 16, 112 = 64 + 32 + 16),
+        // with a last block of 8 channels (8, 24, 40); widths cover every tile width,
+        // overlapping last tiles and rows narrower than a tile
         let cases = [
             // (b, h, w, c, cout, k, stride, pad)
             (2, 9, 35, 3, 16, 3, 1, 1),
@@ -366,9 +479,51 @@ mod tests {
             (3, 4, 1, 4, 16, 1, 1, 0),
             (1, 11, 10, 6, 64, 5, 2, 2),
             (1, 3, 3, 2, 32, 3, 1, 0),
+            (2, 5, 29, 3, 8, 3, 1, 1),
+            (1, 6, 11, 5, 24, 3, 2, 1),
+            (1, 4, 7, 9, 40, 1, 1, 0),
         ];
         let mut rand = uniform(12345);
-        for (b, h, w, c, cout, k, stride, pad) in cases {
+        for isa in isas() {
+            for &(b, h, w, c, cout, k, stride, pad) in &cases {
+                let s = Shape {
+                    b,
+                    h,
+                    w,
+                    c,
+                    cout,
+                    k,
+                    stride,
+                    pad,
+                };
+                let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
+                let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+                let got = conv_with(isa, &x, &weight, s);
+                let want = reference(&x, &weight, s);
+                assert_eq!(got.len(), want.len(), "{isa:?} {s:?}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (1.0 + w.abs()) * (k * k * c) as f64;
+                    assert!(
+                        ((*g as f64) - w).abs() <= tol,
+                        "{isa:?} {s:?} output {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Both instruction sets take one fused multiply-add per term in the same order, so they
+    /// give the same bits (AVX-512 tiles of 64 channels against AVX2 tiles of 16).
+    #[test]
+    fn avx2_gives_the_same_bits_as_avx512() {
+        if !(Isa::Avx512.supported() && Isa::Avx2.supported()) {
+            eprintln!("SKIPPED: this CPU lacks AVX-512F or AVX2 with FMA");
+            return;
+        }
+        let mut rand = uniform(99);
+        for (b, h, w, c, cout, k, stride, pad) in
+            [(3, 9, 13, 16, 64, 3, 1, 1), (2, 8, 8, 160, 56, 1, 1, 0)]
+        {
             let s = Shape {
                 b,
                 h,
@@ -381,16 +536,14 @@ mod tests {
             };
             let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
             let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
-            let got = conv(&x, &weight, s);
-            let want = reference(&x, &weight, s);
-            assert_eq!(got.len(), want.len(), "{s:?}");
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let tol = 1e-5 * (1.0 + w.abs()) * (k * k * c) as f64;
-                assert!(
-                    ((*g as f64) - w).abs() <= tol,
-                    "{s:?} output {i}: {g} vs {w}"
-                );
-            }
+            let wide = conv_with(Isa::Avx512, &x, &weight, s);
+            let narrow = conv_with(Isa::Avx2, &x, &weight, s);
+            assert!(
+                wide.iter()
+                    .zip(&narrow)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{s:?}"
+            );
         }
     }
 
@@ -399,9 +552,6 @@ mod tests {
     /// 1.0e-6 off on these numbers (and candle's matmul 5.7e-7).
     #[test]
     fn long_windows_are_summed_in_blocks() {
-        if skip() {
-            return;
-        }
         let s = Shape {
             b: 49,
             h: 7,
@@ -417,25 +567,27 @@ mod tests {
         // post-ReLU inputs, small weights: sums with cancellation, as in a network
         let x: Vec<f32> = (0..m * k).map(|_| rand().max(0.0)).collect();
         let w: Vec<f32> = (0..k * n).map(|_| rand() * 0.05).collect();
-        let got = conv(&x, &w, s);
-        let (mut err, mut peak) = (0f64, 0f64);
-        for i in 0..m {
-            for j in 0..n {
-                let r: f64 = (0..k)
-                    .map(|t| x[i * k + t] as f64 * w[t * n + j] as f64)
-                    .sum();
-                err = err.max((got[i * n + j] as f64 - r).abs());
-                peak = peak.max(r.abs());
+        for isa in isas() {
+            let got = conv_with(isa, &x, &w, s);
+            let (mut err, mut peak) = (0f64, 0f64);
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[t * n + j] as f64)
+                        .sum();
+                    err = err.max((got[i * n + j] as f64 - r).abs());
+                    peak = peak.max(r.abs());
+                }
             }
+            assert!(
+                err <= 3e-7 * peak,
+                "{isa:?}: error {err:e} against a peak of {peak}"
+            );
         }
-        assert!(err <= 3e-7 * peak, "error {err:e} against a peak of {peak}");
     }
 
     #[test]
     fn outputs_do_not_depend_on_the_batch() {
-        if skip() {
-            return;
-        }
         let s = Shape {
             b: 3,
             h: 8,
@@ -452,12 +604,18 @@ mod tests {
         let weight: Vec<f32> = (0..9 * 16 * 32)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 11.0)
             .collect();
-        let all = conv(&x, &weight, s);
         let one = Shape { b: 1, ..s };
         let per_frame = 8 * 8 * 32;
-        for f in 0..s.b {
-            let got = conv(&x[f * 64 * 16..(f + 1) * 64 * 16], &weight, one);
-            assert_eq!(got, all[f * per_frame..(f + 1) * per_frame], "frame {f}");
+        for isa in isas() {
+            let all = conv_with(isa, &x, &weight, s);
+            for f in 0..s.b {
+                let got = conv_with(isa, &x[f * 64 * 16..(f + 1) * 64 * 16], &weight, one);
+                assert_eq!(
+                    got,
+                    all[f * per_frame..(f + 1) * per_frame],
+                    "{isa:?} frame {f}"
+                );
+            }
         }
     }
 }
