@@ -52,7 +52,19 @@ pub struct Recording {
     pub taps: Vec<TapSeries>,
 }
 
-/// Runs the stimulus of `rgb` through `net`, `batch` frames at a time.
+/// Passes of at most `batch` frames for `n` frames, as even as possible: 49 frames at 16 a pass
+/// run as 13, 12, 12 and 12 rather than 16, 16, 16 and a pass of 1.
+pub fn pass_sizes(n: usize, batch: usize) -> Vec<usize> {
+    let passes = n.div_ceil(batch.max(1)).max(1);
+    (0..passes)
+        .map(|i| n / passes + usize::from(i < n % passes))
+        .collect()
+}
+
+/// Runs the stimulus of `rgb` through `net`, at most `batch` frames a pass, in passes of even
+/// size; the unmodulated image (for the prediction) rides along in the last pass as one more
+/// frame. Frames do not affect each other in a pass (every kernel is per frame), so the
+/// results are those of separate passes.
 #[allow(clippy::too_many_arguments)]
 pub fn record(
     net: &Network,
@@ -71,10 +83,14 @@ pub fn record(
     // per tap, per distinct frame, channels values
     let mut per_frame: Vec<Vec<f32>> = vec![Vec::new(); taps.len()];
     let mut channels = vec![0usize; taps.len()];
-    let mut buf = vec![0f32; batch.min(distinct.len()) * frame_len];
-    for chunk in distinct.chunks(batch) {
-        let b = chunk.len();
-        for (i, tuple) in chunk.iter().enumerate() {
+    let sizes = pass_sizes(distinct.len(), batch);
+    let mut buf = vec![0f32; (sizes[0] + 1) * frame_len];
+    let ones = vec![1f32; stim.regions.count()];
+    let mut probs = Vec::new();
+    let mut start = 0;
+    for (pass, &b) in sizes.iter().enumerate() {
+        let last = pass + 1 == sizes.len();
+        for (i, tuple) in distinct[start..start + b].iter().enumerate() {
             stim.write_frame(
                 rgb,
                 pre.mean,
@@ -84,24 +100,27 @@ pub fn record(
                 &mut buf[i * frame_len..(i + 1) * frame_len],
             );
         }
-        let x = Tensor::from_slice(&buf[..b * frame_len], (b, 3, s, s), &Device::Cpu)?;
+        start += b;
+        // the plain image after the last pass's frames; no noise stream, whatever
+        // stimulus.noise_std says
+        let frames = b + usize::from(last);
+        if last {
+            let plain = &mut buf[b * frame_len..(b + 1) * frame_len];
+            stim.write_frame(rgb, pre.mean, pre.std, &ones, None, plain);
+        }
+        let x = Tensor::from_slice(&buf[..frames * frame_len], (frames, 3, s, s), &Device::Cpu)?;
         let mut rec = Recorder::new(taps);
-        net.forward(&x, &mut rec)?;
+        let logits = net.forward(&x, &mut rec)?;
         for (t, v) in rec.finish()?.into_iter().enumerate() {
             channels[t] = v.dim(1)?;
-            per_frame[t].extend(v.flatten_all()?.to_vec1::<f32>()?);
+            per_frame[t].extend(v.narrow(0, 0, b)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        if last {
+            probs = candle_nn::ops::softmax_last_dim(&logits.narrow(0, b, 1)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
         }
     }
-    // the unmodulated image for the prediction
-    let ones = vec![1f32; stim.regions.count()];
-    let mut plain = vec![0f32; frame_len];
-    // no noise stream: the plain image, whatever stimulus.noise_std says
-    stim.write_frame(rgb, pre.mean, pre.std, &ones, None, &mut plain);
-    let x = Tensor::from_slice(&plain, (1, 3, s, s), &Device::Cpu)?;
-    let logits = net.forward(&x, &mut Recorder::new(&[]))?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
     let (pred, prob) =
         probs.iter().enumerate().fold(
             (0usize, f32::MIN),
@@ -333,5 +352,21 @@ mod tests {
         let (pred, prob) = softmax_argmax(&l);
         assert_eq!(pred, 1);
         assert!((prob as f64 - p).abs() < 1e-7, "{prob} vs {p}");
+    }
+
+    #[test]
+    fn passes_are_even_and_cover_every_frame() {
+        assert_eq!(pass_sizes(49, 16), [13, 12, 12, 12]);
+        assert_eq!(pass_sizes(49, 32), [25, 24]);
+        assert_eq!(pass_sizes(49, 64), [49]);
+        assert_eq!(pass_sizes(1, 8), [1]);
+        for n in 1..60 {
+            for batch in 1..20 {
+                let p = pass_sizes(n, batch);
+                assert_eq!(p.iter().sum::<usize>(), n);
+                assert_eq!(p.len(), n.div_ceil(batch));
+                assert!(p.iter().all(|&b| b <= batch && b + 1 >= p[0]));
+            }
+        }
     }
 }
