@@ -146,6 +146,43 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
 /// [`conv`] with the instruction set `isa`, which the CPU must support (AVX-512 runs a last
 /// block of 8 channels with AVX2, which every AVX-512 CPU has).
 pub fn conv_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
+    run(isa, x, weight, s, None)
+}
+
+/// [`conv`] and the spatial mean `[b, cout]` of its output, taken row by row as each output
+/// row is finished (while it is in cache) instead of in a second pass over the whole output:
+/// per row a sum in f64 over its pixels in order, then per frame the rows' sums in order.
+pub fn conv_mean(x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
+    let isa = isa().expect("direct::conv needs AVX-512F or AVX2 with FMA");
+    conv_mean_with(isa, x, weight, s)
+}
+
+/// [`conv_mean`] with the instruction set `isa`.
+pub fn conv_mean_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
+    let (ho, wo) = s.out();
+    let mut rows = vec![0f64; s.b * ho * s.cout];
+    let out = run(isa, x, weight, s, Some(&mut rows));
+    let mut mean = vec![0f32; s.b * s.cout];
+    let n = (ho * wo) as f64;
+    for (m, frame) in mean
+        .chunks_exact_mut(s.cout)
+        .zip(rows.chunks_exact(ho * s.cout))
+    {
+        let mut acc = vec![0f64; s.cout];
+        for row in frame.chunks_exact(s.cout) {
+            for (a, r) in acc.iter_mut().zip(row) {
+                *a += r;
+            }
+        }
+        for (m, a) in m.iter_mut().zip(acc) {
+            *m = (a / n) as f32;
+        }
+    }
+    (out, mean)
+}
+
+/// The convolution; with `rows` (`[b * ho, cout]`, zero) also each output row's sums.
+fn run(isa: Isa, x: &[f32], weight: &[f32], s: Shape, rows: Option<&mut [f64]>) -> Vec<f32> {
     assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
     assert!(
         s.cout > 0 && s.cout.is_multiple_of(8),
@@ -182,37 +219,56 @@ pub fn conv_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
         blocks.push((co, isa, v, tile_width(isa, v, wo)));
         co += isa.lanes() * v;
     }
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(wo * n)
-        .enumerate()
-        .for_each(|(row, o)| {
-            let (bi, oy) = (row / ho, row % ho);
-            let top = (bi * hp + oy * s.stride) * wp * s.c;
-            for &(co, isa, v, r) in &blocks {
-                let mut ox = 0;
-                while ox < wo {
-                    // the last tile ends at the row's end, overlapping the one before it
-                    let x0 = ox.min(wo - r.min(wo));
-                    let r = r.min(wo);
-                    let args = Tile {
-                        x: xp[top + x0 * s.stride * s.c..].as_ptr(),
-                        pixel: s.stride * s.c,
-                        row: wp * s.c,
-                        k: s.k,
-                        kc: s.k * s.c,
-                        w: weight[co..].as_ptr(),
-                        n,
-                        out: o[x0 * n + co..].as_mut_ptr().cast::<f32>(),
-                    };
-                    // SAFETY: the CPU supports the block's `isa` (asserted above); the tile reads rows
-                    // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
-                    // all inside it since x0 + r <= wo; it writes r pixels x v vectors of this
-                    // output row from channel co, inside `o` since co + lanes * v <= n.
-                    unsafe { run_tile(isa, v, r, &args) };
-                    ox = x0 + r;
-                }
+    let tiles = |row: usize, o: &mut [std::mem::MaybeUninit<f32>]| {
+        let (bi, oy) = (row / ho, row % ho);
+        let top = (bi * hp + oy * s.stride) * wp * s.c;
+        for &(co, isa, v, r) in &blocks {
+            let mut ox = 0;
+            while ox < wo {
+                // the last tile ends at the row's end, overlapping the one before it
+                let x0 = ox.min(wo - r.min(wo));
+                let r = r.min(wo);
+                let args = Tile {
+                    x: xp[top + x0 * s.stride * s.c..].as_ptr(),
+                    pixel: s.stride * s.c,
+                    row: wp * s.c,
+                    k: s.k,
+                    kc: s.k * s.c,
+                    w: weight[co..].as_ptr(),
+                    n,
+                    out: o[x0 * n + co..].as_mut_ptr().cast::<f32>(),
+                };
+                // SAFETY: the CPU supports the block's `isa` (asserted above); the tile reads rows
+                // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
+                // all inside it since x0 + r <= wo; it writes r pixels x v vectors of this
+                // output row from channel co, inside `o` since co + lanes * v <= n.
+                unsafe { run_tile(isa, v, r, &args) };
+                ox = x0 + r;
             }
-        });
+        }
+    };
+    let dst = &mut out.spare_capacity_mut()[..len];
+    match rows {
+        None => dst
+            .par_chunks_mut(wo * n)
+            .enumerate()
+            .for_each(|(row, o)| tiles(row, o)),
+        Some(rows) => dst
+            .par_chunks_mut(wo * n)
+            .zip(rows.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(row, (o, sums))| {
+                tiles(row, o);
+                // SAFETY: the tiles above wrote all wo * n outputs of this row
+                let o: &[f32] =
+                    unsafe { &*(o as *const [std::mem::MaybeUninit<f32>] as *const [f32]) };
+                for px in o.chunks_exact(n) {
+                    for (a, v) in sums.iter_mut().zip(px) {
+                        *a += *v as f64;
+                    }
+                }
+            }),
+    }
     // SAFETY: every row's tiles cover its wo pixels (the last one ends at wo) and the blocks
     // cover all n channels, so all len outputs were written
     unsafe { out.set_len(len) };
@@ -507,6 +563,50 @@ mod tests {
                         ((*g as f64) - w).abs() <= tol,
                         "{isa:?} {s:?} output {i}: {g} vs {w}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The mean taken row by row as the output is written: the same output, and per frame and
+    /// channel the mean of that output (against a float64 sum of it).
+    #[test]
+    fn conv_mean_gives_the_output_and_its_spatial_mean() {
+        let mut rand = uniform(4242);
+        for isa in isas() {
+            for (b, h, w, c, cout, k, stride, pad) in [
+                (3, 10, 9, 5, 24, 3, 1, 1),
+                (2, 7, 12, 16, 64, 3, 2, 1),
+                (2, 4, 4, 8, 16, 1, 1, 0),
+            ] {
+                let s = Shape {
+                    b,
+                    h,
+                    w,
+                    c,
+                    cout,
+                    k,
+                    stride,
+                    pad,
+                };
+                let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
+                let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+                let (out, mean) = conv_mean_with(isa, &x, &weight, s);
+                assert_eq!(out, conv_with(isa, &x, &weight, s), "{isa:?} {s:?}");
+                let (ho, wo) = s.out();
+                assert_eq!(mean.len(), b * cout);
+                for f in 0..b {
+                    for ch in 0..cout {
+                        let want: f64 = (0..ho * wo)
+                            .map(|p| out[(f * ho * wo + p) * cout + ch] as f64)
+                            .sum::<f64>()
+                            / (ho * wo) as f64;
+                        let got = mean[f * cout + ch] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-7 * want.abs().max(1e-3),
+                            "{isa:?} {s:?} frame {f} channel {ch}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

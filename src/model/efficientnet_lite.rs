@@ -158,8 +158,7 @@ impl Unit {
             x.pad_with_zeros(1, ph / 2, ph - ph / 2)?
                 .pad_with_zeros(2, pw / 2, pw - pw / 2)?
         };
-        let y = self.conv.forward(&x)?;
-        rec.tap(&self.tap, &y)?;
+        let y = rec.conv(&self.tap, &self.conv, &x)?;
         let act = if self.relu6 {
             Act::Relu6
         } else {

@@ -147,6 +147,64 @@ impl Conv {
             None => Ok(y),
         }
     }
+
+    /// [`Conv::forward`] and, where the direct kernel runs it (CPU, no bias), the spatial mean
+    /// `[B, Cout]` of its output taken as each output row is written ([`super::direct::conv_mean`]),
+    /// which saves a pass over the whole output; `None` elsewhere, for the caller to take.
+    pub fn forward_mean(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let direct = self.bias.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && super::direct::handles(self.cout);
+        match &self.kind {
+            ConvKind::Pointwise(wt) if direct => {
+                let (ws, wl) = wt.storage_and_layout();
+                let candle_core::Storage::Cpu(ws) = &*ws else {
+                    candle_core::bail!("pointwise convolution: weight not on the CPU")
+                };
+                let weight = contiguous_f32(ws, wl, "pointwise convolution")?;
+                self.direct_mean(x, weight)
+            }
+            ConvKind::Im2col(wt) if direct => self.direct_mean(x, wt),
+            _ => Ok((self.forward(x)?, None)),
+        }
+    }
+
+    /// The direct kernel's convolution and mean of `x` with `weight` `[k*k*Cin, Cout]`.
+    fn direct_mean(&self, x: &Tensor, weight: &[f32]) -> Result<(Tensor, Option<Tensor>)> {
+        let x = x.contiguous()?;
+        let (b, h, w, c) = x.dims4()?;
+        let (xs, xl) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(xs) = &*xs else {
+            candle_core::bail!("convolution: input not on the CPU")
+        };
+        let shape = super::direct::Shape {
+            b,
+            h,
+            w,
+            c,
+            cout: self.cout,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        if weight.len() != self.k * self.k * c * self.cout {
+            candle_core::bail!(
+                "convolution: weight of {} values for {c} inputs, {} outputs, k = {}",
+                weight.len(),
+                self.cout,
+                self.k
+            )
+        }
+        let (ho, wo) = shape.out();
+        let (out, mean) =
+            super::direct::conv_mean(contiguous_f32(xs, xl, "convolution")?, weight, shape);
+        let dev = candle_core::Device::Cpu;
+        Ok((
+            Tensor::from_vec(out, (b, ho, wo, self.cout), &dev)?,
+            Some(Tensor::from_vec(mean, (b, self.cout), &dev)?),
+        ))
+    }
 }
 
 /// A depthwise k x k convolution of `x` `[B, H, W, C]` from tensor ops, for devices without

@@ -184,8 +184,7 @@ impl MobileNetV2 {
         for b in &self.blocks {
             let mut y = x.clone();
             for u in &b.units {
-                let c = u.conv.forward(&y)?;
-                rec.tap(&u.tap, &c)?;
+                let c = rec.conv(&u.tap, &u.conv, &y)?;
                 let act = if u.relu6 { Act::Relu6 } else { Act::Identity };
                 y = u.bn.forward_act(&c, act)?;
             }

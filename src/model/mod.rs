@@ -325,6 +325,25 @@ impl Recorder {
         Ok(())
     }
 
+    /// Runs `conv` on `x` as tap `name`: its output, and its spatial mean kept if recorded
+    /// (taken by the convolution as it writes its output, where it can).
+    pub fn conv(
+        &mut self,
+        name: &str,
+        conv: &layers::Conv,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let Some(&i) = self.slots.get(name) else {
+            return conv.forward(x);
+        };
+        let (y, mean) = conv.forward_mean(x)?;
+        self.out[i] = Some(match mean {
+            Some(m) => m,
+            None => layers::spatial_mean(&y)?,
+        });
+        Ok(y)
+    }
+
     /// The recorded taps in the order asked for.
     pub fn finish(self) -> candle_core::Result<Vec<Tensor>> {
         self.out

@@ -116,15 +116,12 @@ impl ResNet {
 
     /// Forward pass of channels-last frames `[B, H, W, 3]`, recording taps.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        let y = self.conv1.forward(x)?;
-        rec.tap("conv1", &y)?;
+        let y = rec.conv("conv1", &self.conv1, x)?;
         let mut x = self.bn1.forward_act(&y, Act::Relu)?;
         for b in &self.blocks {
-            let y = b.conv1.forward(&x)?;
-            rec.tap(&format!("{}.conv1", b.name), &y)?;
+            let y = rec.conv(&format!("{}.conv1", b.name), &b.conv1, &x)?;
             let y = b.bn1.forward_act(&y, Act::Relu)?;
-            let y = b.conv2.forward(&y)?;
-            rec.tap(&format!("{}.conv2", b.name), &y)?;
+            let y = rec.conv(&format!("{}.conv2", b.name), &b.conv2, &y)?;
             let short = match b.pad {
                 Some(pad) => {
                     let (n, h, w, c) = x.dims4()?;

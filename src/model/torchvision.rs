@@ -134,8 +134,7 @@ impl Unit {
 
     /// Conv (recorded), then batch norm and `act`.
     fn forward(&self, x: &Tensor, rec: &mut Recorder, act: Act) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
-        rec.tap(&self.name, &y)?;
+        let y = rec.conv(&self.name, &self.conv, x)?;
         self.bn.forward_act(&y, act)
     }
 }
@@ -364,8 +363,7 @@ impl Vgg {
         for l in &self.layers {
             x = match l {
                 Some((name, conv)) => {
-                    let y = conv.forward(&x)?;
-                    rec.tap(name, &y)?;
+                    let y = rec.conv(name, conv, &x)?;
                     y.relu()?
                 }
                 None => max_pool(&x, 2, 2)?,
