@@ -163,7 +163,7 @@ impl ChunkSums {
             let base = self.slot(nr.tap, nr.channel, 0);
             for (ti, s) in nr.terms.iter().enumerate() {
                 let values = s.as_array(nr.mean_snr_db);
-                self.all[base + ti].plus_equals(&Acc::of(&values));
+                self.all[base + ti].add_values(&values);
                 if label.is_some() {
                     let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
                     for (k, v) in k.iter_mut().zip(values) {
@@ -204,7 +204,7 @@ impl ChunkSums {
                     for (v, k) in values.iter_mut().zip(&kept[slot * N_SCORES..][..N_SCORES]) {
                         *v = (!k.is_nan()).then_some(*k);
                     }
-                    acc.plus_equals(&Acc::of(&values));
+                    acc.add_values(&values);
                 }
                 if !acc.is_zero() {
                     emit(key(slot, label), acc);

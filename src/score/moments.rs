@@ -139,15 +139,21 @@ impl Acc {
     /// The accumulator of one observation; `None` scores are not counted.
     pub fn of(values: &[Option<f64>]) -> Acc {
         let mut acc = Acc::zero();
+        acc.add_values(values);
+        acc
+    }
+
+    /// Adds one observation in place: the same exact sums as `plus_equals(&Acc::of(values))`,
+    /// without building and adding a whole accumulator of mostly zero limbs.
+    pub fn add_values(&mut self, values: &[Option<f64>]) {
         for (i, v) in values.iter().enumerate().take(N_SCORES) {
             let Some(v) = v else { continue };
             if let (Some(s), Some(q)) = (Fixed::from_f64(*v), Fixed::from_f64(v * v)) {
-                acc.count[i] = 1;
-                acc.sum[i] = s;
-                acc.sumsq[i] = q;
+                self.count[i] += 1;
+                self.sum[i].add(&s);
+                self.sumsq[i].add(&q);
             }
         }
-        acc
     }
 
     /// Mean of score `i`, or `None` with no values.
@@ -268,6 +274,17 @@ mod tests {
         });
         halves.plus_equals(&first);
         assert_eq!(forward, halves);
+        // in place, with missing and unaccumulable values among them: the same sums
+        let mut in_place = Acc::zero();
+        let mut whole = Acc::zero();
+        for x in &xs {
+            let values = [Some(*x), None, Some(-x * 1e3), Some(f64::NAN), Some(2e30)];
+            in_place.add_values(&values);
+            whole.plus_equals(&Acc::of(&values));
+        }
+        assert_eq!(in_place, whole);
+        assert_eq!(&in_place.sum[..1], &forward.sum[..1]);
+        assert_eq!(in_place.count[..5], [1000, 0, 1000, 0, 0]);
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;
         let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
