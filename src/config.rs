@@ -115,7 +115,8 @@ pub struct ModelConfig {
     /// outputs after the activation), `logits`, or tap names such as `layer1.0.conv1`.
     #[serde(default = "default_taps")]
     pub taps: Vec<String>,
-    /// Most frames per forward pass on the CPU (each image's own, in passes of even size).
+    /// Most stimulus frames per forward pass on the CPU (each image's own, in passes of even
+    /// size; the last pass also carries the unmodulated frame for the prediction).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Where the forward passes run: `cpu`, or `cuda` / `cuda:N` with a binary built with the
