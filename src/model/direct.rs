@@ -146,22 +146,50 @@ pub fn conv(x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
 /// [`conv`] with the instruction set `isa`, which the CPU must support (AVX-512 runs a last
 /// block of 8 channels with AVX2, which every AVX-512 CPU has).
 pub fn conv_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
-    run(isa, x, weight, s, None)
+    run(isa, x, weight, s, None, None)
 }
+
+/// An epilogue run on each output row once it is written (and summed): the row's index in
+/// `[b * ho]` and its `wo * cout` values, changed in place while they are in cache.
+pub type RowEpilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
 
 /// [`conv`] and the spatial mean `[b, cout]` of its output, taken row by row as each output
 /// row is finished (while it is in cache) instead of in a second pass over the whole output:
 /// per row a sum in f64 over its pixels in order, then per frame the rows' sums in order.
 pub fn conv_mean(x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
-    let isa = isa().expect("direct::conv needs AVX-512F or AVX2 with FMA");
-    conv_mean_with(isa, x, weight, s)
+    let (out, mean) = conv_then(x, weight, s, true, None);
+    (out, mean.expect("asked for the mean"))
 }
 
-/// [`conv_mean`] with the instruction set `isa`.
-pub fn conv_mean_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
+/// [`conv_mean_then_with`] with [`isa`].
+pub fn conv_then(
+    x: &[f32],
+    weight: &[f32],
+    s: Shape,
+    mean: bool,
+    epilogue: Option<RowEpilogue>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let isa = isa().expect("direct::conv needs AVX-512F or AVX2 with FMA");
+    conv_mean_then_with(isa, x, weight, s, mean, epilogue)
+}
+
+/// The convolution with the instruction set `isa`; with `mean`, also the spatial mean of its
+/// output as [`conv_mean`] takes it; then `epilogue` on each row (after the row's sums, so the
+/// mean is of the convolution's own output).
+pub fn conv_mean_then_with(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    s: Shape,
+    mean: bool,
+    epilogue: Option<RowEpilogue>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    if !mean {
+        return (run(isa, x, weight, s, None, epilogue), None);
+    }
     let (ho, wo) = s.out();
     let mut rows = vec![0f64; s.b * ho * s.cout];
-    let out = run(isa, x, weight, s, Some(&mut rows));
+    let out = run(isa, x, weight, s, Some(&mut rows), epilogue);
     let mut mean = vec![0f32; s.b * s.cout];
     let n = (ho * wo) as f64;
     for (m, frame) in mean
@@ -178,11 +206,19 @@ pub fn conv_mean_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32
             *m = (a / n) as f32;
         }
     }
-    (out, mean)
+    (out, Some(mean))
 }
 
-/// The convolution; with `rows` (`[b * ho, cout]`, zero) also each output row's sums.
-fn run(isa: Isa, x: &[f32], weight: &[f32], s: Shape, rows: Option<&mut [f64]>) -> Vec<f32> {
+/// The convolution; with `rows` (`[b * ho, cout]`, zero) also each output row's sums; then
+/// `epilogue` on each row.
+fn run(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    s: Shape,
+    rows: Option<&mut [f64]>,
+    epilogue: Option<RowEpilogue>,
+) -> Vec<f32> {
     assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
     assert!(
         s.cout > 0 && s.cout.is_multiple_of(8),
@@ -247,27 +283,32 @@ fn run(isa: Isa, x: &[f32], weight: &[f32], s: Shape, rows: Option<&mut [f64]>) 
             }
         }
     };
+    let finish = |row: usize, o: &mut [std::mem::MaybeUninit<f32>], sums: Option<&mut [f64]>| {
+        tiles(row, o);
+        // SAFETY: the tiles above wrote all wo * n outputs of this row
+        let o: &mut [f32] = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        if let Some(sums) = sums {
+            for px in o.chunks_exact(n) {
+                for (a, v) in sums.iter_mut().zip(px) {
+                    *a += *v as f64;
+                }
+            }
+        }
+        if let Some(epilogue) = epilogue {
+            epilogue(row, o);
+        }
+    };
     let dst = &mut out.spare_capacity_mut()[..len];
     match rows {
         None => dst
             .par_chunks_mut(wo * n)
             .enumerate()
-            .for_each(|(row, o)| tiles(row, o)),
+            .for_each(|(row, o)| finish(row, o, None)),
         Some(rows) => dst
             .par_chunks_mut(wo * n)
             .zip(rows.par_chunks_mut(n))
             .enumerate()
-            .for_each(|(row, (o, sums))| {
-                tiles(row, o);
-                // SAFETY: the tiles above wrote all wo * n outputs of this row
-                let o: &[f32] =
-                    unsafe { &*(o as *const [std::mem::MaybeUninit<f32>] as *const [f32]) };
-                for px in o.chunks_exact(n) {
-                    for (a, v) in sums.iter_mut().zip(px) {
-                        *a += *v as f64;
-                    }
-                }
-            }),
+            .for_each(|(row, (o, sums))| finish(row, o, Some(sums))),
     }
     // SAFETY: every row's tiles cover its wo pixels (the last one ends at wo) and the blocks
     // cover all n channels, so all len outputs were written
@@ -591,7 +632,8 @@ mod tests {
                 };
                 let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
                 let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
-                let (out, mean) = conv_mean_with(isa, &x, &weight, s);
+                let (out, mean) = conv_mean_then_with(isa, &x, &weight, s, true, None);
+                let mean = mean.unwrap();
                 assert_eq!(out, conv_with(isa, &x, &weight, s), "{isa:?} {s:?}");
                 let (ho, wo) = s.out();
                 assert_eq!(mean.len(), b * cout);

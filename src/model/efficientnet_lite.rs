@@ -158,13 +158,12 @@ impl Unit {
             x.pad_with_zeros(1, ph / 2, ph - ph / 2)?
                 .pad_with_zeros(2, pw / 2, pw - pw / 2)?
         };
-        let y = rec.conv(&self.tap, &self.conv, &x)?;
         let act = if self.relu6 {
             Act::Relu6
         } else {
             Act::Identity
         };
-        self.bn.forward_act(&y, act)
+        rec.conv_bn(&self.tap, &self.conv, &self.bn, act, None, &x)
     }
 }
 

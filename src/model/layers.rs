@@ -152,26 +152,113 @@ impl Conv {
     /// `[B, Cout]` of its output taken as each output row is written ([`super::direct::conv_mean`]),
     /// which saves a pass over the whole output; `None` elsewhere, for the caller to take.
     pub fn forward_mean(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self.direct(x, true, None)? {
+            Some(done) => Ok(done),
+            None => Ok((self.forward(x)?, None)),
+        }
+    }
+
+    /// The convolution followed by `bn`, the `residual` (same shape as the output) if any, and
+    /// `act`: `act(bn(conv(x)) + residual)`; with `mean`, also the spatial mean `[B, Cout]` of
+    /// the convolution's own output (before batch norm). Where the direct kernel runs the
+    /// convolution, batch norm, residual and activation are its row epilogue, applied while each
+    /// row is in cache, with the same float operations as [`BatchNorm::forward_act`] and
+    /// [`BatchNorm::forward_add_act`].
+    pub fn forward_bn(
+        &self,
+        x: &Tensor,
+        bn: &BatchNorm,
+        act: Act,
+        residual: Option<&Tensor>,
+        mean: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if bn.on_device.is_none() && bn.scale.len() == self.cout {
+            let residual = residual.map(|r| r.contiguous()).transpose()?;
+            let guard = residual.as_ref().map(|r| r.storage_and_layout());
+            let r: Option<&[f32]> = match &guard {
+                Some((rs, rl)) => match &**rs {
+                    candle_core::Storage::Cpu(rs) => Some(contiguous_f32(rs, rl, "residual")?),
+                    _ => None,
+                },
+                None => None,
+            };
+            if let Some(rt) = &residual {
+                let (b, h, w, _) = x.dims4()?;
+                let ho = (h + 2 * self.pad - self.k) / self.stride + 1;
+                let wo = (w + 2 * self.pad - self.k) / self.stride + 1;
+                if rt.dims() != [b, ho, wo, self.cout] {
+                    candle_core::bail!(
+                        "residual {:?} for a convolution output {:?}",
+                        rt.dims(),
+                        [b, ho, wo, self.cout]
+                    )
+                }
+            }
+            if residual.is_none() || r.is_some() {
+                let epilogue = |row: usize, o: &mut [f32]| {
+                    let r = r.map(|r| &r[row * o.len()..][..o.len()]);
+                    scale_shift_act_in_place(o, r, &bn.scale, &bn.shift, act);
+                };
+                if let Some(done) = self.direct(x, mean, Some(&epilogue))? {
+                    return Ok(done);
+                }
+            }
+        }
+        let (y, m) = if mean {
+            let (y, m) = self.forward_mean(x)?;
+            let m = match m {
+                Some(m) => m,
+                None => spatial_mean(&y)?,
+            };
+            (y, Some(m))
+        } else {
+            (self.forward(x)?, None)
+        };
+        let y = match residual {
+            Some(r) => bn.forward_add_act(&y, r, act)?,
+            None => bn.forward_act(&y, act)?,
+        };
+        Ok((y, m))
+    }
+
+    /// The convolution by the direct kernel, with its mean if `mean` and `epilogue` on each
+    /// output row; `None` where the direct kernel does not run this convolution (a bias, a GPU,
+    /// another dtype, channels not a multiple of 8, or a depthwise or device kind).
+    fn direct(
+        &self,
+        x: &Tensor,
+        mean: bool,
+        epilogue: Option<super::direct::RowEpilogue>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let direct = self.bias.is_none()
             && x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && super::direct::handles(self.cout);
+        if !direct {
+            return Ok(None);
+        }
         match &self.kind {
-            ConvKind::Pointwise(wt) if direct => {
+            ConvKind::Pointwise(wt) => {
                 let (ws, wl) = wt.storage_and_layout();
                 let candle_core::Storage::Cpu(ws) = &*ws else {
                     candle_core::bail!("pointwise convolution: weight not on the CPU")
                 };
                 let weight = contiguous_f32(ws, wl, "pointwise convolution")?;
-                self.direct_mean(x, weight)
+                self.direct_with(x, weight, mean, epilogue).map(Some)
             }
-            ConvKind::Im2col(wt) if direct => self.direct_mean(x, wt),
-            _ => Ok((self.forward(x)?, None)),
+            ConvKind::Im2col(wt) => self.direct_with(x, wt, mean, epilogue).map(Some),
+            _ => Ok(None),
         }
     }
 
-    /// The direct kernel's convolution and mean of `x` with `weight` `[k*k*Cin, Cout]`.
-    fn direct_mean(&self, x: &Tensor, weight: &[f32]) -> Result<(Tensor, Option<Tensor>)> {
+    /// [`Conv::direct`] with the weight `[k*k*Cin, Cout]` at hand.
+    fn direct_with(
+        &self,
+        x: &Tensor,
+        weight: &[f32],
+        mean: bool,
+        epilogue: Option<super::direct::RowEpilogue>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let x = x.contiguous()?;
         let (b, h, w, c) = x.dims4()?;
         let (xs, xl) = x.storage_and_layout();
@@ -197,12 +284,13 @@ impl Conv {
             )
         }
         let (ho, wo) = shape.out();
-        let (out, mean) =
-            super::direct::conv_mean(contiguous_f32(xs, xl, "convolution")?, weight, shape);
+        let x = contiguous_f32(xs, xl, "convolution")?;
+        let (out, m) = super::direct::conv_then(x, weight, shape, mean, epilogue);
         let dev = candle_core::Device::Cpu;
         Ok((
             Tensor::from_vec(out, (b, ho, wo, self.cout), &dev)?,
-            Some(Tensor::from_vec(mean, (b, self.cout), &dev)?),
+            m.map(|m| Tensor::from_vec(m, (b, self.cout), &dev))
+                .transpose()?,
         ))
     }
 }
@@ -688,6 +776,41 @@ fn scale_shift_act(
     }
 }
 
+/// [`scale_shift_act`] in place on channels-last values `o` (with the residual `r` of the same
+/// length, if any): the same float operations, for a convolution's row epilogue.
+fn scale_shift_act_in_place(
+    o: &mut [f32],
+    r: Option<&[f32]>,
+    scale: &[f32],
+    shift: &[f32],
+    act: Act,
+) {
+    fn run(o: &mut [f32], r: Option<&[f32]>, scale: &[f32], shift: &[f32], f: impl Fn(f32) -> f32) {
+        let c = scale.len();
+        match r {
+            None => {
+                for op in o.chunks_exact_mut(c) {
+                    for ((o, s), t) in op.iter_mut().zip(scale).zip(shift) {
+                        *o = f(*o * s + t);
+                    }
+                }
+            }
+            Some(r) => {
+                for (op, rp) in o.chunks_exact_mut(c).zip(r.chunks_exact(c)) {
+                    for (((o, r), s), t) in op.iter_mut().zip(rp).zip(scale).zip(shift) {
+                        *o = f((*o * s + t) + r);
+                    }
+                }
+            }
+        }
+    }
+    match act {
+        Act::Identity => run(o, r, scale, shift, |v| v),
+        Act::Relu => run(o, r, scale, shift, |v| v.max(0.0)),
+        Act::Relu6 => run(o, r, scale, shift, |v| v.clamp(0.0, 6.0)),
+    }
+}
+
 /// [`ScaleShiftAct`] with a residual added before the activation: `act(x * scale + shift + r)`,
 /// rounded as `bn(x) + r` then `act` would be, in one pass instead of three.
 struct ScaleShiftAddAct<'a>(ScaleShiftAct<'a>);
@@ -893,6 +1016,63 @@ mod tests {
                 err < 1e-4,
                 "case {cin} {cout} {k} {stride} {groups} {h}x{w} (GPU layers {gpu_layers}): {err}"
             );
+        }
+    }
+
+    /// Convolution, batch norm, residual and activation as one call (the direct kernel's row
+    /// epilogue where it runs; else separate passes): the same bits as the separate passes, and
+    /// the mean of the convolution's own output.
+    #[test]
+    fn conv_with_batch_norm_equals_the_separate_passes() {
+        let dev = Device::Cpu;
+        // (cin, cout, k, stride, h, w): direct kernel (multiples of 8), and not (cout 6)
+        let cases = [
+            (16, 32, 3, 1, 9, 10),
+            (8, 24, 1, 1, 6, 5),
+            (16, 16, 3, 2, 11, 9),
+            (4, 6, 3, 1, 7, 8),
+        ];
+        for (cin, cout, k, stride, h, w) in cases {
+            let mut t = HashMap::new();
+            let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            t.insert("c.weight".to_string(), rand(&[cout, cin, k, k]));
+            t.insert("bn.weight".to_string(), rand(&[cout]));
+            t.insert("bn.bias".to_string(), rand(&[cout]));
+            t.insert("bn.running_mean".to_string(), rand(&[cout]));
+            t.insert("bn.running_var".to_string(), rand(&[cout]).abs().unwrap());
+            let mut p = Params::new(std::path::Path::new("test"), t);
+            let conv = Conv::new(&mut p, "c", cin, cout, k, stride, 1, false).unwrap();
+            let bn = BatchNorm::new(&mut p, "bn", cout, 1e-5).unwrap();
+            let x = rand(&[3, h, w, cin]);
+            let y = conv.forward(&x).unwrap();
+            let residual = rand(y.dims());
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            };
+            for act in [Act::Relu, Act::Relu6, Act::Identity] {
+                let (got, mean) = conv.forward_bn(&x, &bn, act, None, true).unwrap();
+                let want = bn.forward_act(&y, act).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{cin} {cout} {k} {act:?}");
+                let err = max_err(&mean.unwrap(), &y.mean((1, 2)).unwrap());
+                assert!(err < 1e-5, "{cin} {cout} {k}: mean off by {err}");
+                let (got, mean) = conv
+                    .forward_bn(&x, &bn, act, Some(&residual), false)
+                    .unwrap();
+                let want = bn.forward_add_act(&y, &residual, act).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{cin} {cout} {k} {act:?} residual");
+                assert!(mean.is_none());
+            }
+            // a residual of another shape is refused
+            let wrong = rand(&[3, 1, 1, cout]);
+            assert!(conv
+                .forward_bn(&x, &bn, Act::Relu, Some(&wrong), false)
+                .is_err());
         }
     }
 }

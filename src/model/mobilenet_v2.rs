@@ -184,9 +184,8 @@ impl MobileNetV2 {
         for b in &self.blocks {
             let mut y = x.clone();
             for u in &b.units {
-                let c = rec.conv(&u.tap, &u.conv, &y)?;
                 let act = if u.relu6 { Act::Relu6 } else { Act::Identity };
-                y = u.bn.forward_act(&c, act)?;
+                y = rec.conv_bn(&u.tap, &u.conv, &u.bn, act, None, &y)?;
             }
             x = if b.residual { (y + &x)? } else { y };
             rec.tap(&b.name, &x)?;

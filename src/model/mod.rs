@@ -344,6 +344,26 @@ impl Recorder {
         Ok(y)
     }
 
+    /// Runs `conv` on `x` as tap `name`, then `bn`, the `residual` if any and `act` (see
+    /// [`layers::Conv::forward_bn`]): the block's output, with the convolution's spatial mean
+    /// kept if recorded.
+    pub fn conv_bn(
+        &mut self,
+        name: &str,
+        conv: &layers::Conv,
+        bn: &layers::BatchNorm,
+        act: layers::Act,
+        residual: Option<&Tensor>,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let slot = self.slots.get(name).copied();
+        let (y, mean) = conv.forward_bn(x, bn, act, residual, slot.is_some())?;
+        if let (Some(i), Some(m)) = (slot, mean) {
+            self.out[i] = Some(m);
+        }
+        Ok(y)
+    }
+
     /// The recorded taps in the order asked for.
     pub fn finish(self) -> candle_core::Result<Vec<Tensor>> {
         self.out

@@ -116,12 +116,16 @@ impl ResNet {
 
     /// Forward pass of channels-last frames `[B, H, W, 3]`, recording taps.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        let y = rec.conv("conv1", &self.conv1, x)?;
-        let mut x = self.bn1.forward_act(&y, Act::Relu)?;
+        let mut x = rec.conv_bn("conv1", &self.conv1, &self.bn1, Act::Relu, None, x)?;
         for b in &self.blocks {
-            let y = rec.conv(&format!("{}.conv1", b.name), &b.conv1, &x)?;
-            let y = b.bn1.forward_act(&y, Act::Relu)?;
-            let y = rec.conv(&format!("{}.conv2", b.name), &b.conv2, &y)?;
+            let y = rec.conv_bn(
+                &format!("{}.conv1", b.name),
+                &b.conv1,
+                &b.bn1,
+                Act::Relu,
+                None,
+                &x,
+            )?;
             let short = match b.pad {
                 Some(pad) => {
                     let (n, h, w, c) = x.dims4()?;
@@ -135,7 +139,14 @@ impl ResNet {
                 }
                 None => x.clone(),
             };
-            x = b.bn2.forward_add_act(&y, &short, Act::Relu)?;
+            x = rec.conv_bn(
+                &format!("{}.conv2", b.name),
+                &b.conv2,
+                &b.bn2,
+                Act::Relu,
+                Some(&short),
+                &y,
+            )?;
             rec.tap(&b.name, &x)?;
         }
         let pooled = super::layers::spatial_mean(&x)?;

@@ -134,8 +134,7 @@ impl Unit {
 
     /// Conv (recorded), then batch norm and `act`.
     fn forward(&self, x: &Tensor, rec: &mut Recorder, act: Act) -> Result<Tensor> {
-        let y = rec.conv(&self.name, &self.conv, x)?;
-        self.bn.forward_act(&y, act)
+        rec.conv_bn(&self.name, &self.conv, &self.bn, act, None, x)
     }
 }
 
