@@ -527,6 +527,36 @@ mod tests {
         }
     }
 
+    /// The shape of a case `(b, h, w, c, cout, k, stride, pad)`, with a random input and
+    /// weight for it.
+    fn random_case(
+        (b, h, w, c, cout, k, stride, pad): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        rand: &mut impl FnMut() -> f32,
+    ) -> (Shape, Vec<f32>, Vec<f32>) {
+        let s = Shape {
+            b,
+            h,
+            w,
+            c,
+            cout,
+            k,
+            stride,
+            pad,
+        };
+        let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
+        let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+        (s, x, weight)
+    }
+
     /// A float64 reference convolution, summed in the same (ky, kx, cin) order.
     fn reference(x: &[f32], weight: &[f32], s: Shape) -> Vec<f64> {
         let (ho, wo) = s.out();
@@ -582,19 +612,9 @@ mod tests {
         ];
         let mut rand = uniform(12345);
         for isa in isas() {
-            for &(b, h, w, c, cout, k, stride, pad) in &cases {
-                let s = Shape {
-                    b,
-                    h,
-                    w,
-                    c,
-                    cout,
-                    k,
-                    stride,
-                    pad,
-                };
-                let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
-                let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+            for &case in &cases {
+                let (s, x, weight) = random_case(case, &mut rand);
+                let Shape { k, c, .. } = s;
                 let got = conv_with(isa, &x, &weight, s);
                 let want = reference(&x, &weight, s);
                 assert_eq!(got.len(), want.len(), "{isa:?} {s:?}");
@@ -615,23 +635,13 @@ mod tests {
     fn conv_mean_gives_the_output_and_its_spatial_mean() {
         let mut rand = uniform(4242);
         for isa in isas() {
-            for (b, h, w, c, cout, k, stride, pad) in [
+            for case in [
                 (3, 10, 9, 5, 24, 3, 1, 1),
                 (2, 7, 12, 16, 64, 3, 2, 1),
                 (2, 4, 4, 8, 16, 1, 1, 0),
             ] {
-                let s = Shape {
-                    b,
-                    h,
-                    w,
-                    c,
-                    cout,
-                    k,
-                    stride,
-                    pad,
-                };
-                let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
-                let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+                let (s, x, weight) = random_case(case, &mut rand);
+                let Shape { b, cout, .. } = s;
                 let (out, mean) = conv_mean_then_with(isa, &x, &weight, s, true, None);
                 let mean = mean.unwrap();
                 assert_eq!(out, conv_with(isa, &x, &weight, s), "{isa:?} {s:?}");
@@ -663,21 +673,8 @@ mod tests {
             return;
         }
         let mut rand = uniform(99);
-        for (b, h, w, c, cout, k, stride, pad) in
-            [(3, 9, 13, 16, 64, 3, 1, 1), (2, 8, 8, 160, 56, 1, 1, 0)]
-        {
-            let s = Shape {
-                b,
-                h,
-                w,
-                c,
-                cout,
-                k,
-                stride,
-                pad,
-            };
-            let x: Vec<f32> = (0..b * h * w * c).map(|_| rand()).collect();
-            let weight: Vec<f32> = (0..k * k * c * cout).map(|_| rand()).collect();
+        for case in [(3, 9, 13, 16, 64, 3, 1, 1), (2, 8, 8, 160, 56, 1, 1, 0)] {
+            let (s, x, weight) = random_case(case, &mut rand);
             let wide = conv_with(Isa::Avx512, &x, &weight, s);
             let narrow = conv_with(Isa::Avx2, &x, &weight, s);
             assert!(

@@ -716,8 +716,9 @@ impl CustomOp1 for ScaleShiftAct<'_> {
 }
 
 /// `act(x * scale + shift)`, or `act((x * scale + shift) + r)` with a residual `r`, per channel
-/// of channels-last `x` (`scale.len()` channels), in parallel blocks of 256 pixels. The output
-/// is written once, without zeroing it first, and the loop is compiled once per activation.
+/// of channels-last `x` (`scale.len()` channels), into a new vector, in parallel blocks of 256
+/// pixels: each block is copied (not zeroed first), then [`scale_shift_act_in_place`] runs on it
+/// while it is in cache.
 fn scale_shift_act(
     x: &[f32],
     r: Option<&[f32]>,
@@ -725,59 +726,32 @@ fn scale_shift_act(
     shift: &[f32],
     act: Act,
 ) -> Vec<f32> {
-    fn run(
-        x: &[f32],
-        r: Option<&[f32]>,
-        scale: &[f32],
-        shift: &[f32],
-        f: impl Fn(f32) -> f32 + Sync,
-    ) -> Vec<f32> {
-        let c = scale.len();
-        let block = c * 256;
-        let mut out: Vec<f32> = Vec::with_capacity(x.len());
-        out.spare_capacity_mut()[..x.len()]
-            .par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(i, o)| {
-                let xs = &x[i * block..][..o.len()];
-                match r {
-                    None => {
-                        for (op, xp) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                            for (((o, v), s), t) in op.iter_mut().zip(xp).zip(scale).zip(shift) {
-                                o.write(f(v * s + t));
-                            }
-                        }
-                    }
-                    Some(r) => {
-                        let rs = &r[i * block..][..o.len()];
-                        for ((op, xp), rp) in o
-                            .chunks_exact_mut(c)
-                            .zip(xs.chunks_exact(c))
-                            .zip(rs.chunks_exact(c))
-                        {
-                            for ((((o, v), r), s), t) in
-                                op.iter_mut().zip(xp).zip(rp).zip(scale).zip(shift)
-                            {
-                                o.write(f((v * s + t) + r));
-                            }
-                        }
-                    }
-                }
-            });
-        // SAFETY: the chunks cover x.len() elements and every one was written above (the
-        // channel count divides the length, checked by the callers)
-        unsafe { out.set_len(x.len()) };
-        out
-    }
-    match act {
-        Act::Identity => run(x, r, scale, shift, |v| v),
-        Act::Relu => run(x, r, scale, shift, |v| v.max(0.0)),
-        Act::Relu6 => run(x, r, scale, shift, |v| v.clamp(0.0, 6.0)),
-    }
+    use std::mem::MaybeUninit;
+    let c = scale.len();
+    let block = c * 256;
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(i, o)| {
+            // the block copied (while it is in cache), then the one in-place pass
+            let xs = &x[i * block..][..o.len()];
+            for (o, v) in o.iter_mut().zip(xs) {
+                o.write(*v);
+            }
+            // SAFETY: every element of the block was written just above
+            let o = unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let r = r.map(|r| &r[i * block..][..o.len()]);
+            scale_shift_act_in_place(o, r, scale, shift, act);
+        });
+    // SAFETY: the chunks cover x.len() elements and every one was written above
+    unsafe { out.set_len(x.len()) };
+    out
 }
 
-/// [`scale_shift_act`] in place on channels-last values `o` (with the residual `r` of the same
-/// length, if any): the same float operations, for a convolution's row epilogue.
+/// `act(o * scale + shift)`, or `act((o * scale + shift) + r)` with the residual `r` of the
+/// same length, in place on channels-last values `o`: the one loop of batch norm on the CPU,
+/// for [`scale_shift_act`] and for a convolution's row epilogue, compiled once per activation.
 fn scale_shift_act_in_place(
     o: &mut [f32],
     r: Option<&[f32]>,
