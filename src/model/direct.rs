@@ -153,14 +153,6 @@ pub fn conv_with(isa: Isa, x: &[f32], weight: &[f32], s: Shape) -> Vec<f32> {
 /// `[b * ho]` and its `wo * cout` values, changed in place while they are in cache.
 pub type RowEpilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
 
-/// [`conv`] and the spatial mean `[b, cout]` of its output, taken row by row as each output
-/// row is finished (while it is in cache) instead of in a second pass over the whole output:
-/// per row a sum in f64 over its pixels in order, then per frame the rows' sums in order.
-pub fn conv_mean(x: &[f32], weight: &[f32], s: Shape) -> (Vec<f32>, Vec<f32>) {
-    let (out, mean) = conv_then(x, weight, s, true, None);
-    (out, mean.expect("asked for the mean"))
-}
-
 /// [`conv_mean_then_with`] with [`isa`].
 pub fn conv_then(
     x: &[f32],
@@ -173,9 +165,11 @@ pub fn conv_then(
     conv_mean_then_with(isa, x, weight, s, mean, epilogue)
 }
 
-/// The convolution with the instruction set `isa`; with `mean`, also the spatial mean of its
-/// output as [`conv_mean`] takes it; then `epilogue` on each row (after the row's sums, so the
-/// mean is of the convolution's own output).
+/// The convolution with the instruction set `isa`; with `mean`, also the spatial mean
+/// `[b, cout]` of its output, taken row by row as each output row is finished (while it is in
+/// cache) instead of in a second pass over the whole output: per row a sum in f64 over its
+/// pixels in order, then per frame the rows' sums in order; then `epilogue` on each row (after
+/// the row's sums, so the mean is of the convolution's own output).
 pub fn conv_mean_then_with(
     isa: Isa,
     x: &[f32],

@@ -149,7 +149,7 @@ impl Conv {
     }
 
     /// [`Conv::forward`] and, where the direct kernel runs it (CPU, no bias), the spatial mean
-    /// `[B, Cout]` of its output taken as each output row is written ([`super::direct::conv_mean`]),
+    /// `[B, Cout]` of its output taken as each output row is written ([`super::direct::conv_then`]),
     /// which saves a pass over the whole output; `None` elsewhere, for the caller to take.
     pub fn forward_mean(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         match self.direct(x, true, None)? {
