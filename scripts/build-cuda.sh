@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds freqtag with the `cuda` feature on a machine without a GPU, for a GPU machine to run.
 #
-#   scripts/build-cuda.sh            -> target/cuda/release/freqtag
+#   scripts/build-cuda.sh            -> target/cuda/release/freqtag, with cuDNN's convolutions
+#   FREQTAG_FEATURES=cuda scripts/build-cuda.sh      the same without cuDNN
 #
 # CUDA's compiler and libraries come from PyPI into .cuda-toolchain/ (about 1.2 GB, once).
 # The version is pinned to CUDA 13.0 (CUDA_PIP_VERSION) so that the PTX it writes loads on
 # drivers from 580 on; set CUDA_COMPUTE_CAP for the card (90 = H100/H200, the default).
 # libcuda.so comes with the driver on the GPU machine; here the linker gets a stub with the
 # same soname, built from the driver functions cudarc declares. At run time the binary needs
-# libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 and libcudart.so.13
-# on LD_LIBRARY_PATH (PyTorch's cu13 wheels carry them; scripts/gpu-check.sh finds them).
+# libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13 and
+# (with cuDNN) libcudnn.so.9 on LD_LIBRARY_PATH (PyTorch's cu13 wheels carry them; scripts/gpu-check.sh finds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${CUDA_TOOLCHAIN:-$PWD/.cuda-toolchain}
@@ -34,10 +35,15 @@ CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail
 grep -ohE 'pub unsafe fn cu[A-Za-z0-9_]+\(' "$CUDARC/src/driver/sys/mod.rs" |
     sed -E 's/pub unsafe fn (cu[A-Za-z0-9_]+)\(/int \1(void) { return 999; }/' | sort -u >"$LINK/cuda_stub.c"
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/cuda_stub.c"
+# cuDNN (the `cudnn` feature, on by default here): a stub of the same kind, soname libcudnn.so.9;
+# the GPU machine's own cuDNN 9 (PyTorch's wheels carry one) is loaded at run time
+grep -ohE 'pub unsafe fn cudnn[A-Za-z0-9_]+\(' "$CUDARC/src/cudnn/sys/mod.rs" |
+    sed -E 's/pub unsafe fn (cudnn[A-Za-z0-9_]+)\(/int \1(void) { return 999; }/' | sort -u >"$LINK/cudnn_stub.c"
+cc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$LINK/libcudnn.so" "$LINK/cudnn_stub.c"
 
 export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_ROOT=$CU CUDA_PATH=$CU
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export LIBRARY_PATH=$LINK${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="-L native=$LINK ${RUSTFLAGS:-}"
-cargo build --release --features cuda --target-dir target/cuda "$@"
+cargo build --release --features "${FREQTAG_FEATURES:-cudnn}" --target-dir target/cuda "$@"
 echo "build-cuda: target/cuda/release/freqtag (compute capability $CUDA_COMPUTE_CAP)" >&2

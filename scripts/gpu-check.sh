@@ -51,7 +51,7 @@ check() {
     [ -n "${FREQTAG_BIN:-}" ] || { xz -dc "$G/freqtag.xz" >"$bin" && chmod +x "$bin"; }
     if [ -z "${CUDA_LIBS:-}" ]; then
         CUDA_LIBS=$(find /opt /usr/local /usr/lib -name 'libcublas.so.13' -o -name 'libcurand.so.10' \
-            -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' -o -name 'libcublasLt.so.13' 2>/dev/null |
+            -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' -o -name 'libcublasLt.so.13' -o -name 'libcudnn.so.9' 2>/dev/null |
             xargs -r -n1 dirname | sort -u | paste -sd:)
     fi
     export LD_LIBRARY_PATH=$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -66,7 +66,7 @@ check() {
         echo "== $name"
         local t0=$SECONDS
         rm -rf "/tmp/runs/$name"
-        timeout "${STEP_TIMEOUT:-75}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level warn; local rc=$?
+        timeout "${STEP_TIMEOUT:-75}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level "${LOG_LEVEL:-warn}"; local rc=$?
         echo "$name: exit $rc in $((SECONDS - t0)) s"
         [ -f "/tmp/runs/$name/run.json" ] && $py -c "import json,sys; r=json.load(open('/tmp/runs/$name/run.json')); print(json.dumps({'run': '$name', 'images_per_s': r['images_per_s'], 'images': r['counts']['images_processed'], 'wall_s': r['wall_s'], 'peak_rss_mb': r['peak_rss_mb'], 'stage_seconds': r['stage_seconds']}))" | tee -a "$out/runs.jsonl"
         return $rc
@@ -91,14 +91,25 @@ check() {
     run quick-gpu $quick $wq --workers 2 --device $dev && err quick-cpu quick-gpu 1e-4
 
     echo "== 2. benchmark, f32, full spectra off (output.spectra = none, neurons off)"
+    # GPU utilisation once a second while the benchmark runs
+    nvidia-smi dmon -s um -d 1 >"$out/dmon.txt" 2>&1 &
+    local dmon=$!
     run bench-paper-gpu $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
     run bench-quick-gpu $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev
+    # candle's own convolution, batch norm and activation instead of cuDNN and the fused kernels
+    FREQTAG_NO_FUSED_GPU=1 run bench-paper-gpu-candle $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
+    # the CPU side (spectra, scores, Parquet) runs one worker per core: more workers, more of it
+    for w in ${SWEEP_WORKERS:-16}; do
+        run "bench-paper-gpu-w$w" $paper $wp $off $cifar $np --workers "$w" --device $dev
+        run "bench-quick-gpu-w$w" $quick $wq $off $inet $nq --workers "$w" --device $dev
+    done
+    kill "$dmon" 2>/dev/null
 
     echo "== 3. where the GPU time goes (FREQTAG_GPU_PROFILE, one worker)"
-    export FREQTAG_GPU_PROFILE=1
+    export FREQTAG_GPU_PROFILE=1 LOG_LEVEL=warn,freqtag::model::cuda_ops=debug
     run profile-paper $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
     run profile-quick $quick $wq $off $inet --set source.limit=40 --workers 1 --device $dev
-    unset FREQTAG_GPU_PROFILE
+    unset FREQTAG_GPU_PROFILE LOG_LEVEL
 
     echo "== 4. half precision against f32 on the GPU"
     for dt in bf16 f16; do
@@ -110,6 +121,8 @@ check() {
 
     echo "== 5. this machine's CPU, for the ratio"
     run bench-paper-cpu $paper $wp $off $cifar --set source.limit=500 --workers "$cores"
+    echo "== 6. cuDNN by itself on ResNet-32's convolutions (PyTorch; benches/cudnn_probe.py)"
+    timeout 90 $py benches/cudnn_probe.py 4096
     echo "== done"
 }
 

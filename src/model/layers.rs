@@ -25,6 +25,14 @@ enum ConvKind {
     /// one `[1, 1, 1, C]` weight per (ky, kx). (candle runs a grouped convolution as one
     /// convolution per channel.)
     Windows(Vec<Tensor>),
+    /// On a GPU with cuDNN, full or depthwise (the `usize` is the group count): NHWC in and
+    /// out, weight `[Cout, k, k, Cin/groups]` (see [`super::cuda_ops::CudnnConv`]).
+    #[cfg(feature = "cudnn")]
+    Cudnn(Tensor, usize),
+    /// On a CUDA GPU, depthwise: freqtag's kernel ([`super::cuda_ops::DepthwiseConv`]), f32
+    /// weight `[C, k*k]`.
+    #[cfg(feature = "cuda")]
+    GpuDepthwise(Tensor),
 }
 
 /// A 2-D convolution on channels-last input, zero padding `k/2` on every side (or none, see
@@ -75,6 +83,22 @@ impl Conv {
         } else {
             let (dev, dt) = (p.device().clone(), p.dtype());
             let to = |t: Tensor| t.to_device(&dev)?.to_dtype(dt);
+            // freqtag's own depthwise kernel (f32 weights whatever the dtype), cuDNN for the rest
+            #[cfg(feature = "cuda")]
+            let kind = match kind {
+                ConvKind::Depthwise(_) if dev.is_cuda() && super::cuda_ops::enabled() => {
+                    ConvKind::GpuDepthwise(weight.reshape((cout, k * k))?.to_device(&dev)?)
+                }
+                other => other,
+            };
+            #[cfg(feature = "cudnn")]
+            let kind = match kind {
+                ConvKind::Im2col(_) if dev.is_cuda() && super::cuda_ops::enabled() => {
+                    let w = weight.permute((0, 2, 3, 1))?.contiguous()?;
+                    ConvKind::Cudnn(to(w)?, groups)
+                }
+                other => other,
+            };
             let kind = match kind {
                 ConvKind::Pointwise(w) => ConvKind::Matmul(to(w)?),
                 ConvKind::Im2col(_) => ConvKind::Direct(to(weight)?),
@@ -141,6 +165,34 @@ impl Conv {
             ConvKind::Windows(ws) => super::profile::op("depthwise", x, || {
                 depthwise_windows(x, ws, self.k, self.stride, self.pad)
             })?,
+            #[cfg(feature = "cuda")]
+            ConvKind::GpuDepthwise(wt) => super::profile::op("depthwise", x, || {
+                let op = super::cuda_ops::DepthwiseConv {
+                    k: self.k,
+                    stride: self.stride,
+                    pad: self.pad,
+                };
+                if !op.fits(x.dims()) {
+                    candle_core::bail!(
+                        "depthwise convolution of {:?}: too large for one pass, lower \
+                         model.device_batch",
+                        x.dims()
+                    )
+                }
+                x.contiguous()?.apply_op2_no_bwd(wt, &op)
+            })?,
+            #[cfg(feature = "cudnn")]
+            ConvKind::Cudnn(wt, groups) => {
+                let name = if *groups == 1 { "conv" } else { "depthwise" };
+                super::profile::op(name, x, || {
+                    let op = super::cuda_ops::CudnnConv {
+                        stride: self.stride,
+                        pad: self.pad,
+                        groups: *groups,
+                    };
+                    x.contiguous()?.apply_op2_no_bwd(wt, &op)
+                })?
+            }
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
@@ -594,6 +646,13 @@ pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     } else {
         // in f32 whatever the compute dtype: a mean over thousands of f16 values loses digits
         let (b, h, w, c) = x.dims4()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_ops::enabled() {
+            return super::profile::op("spatial-mean", x, || {
+                x.contiguous()?
+                    .apply_op1_no_bwd(&super::cuda_ops::SpatialMean)
+            });
+        }
         super::profile::op("spatial-mean", x, || {
             x.to_dtype(candle_core::DType::F32)?
                 .reshape((b, h * w, c))?
@@ -686,6 +745,10 @@ pub struct BatchNorm {
     shift: Vec<f32>,
     /// `[1, 1, 1, C]` scale and shift on a GPU, in its dtype.
     on_device: Option<(Tensor, Tensor)>,
+    /// `[2, C]` f32 scale then shift on a CUDA device, for the fused kernel
+    /// ([`super::cuda_ops::ScaleShiftAct`]).
+    #[cfg(feature = "cuda")]
+    fused: Option<Tensor>,
 }
 
 /// The fused scale, shift and activation over contiguous channels-last f32.
@@ -837,10 +900,18 @@ impl BatchNorm {
             };
             Some((to(&scale)?, to(&shift)?))
         };
+        #[cfg(feature = "cuda")]
+        let fused = if p.device_layers() && p.device().is_cuda() && super::cuda_ops::enabled() {
+            Some(Tensor::stack(&[&scale, &shift], 0)?.to_device(p.device())?)
+        } else {
+            None
+        };
         Ok(BatchNorm {
             scale: scale.to_vec1::<f32>()?,
             shift: shift.to_vec1::<f32>()?,
             on_device,
+            #[cfg(feature = "cuda")]
+            fused,
         })
     }
 
@@ -866,6 +937,14 @@ impl BatchNorm {
                 .contiguous()?
                 .apply_op2_no_bwd(&residual.contiguous()?, &op);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(ss) = &self.fused {
+            return super::profile::op("batch-norm", x, || {
+                let op = super::cuda_ops::ScaleShiftAct(act);
+                x.contiguous()?
+                    .apply_op3_no_bwd(ss, &residual.contiguous()?, &op)
+            });
+        }
         act.on_tensor((self.forward(x)? + residual)?)
     }
 
@@ -874,6 +953,13 @@ impl BatchNorm {
         let Some((scale, shift)) = &self.on_device else {
             return x.contiguous()?.apply_op1_no_bwd(&self.cpu_op(act));
         };
+        #[cfg(feature = "cuda")]
+        if let Some(ss) = &self.fused {
+            return super::profile::op("batch-norm", x, || {
+                x.contiguous()?
+                    .apply_op2_no_bwd(ss, &super::cuda_ops::ScaleShiftAct(act))
+            });
+        }
         act.on_tensor(super::profile::op("batch-norm", x, || {
             x.broadcast_mul(scale)?.broadcast_add(shift)
         })?)

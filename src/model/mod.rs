@@ -5,6 +5,8 @@
 //! In: frames `[B, 3, H, W]`. Out: logits `[B, classes]` and, per recorded tap, `[B, channels]`.
 //! Inside, activations are channels-last (`[B, H, W, C]`): convolutions become matmuls.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
 pub mod device;
 pub mod direct;
 pub mod efficientnet_lite;

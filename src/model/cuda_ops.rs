@@ -1,0 +1,651 @@
+//! Fused operations for NVIDIA GPUs, on channels-last activations, where candle's own ops cost
+//! several passes over memory (built with the `cuda` feature; cuDNN with `cudnn`):
+//!
+//! - [`ScaleShiftAct`]: batch norm as `x * scale + shift`, an optional residual added, then the
+//!   activation, in one pass (candle: a broadcast multiply, a broadcast add, the add and the
+//!   activation, each a pass and an allocation). Compiled at run time with NVRTC, f32 only.
+//! - [`CudnnConv`] (`cudnn` feature): a convolution, full or depthwise, read and written in
+//!   channels-last (NHWC) form, with cuDNN's algorithm for the shape. candle's CUDA convolution
+//!   builds an im2col matrix and copies its output twice to get back to channels-last, and runs a
+//!   grouped convolution as one convolution per group. In f32 it computes in plain f32 FMA
+//!   (`CUDNN_FMA_MATH`): TF32 tensor cores, cuDNN's default on Ampere and later, round inputs to 10
+//!   bits of mantissa, far beyond the 1e-4 the spectra are held to. f16 and bf16 use tensor cores,
+//!   accumulating in f32.
+//!
+//! `FREQTAG_NO_FUSED_GPU=1` turns both off (candle's ops run instead), for comparison.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout};
+use candle_core::{Result, Shape};
+
+use super::layers::Act;
+
+/// Whether the fused GPU operations are on (`FREQTAG_NO_FUSED_GPU` unset or `0`).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FREQTAG_NO_FUSED_GPU").is_none_or(|v| v == "0"))
+}
+
+const KERNELS: &str = r#"
+// f16 and bf16 as 16-bit words, converted with PTX and bit operations: NVRTC gets no headers
+struct h16 { unsigned short v; };
+struct b16 { unsigned short v; };
+__device__ __forceinline__ float ld(const float* p, unsigned long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const h16* p, unsigned long long i) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].v)); return f;
+}
+__device__ __forceinline__ float ld(const b16* p, unsigned long long i) {
+    return __uint_as_float(((unsigned int)p[i].v) << 16);
+}
+__device__ __forceinline__ void st(float* p, unsigned long long i, float f) { p[i] = f; }
+__device__ __forceinline__ void st(h16* p, unsigned long long i, float f) {
+    unsigned short u; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f)); p[i].v = u;
+}
+__device__ __forceinline__ void st(b16* p, unsigned long long i, float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i].v = 0x7fc0; return; }
+    u += 0x7fffu + ((u >> 16) & 1u);   // round to nearest, ties to even
+    p[i].v = (unsigned short)(u >> 16);
+}
+
+// y = act(x * scale + shift [+ r]), channels last: ss holds c scales then c shifts
+template <typename T>
+__device__ void scale_shift_act(const T* x, const float* ss, const T* r, T* y,
+                                unsigned long long n, unsigned int c, int act) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (; i < n; i += step) {
+        // 32-bit remainder where the index fits: 64-bit division is emulated
+        unsigned int ch = n <= 0xffffffffULL ? (unsigned int)i % c : (unsigned int)(i % c);
+        float v = __fadd_rn(__fmul_rn(ld(x, i), ss[ch]), ss[c + ch]);
+        if (r != 0) v = __fadd_rn(v, ld(r, i));
+        if (act == 1) v = fmaxf(v, 0.0f);
+        else if (act == 2) v = fminf(fmaxf(v, 0.0f), 6.0f);
+        st(y, i, v);
+    }
+}
+
+// depthwise k x k, channels last: x [b, h, w, c], weight [c, k, k] (f32), y [b, ho, wo, c];
+// every index fits 32 bits (the host checks)
+template <typename T>
+__device__ void depthwise(const T* x, const float* wt, T* y, unsigned int b, unsigned int h,
+                          unsigned int w, unsigned int c, unsigned int ho, unsigned int wo,
+                          unsigned int k, unsigned int s, unsigned int p) {
+    unsigned int n = b * ho * wo * c;
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned int ch = i % c, pix = i / c;
+        unsigned int ox = pix % wo, t = pix / wo;
+        unsigned int oy = t % ho, bi = t / ho;
+        float acc = 0.0f;
+        for (unsigned int ky = 0; ky < k; ++ky) {
+            int iy = (int)(oy * s + ky) - (int)p;
+            if (iy < 0 || iy >= (int)h) continue;
+            for (unsigned int kx = 0; kx < k; ++kx) {
+                int ix = (int)(ox * s + kx) - (int)p;
+                if (ix < 0 || ix >= (int)w) continue;
+                acc = fmaf(ld(x, ((bi * h + (unsigned int)iy) * w + (unsigned int)ix) * c + ch),
+                           wt[(ch * k + ky) * k + kx], acc);
+            }
+        }
+        st(y, i, acc);
+    }
+}
+
+// mean over the hw pixels of x [b, hw, c] -> y [b, c] in f32, summed in f64 in a fixed order;
+// block (32 channels, 8 pixel lanes), grid (c / 32 rounded up, b)
+template <typename T>
+__device__ void spatial_mean(const T* x, float* y, unsigned int hw, unsigned int c) {
+    __shared__ double part[8][33];
+    unsigned int cl = threadIdx.x, g = threadIdx.y, ch = blockIdx.x * 32 + cl;
+    unsigned long long base = (unsigned long long)blockIdx.y * hw * c;
+    double sum = 0.0;
+    if (ch < c) {
+        for (unsigned int q = g; q < hw; q += 8) sum += (double)ld(x, base + (unsigned long long)q * c + ch);
+    }
+    part[g][cl] = sum;
+    __syncthreads();
+    if (g == 0 && ch < c) {
+        double t = 0.0;
+        for (int j = 0; j < 8; ++j) t += part[j][cl];
+        y[(unsigned long long)blockIdx.y * c + ch] = (float)(t / (double)hw);
+    }
+}
+
+#define INSTANCES(T, NAME) \
+extern "C" __global__ void scale_shift_act_##NAME(const T* x, const float* ss, const T* r, T* y, \
+        unsigned long long n, unsigned int c, int act) { scale_shift_act(x, ss, r, y, n, c, act); } \
+extern "C" __global__ void depthwise_##NAME(const T* x, const float* wt, T* y, unsigned int b, \
+        unsigned int h, unsigned int w, unsigned int c, unsigned int ho, unsigned int wo, \
+        unsigned int k, unsigned int s, unsigned int p) { depthwise(x, wt, y, b, h, w, c, ho, wo, k, s, p); } \
+extern "C" __global__ void spatial_mean_##NAME(const T* x, float* y, unsigned int hw, unsigned int c) { \
+        spatial_mean(x, y, hw, c); }
+INSTANCES(float, f32)
+INSTANCES(h16, f16)
+INSTANCES(b16, bf16)
+"#;
+
+/// The PTX of [`KERNELS`], compiled once per process.
+fn ptx() -> Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        cudarc::nvrtc::compile_ptx(KERNELS)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling freqtag's GPU kernels with NVRTC: {e:?}"))
+    })
+    .as_ref()
+    .map(|s| s.as_str())
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Kernel `{name}_{dtype}` of [`KERNELS`] on `dev`, and the stream to launch it on.
+fn kernel(dev: &CudaDevice, name: &str, dt: DType) -> Result<(CudaFunction, Arc<CudaStream>)> {
+    let suffix = match dt {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("{name}: {other:?} is not supported on the GPU"),
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "freqtag_kernels", ptx()?)?;
+    Ok((f.into_cuda_function(), dev.cuda_stream()))
+}
+
+/// One thread per element, at most 32 blocks of 256 per multiprocessor (grid-stride loops).
+fn flat(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launched(r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    r.map_err(|e| candle_core::Error::Msg(format!("launching a freqtag GPU kernel: {e:?}")))
+}
+
+/// The start offset of a contiguous layout.
+fn start(l: &Layout, what: &str) -> Result<usize> {
+    match l.contiguous_offsets() {
+        Some((a, _)) => Ok(a),
+        None => candle_core::bail!("{what}: contiguous input expected"),
+    }
+}
+
+/// Calls `$body` with `$t` the Rust type of `$dt` (f32, f16 or bf16).
+macro_rules! by_dtype {
+    ($dt:expr, $t:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("{other:?} is not supported by freqtag's GPU kernels"),
+        }
+    };
+}
+
+/// Batch norm as `x * scale + shift` (rounded as the CPU pass: a multiply, then an add), then an
+/// optional residual `r` added, then `act`; channels last, computed in f32 whatever the dtype.
+/// Applied as `x.apply_op2(&scale_shift, op)` (no residual) or
+/// `x.apply_op3(&scale_shift, &r, op)`, with `scale_shift` the `[2, C]` f32 scale and shift on
+/// the device.
+pub struct ScaleShiftAct(pub Act);
+
+impl ScaleShiftAct {
+    fn run(
+        &self,
+        x: (&CudaStorage, &Layout),
+        ss: (&CudaStorage, &Layout),
+        r: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.0.device().clone();
+        let shape = x.1.shape().clone();
+        let c = *shape.dims().last().unwrap_or(&1);
+        let n = shape.elem_count();
+        if ss.1.shape().elem_count() != 2 * c {
+            candle_core::bail!(
+                "scale-shift-act: {c} channels but {:?} scale and shift",
+                ss.1.shape()
+            )
+        }
+        if let Some((_, rl)) = r {
+            if rl.shape() != &shape {
+                candle_core::bail!("scale-shift-act: residual {:?} for {:?}", rl.shape(), shape)
+            }
+        }
+        let sss =
+            ss.0.as_cuda_slice::<f32>()?
+                .slice(start(ss.1, "scale-shift-act")?..);
+        let (func, stream) = kernel(&dev, "scale_shift_act", x.0.dtype())?;
+        let act: i32 = match self.0 {
+            Act::Identity => 0,
+            Act::Relu => 1,
+            Act::Relu6 => 2,
+        };
+        let (n64, c32) = (n as u64, c as u32);
+        let null: u64 = 0;
+        by_dtype!(x.0.dtype(), T => {
+            let xs = x.0.as_cuda_slice::<T>()?.slice(start(x.1, "scale-shift-act")?..);
+            let rs = match r {
+                Some((rs, rl)) => Some(rs.as_cuda_slice::<T>()?.slice(start(rl, "residual")?..)),
+                None => None,
+            };
+            // SAFETY: every element of `y` is written by the kernel before it is read.
+            let mut y = unsafe { dev.alloc::<T>(n)? };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&xs).arg(&sss);
+            match &rs {
+                Some(rs) => b.arg(rs),
+                None => b.arg(&null),
+            };
+            b.arg(&mut y).arg(&n64).arg(&c32).arg(&act);
+            // SAFETY: the arguments match the kernel; x, r and y hold n elements, ss 2c.
+            launched(unsafe { b.launch(flat(n)) }.map(|_| ()))?;
+            Ok((T::wrap_cuda_slice(y, dev), shape))
+        })
+    }
+}
+
+impl CustomOp2 for ScaleShiftAct {
+    fn name(&self) -> &'static str {
+        "scale-shift-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("scale-shift-act: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run((x, xl), (ss, sl), None)
+    }
+}
+
+impl CustomOp3 for ScaleShiftAct {
+    fn name(&self) -> &'static str {
+        "scale-shift-add-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("scale-shift-add-act: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run((x, xl), (ss, sl), Some((r, rl)))
+    }
+}
+
+/// Depthwise `k x k` convolution on channels-last `[B, H, W, C]` with f32 weight `[C, k, k]`
+/// (any shape of that many elements), zero padding `pad`: one thread per output element, reading
+/// its window along the contiguous channels. cuDNN's NHWC depthwise kernels ran at a tenth of the
+/// memory bandwidth on an H100.
+pub struct DepthwiseConv {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl DepthwiseConv {
+    /// Whether the kernel's 32-bit indices cover `x` `[B, H, W, C]`.
+    pub fn fits(&self, dims: &[usize]) -> bool {
+        let n: usize = dims.iter().product();
+        let [b, h, w, c] = [dims[0], dims[1], dims[2], dims[3]];
+        let (ho, wo) = self.out(h, w);
+        n < (1 << 31) && b * ho * wo * c < (1 << 31)
+    }
+
+    fn out(&self, h: usize, w: usize) -> (usize, usize) {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
+    }
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("depthwise-conv: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (b, h, wd, c) = xl.shape().dims4()?;
+        if wl.shape().elem_count() != c * self.k * self.k
+            || h + 2 * self.pad < self.k
+            || wd + 2 * self.pad < self.k
+            || !self.fits(xl.shape().dims())
+        {
+            candle_core::bail!(
+                "depthwise-conv: weight {:?} for input {:?}, kernel {}",
+                wl.shape(),
+                xl.shape(),
+                self.k
+            )
+        }
+        let (ho, wo) = self.out(h, wd);
+        let n = b * ho * wo * c;
+        let ws = w
+            .as_cuda_slice::<f32>()?
+            .slice(start(wl, "depthwise-conv")?..);
+        let (func, stream) = kernel(&dev, "depthwise", x.dtype())?;
+        let u = |v: usize| v as u32;
+        let dims = [b, h, wd, c, ho, wo, self.k, self.stride, self.pad].map(u);
+        by_dtype!(x.dtype(), T => {
+            let xs = x.as_cuda_slice::<T>()?.slice(start(xl, "depthwise-conv")?..);
+            // SAFETY: every element of `y` is written by the kernel before it is read.
+            let mut y = unsafe { dev.alloc::<T>(n)? };
+            let mut bld = stream.launch_builder(&func);
+            bld.arg(&xs).arg(&ws).arg(&mut y);
+            for d in &dims {
+                bld.arg(d);
+            }
+            // SAFETY: the arguments match the kernel; x, w and y hold what the dims say.
+            launched(unsafe { bld.launch(flat(n)) }.map(|_| ()))?;
+            Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, c))))
+        })
+    }
+}
+
+/// The spatial mean `[B, C]` in f32 of channels-last `[B, H, W, C]`, summed in f64 in a fixed
+/// order (as the CPU's direct kernel sums its rows), in one pass.
+pub struct SpatialMean;
+
+impl candle_core::CustomOp1 for SpatialMean {
+    fn name(&self) -> &'static str {
+        "spatial-mean"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("spatial-mean: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (b, h, w, c) = xl.shape().dims4()?;
+        if b > 65_535 {
+            candle_core::bail!("spatial-mean: {b} frames in one pass, at most 65 535")
+        }
+        let (func, stream) = kernel(&dev, "spatial_mean", x.dtype())?;
+        let (hw, c32) = ((h * w) as u32, c as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(32) as u32, b as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every element of `y` is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<f32>(b * c)? };
+        by_dtype!(x.dtype(), T => {
+            let xs = x.as_cuda_slice::<T>()?.slice(start(xl, "spatial-mean")?..);
+            let mut bld = stream.launch_builder(&func);
+            bld.arg(&xs).arg(&mut y).arg(&hw).arg(&c32);
+            // SAFETY: the arguments match the kernel; x holds b*hw*c elements, y b*c.
+            launched(unsafe { bld.launch(cfg) }.map(|_| ()))?;
+        });
+        Ok((f32::wrap_cuda_slice(y, dev), Shape::from((b, c))))
+    }
+}
+
+/// A convolution through cuDNN on channels-last input `[B, H, W, Cin]` with weight
+/// `[Cout, k, k, Cin/groups]` (cuDNN's NHWC filter layout), zero padding `pad`, giving
+/// `[B, Ho, Wo, Cout]`; `groups` is 1 or `Cin` (depthwise).
+#[cfg(feature = "cudnn")]
+pub struct CudnnConv {
+    pub stride: usize,
+    pub pad: usize,
+    pub groups: usize,
+}
+
+#[cfg(feature = "cudnn")]
+mod cudnn_conv {
+    use super::*;
+    use candle_core::cuda_backend::DeviceId;
+    use cudarc::cudnn::safe::{ConvForward, Cudnn};
+    use cudarc::cudnn::{sys, CudnnDataType};
+    use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+    type Algo = sys::cudnnConvolutionFwdAlgo_t;
+
+    thread_local! {
+        // handles are not Send; one per worker thread and device, like candle's
+        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+        // cuDNN's heuristic choice per shape, asked once
+        static ALGOS: RefCell<HashMap<(DType, [usize; 9]), Algo>> = RefCell::new(HashMap::new());
+    }
+
+    /// Workspace above this is refused: the heuristic's FFT choices can ask for gigabytes at
+    /// thousands of frames; implicit GEMM needs next to none. The precomputed-index GEMM,
+    /// cuDNN's choice for ResNet-32's 16-channel layers, takes 530 MB at 4 050 frames of 32x32;
+    /// with plain implicit GEMM there instead (a 256 MB cap), a pass's convolutions took 70 ms on
+    /// an H100, against 36 ms for PyTorch's (a workspace is freed when its convolution is done).
+    const MAX_WORKSPACE: usize = 1 << 30;
+
+    fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuDNN {what}: {e:?}"))
+    }
+
+    impl CudnnConv {
+        fn launch<T>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+            math: sys::cudnnMathType_t,
+        ) -> Result<(CudaStorage, Shape)>
+        where
+            T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + candle_core::WithDType,
+        {
+            let dev = x.0.device().clone();
+            let (b, h, wd, c) = x.1.shape().dims4()?;
+            let (co, kh, kw, cg) = w.1.shape().dims4()?;
+            if cg * self.groups != c || (self.groups != 1 && self.groups != co) {
+                candle_core::bail!(
+                    "cudnn-conv: weight {:?} for input {:?} in {} groups",
+                    w.1.shape(),
+                    x.1.shape(),
+                    self.groups
+                )
+            }
+            let (p, s) = (self.pad, self.stride);
+            if h + 2 * p < kh || wd + 2 * p < kw {
+                candle_core::bail!(
+                    "cudnn-conv: input {:?} smaller than the kernel",
+                    x.1.shape()
+                )
+            }
+            let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
+            let (Some((xo, _)), Some((wo_, _))) =
+                (x.1.contiguous_offsets(), w.1.contiguous_offsets())
+            else {
+                candle_core::bail!("cudnn-conv: contiguous input and weight expected")
+            };
+            let xs = T::as_cuda_slice(x.0)?.slice(xo..);
+            let ws = T::as_cuda_slice(w.0)?.slice(wo_..);
+            let handle = HANDLES.with(|hs| -> Result<Arc<Cudnn>> {
+                if let Some(h) = hs.borrow().get(&dev.id()) {
+                    return Ok(h.clone());
+                }
+                let h = Cudnn::new(dev.cuda_stream()).map_err(|e| err("handle", e))?;
+                hs.borrow_mut().insert(dev.id(), h.clone());
+                Ok(h)
+            })?;
+            let i = |v: usize| v as std::ffi::c_int;
+            let mut conv = handle
+                .create_conv2d::<f32>(
+                    [i(p), i(p)],
+                    [i(s), i(s)],
+                    [1, 1],
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                )
+                .map_err(|e| err("convolution", e))?;
+            conv.set_math_type(math).map_err(|e| err("math type", e))?;
+            conv.set_group_count(i(self.groups))
+                .map_err(|e| err("groups", e))?;
+            let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+            let xd = handle
+                .create_4d_tensor::<T>(nhwc, [i(b), i(c), i(h), i(wd)])
+                .map_err(|e| err("input", e))?;
+            let wdsc = handle
+                .create_4d_filter::<T>(nhwc, [i(co), i(cg), i(kh), i(kw)])
+                .map_err(|e| err("filter", e))?;
+            let yd = handle
+                .create_4d_tensor::<T>(nhwc, [i(b), i(co), i(ho), i(wo)])
+                .map_err(|e| err("output", e))?;
+            let fwd = ConvForward {
+                conv: &conv,
+                x: &xd,
+                w: &wdsc,
+                y: &yd,
+            };
+            // cuDNN's heuristic first, then the implicit GEMMs, which take any shape; the one that
+            // ran is kept for the shape
+            let key = (T::DTYPE, [b, h, wd, c, co, kh, s, p, self.groups]);
+            let cached = ALGOS.with(|a| a.borrow().get(&key).copied());
+            let candidates = match cached {
+                Some(a) => vec![a],
+                None => {
+                    let mut v: Vec<Algo> = fwd.pick_algorithm().into_iter().collect();
+                    v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM);
+                    v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+                    v
+                }
+            };
+            // SAFETY: every element of `y` is written by the convolution (beta = 0).
+            let mut y = unsafe { dev.alloc::<T>(b * ho * wo * co)? };
+            let stream = dev.cuda_stream();
+            let mut failed = Vec::new();
+            for algo in candidates {
+                let size = match fwd.get_workspace_size(algo) {
+                    Ok(size) if size <= MAX_WORKSPACE => size,
+                    Ok(size) => {
+                        failed.push(format!("{algo:?}: {size} bytes of workspace"));
+                        continue;
+                    }
+                    Err(e) => {
+                        failed.push(format!("{algo:?}: {e:?}"));
+                        continue;
+                    }
+                };
+                let mut workspace = stream
+                    .alloc_zeros::<u8>(size.max(1))
+                    .map_err(|e| err("alloc", e))?;
+                // SAFETY: the descriptors above describe xs, ws and y: NHWC, their dtype and dims.
+                let ran = unsafe {
+                    fwd.launch(
+                        algo,
+                        Some(&mut workspace),
+                        (T::from_f64(1.0), T::from_f64(0.0)),
+                        &xs,
+                        &ws,
+                        &mut y,
+                    )
+                };
+                match ran {
+                    Ok(()) => {
+                        if cached.is_none() {
+                            tracing::debug!(?key, ?algo, ?failed, "cuDNN convolution");
+                            ALGOS.with(|m| m.borrow_mut().insert(key, algo));
+                        }
+                        return Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, co))));
+                    }
+                    Err(e) => failed.push(format!("{algo:?}: {e:?}")),
+                }
+            }
+            Err(candle_core::Error::Msg(format!(
+                "cuDNN has no convolution for input {:?}, weight {:?}: {}",
+                x.1.shape(),
+                w.1.shape(),
+                failed.join("; ")
+            )))
+        }
+    }
+
+    impl CustomOp2 for CudnnConv {
+        fn name(&self) -> &'static str {
+            "cudnn-conv"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("cudnn-conv: the GPU convolution was called on the CPU")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            use sys::cudnnMathType_t as M;
+            match x.dtype() {
+                DType::F32 => self.launch::<f32>((x, xl), (w, wl), M::CUDNN_FMA_MATH),
+                DType::F16 => self.launch::<half::f16>((x, xl), (w, wl), M::CUDNN_TENSOR_OP_MATH),
+                DType::BF16 => self.launch::<half::bf16>((x, xl), (w, wl), M::CUDNN_TENSOR_OP_MATH),
+                other => candle_core::bail!("cudnn-conv: {other:?} is not supported"),
+            }
+        }
+    }
+}
