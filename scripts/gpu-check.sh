@@ -6,11 +6,14 @@
 #                                  images the check needs into gpu/ (about 40 MB, git-ignored)
 #   scripts/gpu-check.sh check     on the GPU machine, from the project root with gpu/ beside:
 #                                  GPU against CPU outputs, the benchmark, a one-worker
-#                                  profile, f16/bf16 against f32; everything goes to $OUT
-#                                  (or gpu-out/). About 3 minutes on an H100.
+#                                  profile, f16/bf16 against f32, cuDNN alone through PyTorch;
+#                                  everything goes to $OUT (or gpu-out/). About 2 minutes on an
+#                                  H100. PAPER_WORKERS, QUICK_WORKERS, SWEEP_WORKERS (more worker
+#                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
+#                                  (the A/B against candle's own ops) and SKIP_PROBE choose.
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
-# libraries cuBLAS, cuRAND, NVRTC and the runtime, for example from PyTorch's cu13 wheels:
+# libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
 # the check looks for them under /opt, /usr and /usr/local, or takes CUDA_LIBS=DIR:DIR.
 # Data: ../shared/data when preparing (see its README); the paper images and photos ship in data/.
 set -uo pipefail
@@ -97,7 +100,7 @@ check() {
     run bench-paper-gpu $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
     run bench-quick-gpu $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev
     # candle's own convolution, batch norm and activation instead of cuDNN and the fused kernels
-    FREQTAG_NO_FUSED_GPU=1 run bench-paper-gpu-candle $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
+    [ -n "${SKIP_CANDLE:-}" ] || FREQTAG_NO_FUSED_GPU=1 run bench-paper-gpu-candle $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
     # the CPU side (spectra, scores, Parquet) runs one worker per core: more workers, more of it
     for w in ${SWEEP_WORKERS:-16}; do
         run "bench-paper-gpu-w$w" $paper $wp $off $cifar $np --workers "$w" --device $dev
@@ -116,13 +119,17 @@ check() {
         run "paper-$dt" $paper $wp --workers 2 --device $dev --set model.dtype=$dt && err paper-gpu "paper-$dt"
         run "quick-$dt" $quick $wq --workers 2 --device $dev --set model.dtype=$dt && err quick-gpu "quick-$dt"
     done
-    run bench-paper-gpu-bf16 $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev --set model.dtype=bf16
-    run bench-quick-gpu-bf16 $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev --set model.dtype=bf16
+    for dt in ${BENCH_HALF:-bf16 f16}; do
+        run "bench-paper-gpu-$dt" $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev --set model.dtype=$dt
+        run "bench-quick-gpu-$dt" $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev --set model.dtype=$dt
+    done
 
     echo "== 5. this machine's CPU, for the ratio"
     run bench-paper-cpu $paper $wp $off $cifar --set source.limit=500 --workers "$cores"
-    echo "== 6. cuDNN by itself on ResNet-32's convolutions (PyTorch; benches/cudnn_probe.py)"
-    timeout 90 $py benches/cudnn_probe.py 4096
+    if [ -z "${SKIP_PROBE:-}" ]; then
+        echo "== 6. cuDNN by itself on ResNet-32's convolutions (PyTorch; benches/cudnn_probe.py)"
+        timeout 90 $py benches/cudnn_probe.py 4096
+    fi
     echo "== done"
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Plan;
 use crate::error::{Error, Result};
-use crate::score::{Acc, SCORE_NAMES};
+use crate::score::{Acc, Fixed, LIMBS, N_SCORES, SCORE_NAMES};
 use crate::sink::ScoreKey;
 use crate::source::Skipped;
 
@@ -57,8 +57,10 @@ pub struct Resumed {
     pub done: HashSet<String>,
     /// Inputs skipped by earlier attempts.
     pub skipped: Vec<Skipped>,
-    /// The committed `neurons` parts, whose rows seed the aggregates.
+    /// The committed `neurons` parts, whose rows seed the aggregates (`output.neurons` on).
     pub neuron_parts: Vec<PathBuf>,
+    /// The committed segments' sums (`output.neurons` off), which seed the aggregates.
+    pub sum_files: Vec<PathBuf>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -87,6 +89,11 @@ impl WorkDir {
     /// Where the tables are staged.
     pub fn tables(&self) -> PathBuf {
         self.root.join("tables")
+    }
+
+    /// Where the segments' sums are kept (`output.neurons` off).
+    pub fn sums_dir(&self) -> PathBuf {
+        self.root.join("sums")
     }
 
     /// The part name of `worker`'s segment `seg` in this attempt.
@@ -198,14 +205,27 @@ impl WorkDir {
                     .done
                     .extend(seg.skipped.iter().map(|s| s.id.clone()));
                 resumed.skipped.extend(seg.skipped);
+                let sums = w.sums_dir().join(sums_name(&seg.part));
                 let part = w.tables().join("neurons").join(&seg.part);
-                if part.is_file() {
+                if sums.is_file() {
+                    resumed.sum_files.push(sums);
+                } else if part.is_file() {
                     resumed.neuron_parts.push(part);
                 }
                 committed.insert(seg.part);
             }
         }
         resumed.neuron_parts.sort();
+        resumed.sum_files.sort();
+        if let Ok(entries) = std::fs::read_dir(w.sums_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let part = name.strip_suffix(".sums").unwrap_or("");
+                if !committed.contains(part) {
+                    std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+        }
         // parts no manifest line names were cut off by the crash
         for table in crate::sink::TABLES {
             let dir = w.tables().join(table);
@@ -242,6 +262,162 @@ impl WorkDir {
     pub fn remove(&self) -> Result<()> {
         std::fs::remove_dir_all(&self.root).map_err(io(&self.root))
     }
+}
+
+/// The sums file of the segment whose parts are named `part`.
+fn sums_name(part: &str) -> String {
+    format!("{part}.sums")
+}
+
+const SUMS_MAGIC: &[u8; 8] = b"FTSUMS02";
+
+/// Appends `f`'s limbs without the high ones that only repeat the sign: a count (u8), then
+/// that many little-endian limbs (a sum of values near 1 needs 3 of the 6).
+fn put_fixed(raw: &mut Vec<u8>, f: &Fixed) {
+    let limbs = f.limbs();
+    let ext = |n: usize| {
+        if n > 0 && limbs[n - 1] >> 63 == 1 {
+            u64::MAX
+        } else {
+            0
+        }
+    };
+    let n = (0..=LIMBS)
+        .find(|&n| limbs[n..].iter().all(|&l| l == ext(n)))
+        .unwrap_or(LIMBS);
+    raw.push(n as u8);
+    for l in &limbs[..n] {
+        raw.extend_from_slice(&l.to_le_bytes());
+    }
+}
+
+/// Writes one segment's sums (the exact [`Acc`] of each key its images added to) as
+/// `sums/{part}.sums`: zstd-compressed little-endian records, written to a temporary name,
+/// fsynced and renamed, so that a file under the final name is whole. The segment's manifest
+/// line is written after it; a resumed run reads the sums of committed segments back with
+/// [`aggregates`]. This replaces a staged `neurons` table (one row per neuron and term and image)
+/// when `output.neurons` is off: a file per chunk of images instead of rows per image.
+///
+/// A record: tap, channel, term (u32), a label flag (u8) and label (i64), the count of each
+/// score (i64), then the sum and the sum of squares of each score (see `put_fixed`).
+pub fn write_sums(work: &WorkDir, part: &str, sums: &[(ScoreKey, Acc)]) -> Result<()> {
+    let dir = work.sums_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let dest = dir.join(sums_name(part));
+    let tmp = dir.join(format!(".{}.tmp", sums_name(part)));
+    let mut raw = Vec::with_capacity(16 + sums.len() * (21 + N_SCORES * 8 + 2 * N_SCORES * 25));
+    raw.extend_from_slice(SUMS_MAGIC);
+    raw.extend_from_slice(&(sums.len() as u64).to_le_bytes());
+    for ((tap, channel, term, label), acc) in sums {
+        raw.extend_from_slice(&tap.to_le_bytes());
+        raw.extend_from_slice(&channel.to_le_bytes());
+        raw.extend_from_slice(&term.to_le_bytes());
+        raw.push(label.is_some() as u8);
+        raw.extend_from_slice(&label.unwrap_or(0).to_le_bytes());
+        for c in acc.count {
+            raw.extend_from_slice(&c.to_le_bytes());
+        }
+        for f in acc.sum.iter().chain(&acc.sumsq) {
+            put_fixed(&mut raw, f);
+        }
+    }
+    let packed = zstd::bulk::compress(&raw, 1).map_err(io(&tmp))?;
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&packed).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))
+}
+
+/// Reads the records of a sums file (after its magic and count) one field at a time.
+struct Reader<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let b = self.raw.get(self.at..self.at + n)?;
+        self.at += n;
+        Some(b)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+    fn fixed(&mut self) -> Option<Fixed> {
+        let n = self.u8()? as usize;
+        if n > LIMBS {
+            return None;
+        }
+        let mut limbs = [0u64; LIMBS];
+        for l in limbs.iter_mut().take(n) {
+            *l = self.u64()?;
+        }
+        if n > 0 && limbs[n - 1] >> 63 == 1 {
+            limbs[n..].fill(u64::MAX);
+        }
+        Some(Fixed::from_limbs(limbs))
+    }
+    fn record(&mut self) -> Option<(ScoreKey, Acc)> {
+        let (tap, channel, term) = (self.u32()?, self.u32()?, self.u32()?);
+        let has_label = self.u8()? == 1;
+        let label = self.u64()? as i64;
+        let mut acc = Acc::zero();
+        for c in acc.count.iter_mut() {
+            *c = self.u64()? as i64;
+        }
+        for f in acc.sum.iter_mut().chain(acc.sumsq.iter_mut()) {
+            *f = self.fixed()?;
+        }
+        Some(((tap, channel, term, has_label.then_some(label)), acc))
+    }
+}
+
+/// The sums of committed segments, added up by key into `out`.
+fn aggregates_from_sums(files: &[PathBuf], out: &mut HashMap<ScoreKey, Acc>) -> Result<()> {
+    for file in files {
+        let bad = |msg: &str| {
+            Error::Output {
+            file: file.clone(),
+            msg: format!(
+                "cannot resume from these committed sums: {msg}; remove the work folder {} to start over",
+                file.parent().and_then(Path::parent).unwrap_or(file).display()
+            ),
+        }
+        };
+        let packed = std::fs::read(file).map_err(io(file))?;
+        let raw = zstd::stream::decode_all(packed.as_slice()).map_err(|e| bad(&e.to_string()))?;
+        if raw.len() < 16 || &raw[..8] != SUMS_MAGIC {
+            return Err(bad("not a freqtag sums file of this version"));
+        }
+        let n = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
+        let mut r = Reader { raw: &raw, at: 16 };
+        for _ in 0..n {
+            let (key, acc) = r.record().ok_or_else(|| bad("truncated"))?;
+            out.entry(key).or_insert_with(Acc::zero).plus_equals(&acc);
+        }
+        if r.at != raw.len() {
+            return Err(bad("trailing bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// The aggregates of the images committed by earlier attempts, keyed as the dataflow keys them:
+/// from their segments' sums, or the rows of their `neurons` parts.
+pub fn aggregates(resumed: &Resumed, plan: &Plan) -> Result<HashMap<ScoreKey, Acc>> {
+    let mut out = aggregates_from_neurons(&resumed.neuron_parts, plan)?;
+    aggregates_from_sums(&resumed.sum_files, &mut out)?;
+    Ok(out)
 }
 
 /// The aggregates of the rows of committed `neurons` parts, keyed as the dataflow keys them.

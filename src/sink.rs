@@ -251,9 +251,10 @@ pub struct ImageTables {
 }
 
 impl ImageTables {
-    /// Opens the parts `name` of each table under `staging`. The neurons part is always
-    /// written (a resumed run recomputes the aggregates of committed images from it); it is
-    /// committed only when `output.neurons` is on.
+    /// Opens the parts `name` of each table under `staging` that the output has: spectra unless
+    /// `output.spectra = "none"`, neurons if `output.neurons` (without it, a resumed run takes
+    /// the aggregates of committed images from each segment's sums, see
+    /// [`crate::resume::write_sums`]), images.
     pub fn create(staging: &Path, name: &str, plan: Arc<Plan>) -> Result<Self> {
         let out = &plan.pipeline.output;
         Ok(ImageTables {
@@ -267,11 +268,10 @@ impl ImageTables {
                 let sp = &plan.pipeline.spectrum;
                 plan.terms.kept_bins(sp.skip + sp.neighbours)
             }),
-            neurons: Some(Part::create(
-                &staging.join("neurons"),
-                name,
-                neurons_schema(),
-            )?),
+            neurons: out
+                .neurons
+                .then(|| Part::create(&staging.join("neurons"), name, neurons_schema()))
+                .transpose()?,
             images: Part::create(&staging.join("images"), name, images_schema())?,
             plan,
         })

@@ -240,7 +240,7 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             });
         }
         let (work, resumed) = WorkDir::resume(&out, &plan)?;
-        let seeds = resume::aggregates_from_neurons(&resumed.neuron_parts, &plan)?;
+        let seeds = resume::aggregates(&resumed, &plan)?;
         let before = (resumed.done.len() - resumed.skipped.len()) as u64;
         tracing::info!(
             committed = before,

@@ -116,8 +116,6 @@ struct ChunkSums {
     all: Vec<Acc>,
     /// Each labelled image's scores, [`N_SCORES`] per (neuron, term) slot, NaN where absent.
     labelled: Vec<(i64, Vec<f64>)>,
-    /// Per-label sums handed in whole by [`ChunkSums::add`] (a resumed run's earlier images).
-    seeded: BTreeMap<ScoreKey, Acc>,
 }
 
 impl ChunkSums {
@@ -132,25 +130,11 @@ impl ChunkSums {
             offsets,
             all: vec![Acc::zero(); n],
             labelled: Vec::new(),
-            seeded: BTreeMap::new(),
         }
     }
 
     fn slot(&self, tap: u32, channel: u32, term: u32) -> usize {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
-    }
-
-    /// Adds `acc` under `key` (the sums of images committed by an earlier attempt).
-    fn add(&mut self, key: &ScoreKey, acc: &Acc) {
-        if key.3.is_some() {
-            self.seeded
-                .entry(*key)
-                .or_insert_with(Acc::zero)
-                .plus_equals(acc);
-        } else {
-            let i = self.slot(key.0, key.1, key.2);
-            self.all[i].plus_equals(acc);
-        }
     }
 
     /// Adds one image's scores to all images' sums, and keeps them for its label's if `label`.
@@ -211,11 +195,6 @@ impl ChunkSums {
                 }
             }
         }
-        for (k, acc) in std::mem::take(&mut self.seeded) {
-            if !acc.is_zero() {
-                emit(k, acc);
-            }
-        }
     }
 }
 
@@ -227,6 +206,9 @@ struct ChunkState {
     tables: Option<ImageTables>,
     images: Vec<String>,
     skipped: Vec<Skipped>,
+    /// Sums of the images committed by an earlier attempt (a resumed run's first chunk), emitted
+    /// with this chunk's but not part of its committed sums.
+    seeds: Vec<(ScoreKey, Acc)>,
 }
 
 impl ChunkState {
@@ -239,6 +221,7 @@ impl ChunkState {
             tables: None,
             images: Vec::new(),
             skipped: Vec::new(),
+            seeds: Vec::new(),
         }
     }
 
@@ -281,29 +264,66 @@ impl ChunkState {
         }
     }
 
-    /// Commits the chunk's parts and manifest line; returns its partial sums to emit.
-    fn commit(self, ctx: &WorkerCtx, time: u64) -> (Capability<u64>, ChunkSums) {
-        let part = match self.tables {
+    /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`
+    /// is off ([`crate::resume::write_sums`], collected in `buf`, whose capacity is kept from
+    /// chunk to chunk as fresh pages cost here), then its manifest line. Hands every sum to
+    /// `emit`, a resumed run's seeds included, and returns the chunk's sums table (emptied, for
+    /// the next chunk). A part or sums file that cannot be written leaves the segment
+    /// uncommitted, so that a resumed run does its images again (the run fails, naming the file).
+    fn commit(
+        self,
+        ctx: &WorkerCtx,
+        time: u64,
+        buf: &mut Vec<(ScoreKey, Acc)>,
+        mut emit: impl FnMut(ScoreKey, Acc),
+    ) -> ChunkSums {
+        let ChunkState {
+            mut partial,
+            tables,
+            images,
+            skipped,
+            seeds,
+            ..
+        } = self;
+        let name = ctx.work.part_name(ctx.index, time);
+        let mut ok = true;
+        let part = match tables {
             Some(t) => match t.finish() {
-                Ok(()) => ctx.work.part_name(ctx.index, time),
+                Ok(()) => name.clone(),
                 Err(e) => {
                     ctx.errors.borrow_mut().push(e.to_string());
+                    ok = false;
                     String::new()
                 }
             },
             None => String::new(),
         };
-        if !self.images.is_empty() || !self.skipped.is_empty() {
+        if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
+            buf.reserve(partial.all.len());
+            partial.drain(|k, acc| buf.push((k, acc)));
+            if ok {
+                if let Err(e) = crate::resume::write_sums(&ctx.work, &name, buf) {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    ok = false;
+                }
+            }
+        } else {
+            partial.drain(&mut emit);
+        }
+        if ok && (!images.is_empty() || !skipped.is_empty()) {
             let seg = Segment {
                 part,
-                images: self.images,
-                skipped: self.skipped,
+                images,
+                skipped,
             };
             if let Err(e) = ctx.work.commit_segment(ctx.index, &seg) {
                 ctx.errors.borrow_mut().push(e.to_string());
             }
         }
-        (self.cap, self.partial)
+        for (k, acc) in buf.drain(..).chain(seeds) {
+            emit(k, acc);
+        }
+        partial
     }
 }
 
@@ -490,12 +510,11 @@ pub(crate) fn run_worker(
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut spare: Vec<ChunkSums> = Vec::new();
+            let mut sums: Vec<(ScoreKey, Acc)> = Vec::new();
             if let Some(seeds) = seeds {
-                let mut sums = ChunkSums::new(&channels, terms);
-                for (k, acc) in seeds.iter() {
-                    sums.add(k, acc);
-                }
-                stash.insert(0, ChunkState::new(cap, sums));
+                let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
+                state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone())).collect();
+                stash.insert(0, state);
             }
             move |(input, frontier), output| {
                 let started = Instant::now();
@@ -524,9 +543,10 @@ pub(crate) fn run_worker(
                     .collect();
                 for time in finished {
                     if let Some(state) = stash.remove(&time) {
-                        let (cap, mut partial) = state.commit(&c, time);
+                        let cap = state.cap.clone();
                         let mut session = output.session(&cap);
-                        partial.drain(|k, acc| session.give((k, time, acc)));
+                        let partial = state
+                            .commit(&c, time, &mut sums, |k, acc| session.give((k, time, acc)));
                         spare.push(partial);
                     }
                 }

@@ -24,11 +24,17 @@ pub const SCORE_NAMES: [&str; 9] = [
 /// Number of scores an [`Acc`] carries.
 pub const N_SCORES: usize = SCORE_NAMES.len();
 
-const LIMBS: usize = 6;
+/// 64-bit limbs of a [`Fixed`].
+pub const LIMBS: usize = 6;
 const FRAC_BITS: i32 = 128;
 /// Values with a magnitude at or above this (2^90) are not accumulated (counted as missing);
 /// their squares stay below 2^180, leaving 2^74 of headroom for the sums.
 pub const MAX_ABS: f64 = 1.2379400392853803e27;
+
+/// Whether [`Fixed`] holds `v`: finite and `|v| < 2^90`.
+fn representable(v: f64) -> bool {
+    v.is_finite() && v.abs() < MAX_ABS
+}
 
 /// A signed 384-bit fixed-point number, `limbs` little-endian two's complement.
 #[derive(
@@ -42,7 +48,7 @@ impl Fixed {
     /// The fixed-point value of `v` (truncated below 2^-128), or `None` if `v` is not finite or
     /// `|v| >= 2^90`.
     pub fn from_f64(v: f64) -> Option<Fixed> {
-        if !v.is_finite() || v.abs() >= MAX_ABS {
+        if !representable(v) {
             return None;
         }
         if v == 0.0 {
@@ -73,6 +79,73 @@ impl Fixed {
             f.negate();
         }
         Some(f)
+    }
+
+    /// Adds the fixed-point value of `v` in place, exactly as `add(&from_f64(v)?)` but without
+    /// building and negating a whole number: the magnitude's (at most two) limbs are added, or
+    /// subtracted for a negative `v`, and the carry runs only as far as it must. Returns
+    /// `false`, adding nothing, where [`Fixed::from_f64`] gives `None`.
+    pub fn add_f64(&mut self, v: f64) -> bool {
+        if !representable(v) {
+            return false;
+        }
+        let bits = v.abs().to_bits();
+        let exp = ((bits >> 52) & 0x7ff) as i32;
+        let frac = bits & ((1u64 << 52) - 1);
+        let (mant, e) = if exp == 0 {
+            (frac, -1074)
+        } else {
+            (frac | (1u64 << 52), exp - 1075)
+        };
+        let shift = e + FRAC_BITS;
+        let (word, lo, hi) = if shift >= 0 {
+            let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
+            let wide = (mant as u128) << bit;
+            (word, wide as u64, (wide >> 64) as u64)
+        } else if shift > -64 {
+            (0, mant >> (-shift), 0)
+        } else {
+            return true;
+        };
+        // |v| < 2^90 puts the magnitude below bit 218: word + 1 < LIMBS
+        let sub = v < 0.0;
+        let mut carry = false;
+        for (i, x) in [(word, lo), (word + 1, hi)] {
+            let (a, c1) = if sub {
+                self.limbs[i].overflowing_sub(x)
+            } else {
+                self.limbs[i].overflowing_add(x)
+            };
+            let (a, c2) = if sub {
+                a.overflowing_sub(carry as u64)
+            } else {
+                a.overflowing_add(carry as u64)
+            };
+            self.limbs[i] = a;
+            carry = c1 || c2;
+        }
+        let mut i = word + 2;
+        while carry && i < LIMBS {
+            let (a, c) = if sub {
+                self.limbs[i].overflowing_sub(1)
+            } else {
+                self.limbs[i].overflowing_add(1)
+            };
+            self.limbs[i] = a;
+            carry = c;
+            i += 1;
+        }
+        true
+    }
+
+    /// The limbs, little-endian two's complement, 128 fractional bits.
+    pub fn limbs(&self) -> [u64; LIMBS] {
+        self.limbs
+    }
+
+    /// The number with these limbs (as [`Fixed::limbs`] gives them).
+    pub fn from_limbs(limbs: [u64; LIMBS]) -> Fixed {
+        Fixed { limbs }
     }
 
     /// The nearest f64 (the limbs summed in f64, deterministic).
@@ -147,11 +220,12 @@ impl Acc {
     /// without building and adding a whole accumulator of mostly zero limbs.
     pub fn add_values(&mut self, values: &[Option<f64>]) {
         for (i, v) in values.iter().enumerate().take(N_SCORES) {
-            let Some(v) = v else { continue };
-            if let (Some(s), Some(q)) = (Fixed::from_f64(*v), Fixed::from_f64(v * v)) {
+            let Some(v) = *v else { continue };
+            let q = v * v;
+            if representable(v) && representable(q) {
                 self.count[i] += 1;
-                self.sum[i].add(&s);
-                self.sumsq[i].add(&q);
+                self.sum[i].add_f64(v);
+                self.sumsq[i].add_f64(q);
             }
         }
     }
@@ -253,6 +327,66 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_eq!(a.to_f64(), 2.0);
+    }
+
+    /// `add_f64` against building the number and adding it, from sums of either sign (so that
+    /// carries and borrows run through every limb), on values of every scale: subnormals,
+    /// values below 2^-128, both sides of each limb boundary, powers of two, the limit.
+    #[test]
+    fn add_f64_equals_adding_the_converted_value() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut values = vec![
+            0.0,
+            -0.0,
+            5e-324,
+            -5e-324,
+            1e-300,
+            2f64.powi(-128),
+            2f64.powi(-129),
+        ];
+        for e in [
+            -140, -129, -128, -127, -65, -64, -63, -1, 0, 1, 63, 64, 65, 88, 89,
+        ] {
+            let p = 2f64.powi(e);
+            values.extend([p, -p, p * (1.0 - f64::EPSILON), -p * 1.5]);
+        }
+        values.extend([
+            MAX_ABS * (1.0 - f64::EPSILON),
+            -MAX_ABS * 0.999,
+            MAX_ABS,
+            f64::NAN,
+        ]);
+        for _ in 0..20_000 {
+            let r = next();
+            let mant = f64::from_bits((r >> 12) | 0x3ff0_0000_0000_0000) - 1.0;
+            let scale = 2f64.powi((next() % 240) as i32 - 150);
+            values.push(if r & 1 == 1 {
+                -mant * scale
+            } else {
+                mant * scale
+            });
+        }
+        for start in [0.0, 1e20, -1e20, -2f64.powi(-100), 3.5] {
+            let (mut fast, mut slow) = (
+                Fixed::from_f64(start).unwrap(),
+                Fixed::from_f64(start).unwrap(),
+            );
+            for v in &values {
+                let added = fast.add_f64(*v);
+                let f = Fixed::from_f64(*v);
+                assert_eq!(added, f.is_some(), "{v}");
+                if let Some(f) = f {
+                    slow.add(&f);
+                }
+                assert_eq!(fast, slow, "after adding {v} to sums from {start}");
+            }
+        }
     }
 
     #[test]

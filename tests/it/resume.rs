@@ -1,5 +1,7 @@
 //! Resume: a run killed with SIGKILL at a random moment, or stopped with Ctrl-C, continues with
-//! --resume and ends with outputs equal to an uninterrupted run's; a changed pipeline refuses.
+//! --resume and ends with outputs equal to an uninterrupted run's, from its committed `neurons`
+//! parts or, with `output.neurons` off, from its committed chunk sums; a changed pipeline
+//! refuses.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -73,6 +75,79 @@ fn sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run() {
 #[test]
 fn ctrl_c_commits_what_is_in_flight_then_resume_completes() {
     interrupted_then_resumed("-INT", Duration::from_millis(2500));
+}
+
+/// Starts a run in `out` and sends it `signal` after `delay` (if it is still running); returns
+/// whether it left a work folder to resume.
+fn run_and_stop(w: &Path, out: &Path, extra: &[&str], signal: &str, delay: Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
+        .args(args(out, w, extra))
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    eprintln!("{signal} after {delay:?}: exit {:?}", status.code());
+    out.join(".freqtag").exists()
+}
+
+/// With `output.neurons` off no neurons rows are staged: each committed segment's sums are kept
+/// instead, and a run stopped twice (so that the second attempt also starts from the first's
+/// sums, and must not count them again) ends equal to an uninterrupted run.
+#[test]
+fn with_neurons_off_resume_from_the_chunk_sums_equals_an_uninterrupted_run() {
+    let Some(shared) = shared_data("resume from sums") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    // 24 images, so that the second attempt also commits chunks before it is stopped
+    let off = ["--set", "output.neurons=false", "--set", "source.limit=24"];
+    let whole = dir.path().join("whole");
+    let o = freqtag_args(&args(&whole, &w, &off));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let cut = dir.path().join("cut");
+    let mut resumable = run_and_stop(&w, &cut, &off, "-INT", Duration::from_millis(1500));
+    if resumable {
+        let work = cut.join(".freqtag");
+        let sums = std::fs::read_dir(work.join("sums"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let staged = std::fs::read_dir(work.join("tables/neurons"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(staged, 0, "neurons rows staged with output.neurons off");
+        eprintln!("first stop: {sums} sums files committed");
+        let mut again: Vec<&str> = off.to_vec();
+        again.push("--resume");
+        resumable = run_and_stop(&w, &cut, &again, "-INT", Duration::from_millis(1500));
+        if resumable {
+            let second = std::fs::read_dir(work.join("sums"))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("part-a01"))
+                        .count()
+                })
+                .unwrap_or(0);
+            eprintln!("second stop: {second} sums files committed by the second attempt");
+            let o = freqtag_args(&args(&cut, &w, &again));
+            assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        }
+    } else if !cut.join("scores").exists() {
+        let o = freqtag_args(&args(&cut, &w, &off));
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    }
+    assert!(!cut.join(".freqtag").exists() && !cut.join("neurons").exists());
+    run_python(
+        "python/compare_runs.py",
+        &[&whole.display().to_string(), &cut.display().to_string()],
+    );
 }
 
 #[test]

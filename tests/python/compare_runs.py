@@ -3,6 +3,7 @@ Used to check that results do not depend on the number of workers or processes. 
 folder (process-0/, process-1/, ...) is read as the union of its processes' tables.
 
 usage: python compare_runs.py OUT_A OUT_B [--amp-tol T]
+A table that neither folder has (spectra = "none", neurons off) is named and skipped.
 With --amp-tol, only the spectra are compared, each neuron's amplitudes within T of its largest
 amplitude (for runs that differ only in float rounding, such as frame de-duplication).
 """
@@ -41,7 +42,19 @@ if len(sys.argv) == 5 and sys.argv[3] == "--amp-tol":
         sys.exit(f"compare_runs: spectra differ by {err:.2e} of a neuron's peak (tolerance {tol})")
     print(f"compare_runs: spectra agree within {err:.2e} of each neuron's peak")
     sys.exit(0)
+def has(out, table):
+    import glob
+    import os
+
+    return os.path.isdir(f"{out}/{table}") or bool(glob.glob(f"{out}/process-*/{table}"))
+
+
 for table, keys in KEYS.items():
+    if not has(a, table) and not has(b, table):
+        print(f"compare_runs: {table} written by neither (the pipeline's output settings)")
+        continue
+    if has(a, table) != has(b, table):
+        sys.exit(f"compare_runs: {table} is in only one of {a} and {b}")
     x = read(a, table).sort_values(keys, na_position="first").reset_index(drop=True)
     y = read(b, table).sort_values(keys, na_position="first").reset_index(drop=True)
     if table == "spectra":
