@@ -481,13 +481,15 @@ pub(crate) fn run_worker(
         });
         let c = ctx.clone();
         let mut spectrum = Spectrum::new(plan.stimulus.frames, plan.pipeline.spectrum.window);
+        // the amplitude spectra are kept only for the spectra table
+        let keep = plan.pipeline.output.spectra != crate::config::SpectraMode::None;
         let analysed = recorded.map(move |(r, rec)| {
             let p = &c.plan;
             let out = rec.map(|rec| Analysed {
                 neurons: timed(
                     &c.times,
                     |t| &mut t.spectrum,
-                    || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames),
+                    || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames, keep),
                 ),
                 pred: rec.pred,
                 prob: rec.prob,

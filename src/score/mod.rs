@@ -34,13 +34,15 @@ pub struct NeuronResult {
     pub mean_snr_db: f64,
 }
 
-/// Spectra and scores of every neuron of a recording.
+/// Scores of every neuron of a recording, and its amplitude spectrum if `keep_amplitude` (the
+/// spectra table; empty otherwise).
 pub fn analyse(
     rec: &Recording,
     spectrum: &mut Spectrum,
     terms: &TermSet,
     nb: Neighbourhood,
     frames: usize,
+    keep_amplitude: bool,
 ) -> Vec<NeuronResult> {
     let mut out = Vec::new();
     let mut amp = vec![0.0f64; spectrum.bins()];
@@ -51,7 +53,11 @@ pub fn analyse(
             out.push(NeuronResult {
                 tap: t.tap as u32,
                 channel: ch as u32,
-                amplitude: amp.iter().map(|a| *a as f32).collect(),
+                amplitude: if keep_amplitude {
+                    amp.iter().map(|a| *a as f32).collect()
+                } else {
+                    Vec::new()
+                },
                 terms: score_terms(&amp, terms, nb),
                 mean_snr_db: authors_mean_snr_db(&amp, nb),
             });

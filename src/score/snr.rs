@@ -54,14 +54,18 @@ impl TermScores {
 }
 
 /// The neighbour bins of `k` within `1..=last`, or `None` if the window leaves that range.
-fn neighbours(k: usize, last: usize, nb: Neighbourhood) -> Option<Vec<usize>> {
+fn neighbours(
+    k: usize,
+    last: usize,
+    nb: Neighbourhood,
+) -> Option<impl Iterator<Item = usize> + Clone> {
     let reach = nb.skip + nb.n;
     if k < 1 + reach || k + reach > last {
         return None;
     }
     let left = (k - reach)..=(k - nb.skip - 1);
     let right = (k + nb.skip + 1)..=(k + reach);
-    Some(left.chain(right).collect())
+    Some(left.chain(right))
 }
 
 fn ratio(a: f64, b: f64) -> Option<f64> {
@@ -91,24 +95,23 @@ pub fn score_terms(amp: &[f64], terms: &TermSet, nb: Neighbourhood) -> Vec<TermS
                 baseline_corrected: None,
                 response_share: ratio(a, rms),
             };
+            // the neighbours are walked in place, several times, rather than gathered: one
+            // neuron's terms cost several allocations each, for thousands of neurons per image
             if let Some(bins) = neighbours(t.bin, last, nb) {
-                let vals: Vec<f64> = bins.iter().map(|b| amp[*b]).collect();
-                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let count = bins.clone().count();
+                let mean = bins.clone().map(|b| amp[b]).sum::<f64>() / count as f64;
                 s.snr = ratio(a, mean);
                 s.snr_db = db(s.snr);
                 s.baseline_corrected = Some(a - mean);
-                if vals.len() > 1 {
-                    let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
-                        / (vals.len() - 1) as f64;
+                if count > 1 {
+                    let var = bins.clone().map(|b| (amp[b] - mean).powi(2)).sum::<f64>()
+                        / (count - 1) as f64;
                     s.zscore = ratio(a - mean, var.sqrt());
                 }
-                let off: Vec<f64> = bins
-                    .iter()
-                    .filter(|b| !terms.lattice[**b])
-                    .map(|b| amp[*b])
-                    .collect();
-                if !off.is_empty() {
-                    let base = off.iter().sum::<f64>() / off.len() as f64;
+                let off = bins.filter(|b| !terms.lattice[*b]);
+                let n_off = off.clone().count();
+                if n_off > 0 {
+                    let base = off.map(|b| amp[b]).sum::<f64>() / n_off as f64;
                     s.snr_lattice = ratio(a, base);
                     s.snr_lattice_db = db(s.snr_lattice);
                 }
@@ -133,21 +136,28 @@ pub fn authors_mean_snr_db(amp: &[f64], nb: Neighbourhood) -> f64 {
     let (mut mant, mut exp2) = (1.0f64, 0i64);
     for j in 0..len {
         let mut sum = 0.0;
-        let mut count = 0usize;
-        let left = (j - skip - n).max(0)..(j - skip).max(0);
-        let right = (j + skip + 1).min(len)..(j + skip + 1 + n).min(len);
-        for i in left.chain(right) {
-            sum += s[i as usize];
-            count += 1;
+        let left = (j - skip - n).max(0) as usize..(j - skip).max(0) as usize;
+        let right = (j + skip + 1).min(len) as usize..(j + skip + 1 + n).min(len) as usize;
+        let count = left.len() + right.len();
+        // left, then right: the order of the sum as it was defined
+        for v in &s[left] {
+            sum += v;
+        }
+        for v in &s[right] {
+            sum += v;
         }
         let base = if count > 0 { sum / count as f64 } else { 0.0 };
         let snr = (s[j as usize] + GUARD) / (base + GUARD);
-        if snr > 1.0 && snr.is_finite() {
-            mant *= snr;
-            let bits = mant.to_bits();
-            exp2 += ((bits >> 52) & 0x7ff) as i64 - 1023;
-            mant = f64::from_bits((bits & !(0x7ff << 52)) | (1023 << 52));
-        }
+        // without a branch, which half the bins took at random: a factor of 1 changes nothing
+        let factor = if snr > 1.0 && snr.is_finite() {
+            snr
+        } else {
+            1.0
+        };
+        mant *= factor;
+        let bits = mant.to_bits();
+        exp2 += ((bits >> 52) & 0x7ff) as i64 - 1023;
+        mant = f64::from_bits((bits & !(0x7ff << 52)) | (1023 << 52));
     }
     let total = 10.0 * (mant.log10() + exp2 as f64 * std::f64::consts::LOG10_2);
     total / len as f64
