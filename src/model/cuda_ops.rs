@@ -1,18 +1,23 @@
-//! Fused operations for NVIDIA GPUs, on channels-last activations, where candle's own ops cost
-//! several passes over memory (built with the `cuda` feature; cuDNN with `cudnn`):
+//! freqtag's own GPU operations on channels-last activations, where candle's ops cost several
+//! passes over memory (built with the `cuda` feature; cuDNN with `cudnn`). Kernels are CUDA C in
+//! [`KERNELS`], compiled once per process with NVRTC, for f32, f16 and bf16 (computing in f32):
 //!
 //! - [`ScaleShiftAct`]: batch norm as `x * scale + shift`, an optional residual added, then the
 //!   activation, in one pass (candle: a broadcast multiply, a broadcast add, the add and the
-//!   activation, each a pass and an allocation). Compiled at run time with NVRTC, f32 only.
-//! - [`CudnnConv`] (`cudnn` feature): a convolution, full or depthwise, read and written in
-//!   channels-last (NHWC) form, with cuDNN's algorithm for the shape. candle's CUDA convolution
-//!   builds an im2col matrix and copies its output twice to get back to channels-last, and runs a
-//!   grouped convolution as one convolution per group. In f32 it computes in plain f32 FMA
-//!   (`CUDNN_FMA_MATH`): TF32 tensor cores, cuDNN's default on Ampere and later, round inputs to 10
-//!   bits of mantissa, far beyond the 1e-4 the spectra are held to. f16 and bf16 use tensor cores,
-//!   accumulating in f32.
+//!   activation, each a pass and an allocation);
+//! - [`DepthwiseConv`]: a depthwise convolution, one thread per output element (candle runs a
+//!   grouped convolution as one convolution per group; cuDNN's NHWC depthwise was slow too);
+//! - [`SpatialMean`]: the mean per frame and channel, summed in f64;
+//! - [`CudnnConv`] (`cudnn` feature): a full convolution through cuDNN, read and written in NHWC
+//!   form, with cuDNN's algorithm for the shape (candle's CUDA convolution builds an im2col
+//!   matrix and copies its output twice to get back to channels-last). In f32 it computes in
+//!   plain f32 FMA (`CUDNN_FMA_MATH`): TF32 tensor cores, cuDNN's default on Ampere and later,
+//!   round inputs to 10 bits of mantissa, far beyond the 1e-4 the spectra are held to. f16 and
+//!   bf16 use tensor cores, accumulating in f32.
 //!
-//! `FREQTAG_NO_FUSED_GPU=1` turns both off (candle's ops run instead), for comparison.
+//! None of this runs on the CPU, so the tests cannot reach it: `scripts/gpu-check.sh` compares a
+//! GPU run's outputs with the CPU's. `FREQTAG_NO_FUSED_GPU=1` turns it all off (candle's ops run
+//! instead), for comparison.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -446,7 +451,7 @@ impl candle_core::CustomOp1 for SpatialMean {
 
 /// A convolution through cuDNN on channels-last input `[B, H, W, Cin]` with weight
 /// `[Cout, k, k, Cin/groups]` (cuDNN's NHWC filter layout), zero padding `pad`, giving
-/// `[B, Ho, Wo, Cout]`; `groups` is 1 or `Cin` (depthwise).
+/// `[B, Ho, Wo, Cout]`; `groups` is 1 or `Cin` (depthwise; freqtag uses [`DepthwiseConv`]).
 #[cfg(feature = "cudnn")]
 pub struct CudnnConv {
     pub stride: usize,
