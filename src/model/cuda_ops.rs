@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
@@ -487,6 +487,25 @@ mod cudnn_conv {
         candle_core::Error::Msg(format!("cuDNN {what}: {e:?}"))
     }
 
+    /// The profile entry of a convolution shape, e.g. `cuDNN 4050x32x32 16->16 k3 s1`: made
+    /// once per shape and kept for the run (the profile's names are static).
+    fn profile_name(key: &(DType, [usize; 9])) -> &'static str {
+        static NAMES: std::sync::Mutex<Vec<((DType, [usize; 9]), &'static str)>> =
+            std::sync::Mutex::new(Vec::new());
+        let Ok(mut names) = NAMES.lock() else {
+            return "cuDNN";
+        };
+        if let Some((_, n)) = names.iter().find(|(k, _)| k == key) {
+            return n;
+        }
+        let [b, h, w, c, co, k, s, _, _] = key.1;
+        let name: &'static str = Box::leak(
+            format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0).into_boxed_str(),
+        );
+        names.push((*key, name));
+        name
+    }
+
     impl CudnnConv {
         fn launch<T>(
             &self,
@@ -591,6 +610,11 @@ mod cudnn_conv {
                 let mut workspace = stream
                     .alloc_zeros::<u8>(size.max(1))
                     .map_err(|e| err("alloc", e))?;
+                // with FREQTAG_GPU_PROFILE, cuDNN's own time per shape, apart from the set-up
+                // around it that the "conv" entry includes
+                let timer = crate::model::profile::enabled()
+                    .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
+                    .transpose()?;
                 // SAFETY: the descriptors above describe xs, ws and y: NHWC, their dtype and dims.
                 let ran = unsafe {
                     fwd.launch(
@@ -602,6 +626,10 @@ mod cudnn_conv {
                         &mut y,
                     )
                 };
+                if let Some(t) = timer {
+                    dev.synchronize()?;
+                    crate::model::profile::add(profile_name(&key), t.elapsed().as_secs_f64());
+                }
                 match ran {
                     Ok(()) => {
                         if cached.is_none() {
