@@ -36,6 +36,29 @@ fn representable(v: f64) -> bool {
     v.is_finite() && v.abs() < MAX_ABS
 }
 
+/// `|v|` in fixed point, truncated below 2^-128: `(word, lo, hi)`, its (at most) two non-zero
+/// limbs at `word` and `word + 1`; `None` where nothing is left above 2^-128.
+fn magnitude(v: f64) -> Option<(usize, u64, u64)> {
+    let bits = v.abs().to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    let frac = bits & ((1u64 << 52) - 1);
+    let (mant, e) = if exp == 0 {
+        (frac, -1074)
+    } else {
+        (frac | (1u64 << 52), exp - 1075)
+    };
+    let shift = e + FRAC_BITS;
+    if shift >= 0 {
+        let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
+        let wide = (mant as u128) << bit;
+        Some((word, wide as u64, (wide >> 64) as u64))
+    } else if shift > -64 {
+        Some((0, mant >> (-shift), 0))
+    } else {
+        None
+    }
+}
+
 /// A signed 384-bit fixed-point number, `limbs` little-endian two's complement.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -51,28 +74,12 @@ impl Fixed {
         if !representable(v) {
             return None;
         }
-        if v == 0.0 {
-            return Some(Fixed::default());
-        }
-        let bits = v.abs().to_bits();
-        let exp = ((bits >> 52) & 0x7ff) as i32;
-        let frac = bits & ((1u64 << 52) - 1);
-        let (mant, e) = if exp == 0 {
-            (frac, -1074)
-        } else {
-            (frac | (1u64 << 52), exp - 1075)
-        };
-        let shift = e + FRAC_BITS;
         let mut limbs = [0u64; LIMBS];
-        if shift >= 0 {
-            let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
-            let wide = (mant as u128) << bit;
-            limbs[word] = wide as u64;
+        if let Some((word, lo, hi)) = magnitude(v) {
+            limbs[word] = lo;
             if word + 1 < LIMBS {
-                limbs[word + 1] = (wide >> 64) as u64;
+                limbs[word + 1] = hi;
             }
-        } else if shift > -64 {
-            limbs[0] = mant >> (-shift);
         }
         let mut f = Fixed { limbs };
         if v < 0.0 {
@@ -89,22 +96,7 @@ impl Fixed {
         if !representable(v) {
             return false;
         }
-        let bits = v.abs().to_bits();
-        let exp = ((bits >> 52) & 0x7ff) as i32;
-        let frac = bits & ((1u64 << 52) - 1);
-        let (mant, e) = if exp == 0 {
-            (frac, -1074)
-        } else {
-            (frac | (1u64 << 52), exp - 1075)
-        };
-        let shift = e + FRAC_BITS;
-        let (word, lo, hi) = if shift >= 0 {
-            let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
-            let wide = (mant as u128) << bit;
-            (word, wide as u64, (wide >> 64) as u64)
-        } else if shift > -64 {
-            (0, mant >> (-shift), 0)
-        } else {
+        let Some((word, lo, hi)) = magnitude(v) else {
             return true;
         };
         // |v| < 2^90 puts the magnitude below bit 218: word + 1 < LIMBS

@@ -25,22 +25,8 @@ fn interrupted_then_resumed(signal: &str, delay: Duration) {
     let o = freqtag_args(&args(&whole, &w, &[]));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let cut = dir.path().join("cut");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
-        .args(args(&cut, &w, &[]))
-        .current_dir(root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    eprintln!("{signal} after {delay:?}: exit {:?}", status.code());
-    if signal == "-INT" && status.code() == Some(130) {
-        let err = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).to_string();
+    let (code, err) = run_and_stop(&w, &cut, &[], signal, delay);
+    if signal == "-INT" && code == Some(130) {
         assert!(err.contains("--resume"), "{err}");
     }
     if cut.join(".freqtag").exists() {
@@ -78,13 +64,19 @@ fn ctrl_c_commits_what_is_in_flight_then_resume_completes() {
 }
 
 /// Starts a run in `out` and sends it `signal` after `delay` (if it is still running); returns
-/// whether it left a work folder to resume.
-fn run_and_stop(w: &Path, out: &Path, extra: &[&str], signal: &str, delay: Duration) -> bool {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
+/// its exit code and what it printed on stderr.
+fn run_and_stop(
+    w: &Path,
+    out: &Path,
+    extra: &[&str],
+    signal: &str,
+    delay: Duration,
+) -> (Option<i32>, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
         .args(args(out, w, extra))
         .current_dir(root())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(delay);
@@ -92,9 +84,12 @@ fn run_and_stop(w: &Path, out: &Path, extra: &[&str], signal: &str, delay: Durat
         .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
-    let status = child.wait().unwrap();
-    eprintln!("{signal} after {delay:?}: exit {:?}", status.code());
-    out.join(".freqtag").exists()
+    let o = child.wait_with_output().unwrap();
+    eprintln!("{signal} after {delay:?}: exit {:?}", o.status.code());
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
 }
 
 /// With `output.neurons` off no neurons rows are staged: each committed segment's sums are kept
@@ -113,8 +108,8 @@ fn with_neurons_off_resume_from_the_chunk_sums_equals_an_uninterrupted_run() {
     let o = freqtag_args(&args(&whole, &w, &off));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let cut = dir.path().join("cut");
-    let mut resumable = run_and_stop(&w, &cut, &off, "-INT", Duration::from_millis(1500));
-    if resumable {
+    run_and_stop(&w, &cut, &off, "-INT", Duration::from_millis(1500));
+    if cut.join(".freqtag").exists() {
         let work = cut.join(".freqtag");
         let sums = std::fs::read_dir(work.join("sums"))
             .map(|d| d.count())
@@ -126,8 +121,8 @@ fn with_neurons_off_resume_from_the_chunk_sums_equals_an_uninterrupted_run() {
         eprintln!("first stop: {sums} sums files committed");
         let mut again: Vec<&str> = off.to_vec();
         again.push("--resume");
-        resumable = run_and_stop(&w, &cut, &again, "-INT", Duration::from_millis(1500));
-        if resumable {
+        run_and_stop(&w, &cut, &again, "-INT", Duration::from_millis(1500));
+        if cut.join(".freqtag").exists() {
             let second = std::fs::read_dir(work.join("sums"))
                 .map(|d| {
                     d.flatten()
