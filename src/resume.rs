@@ -421,7 +421,7 @@ pub fn aggregates(resumed: &Resumed, plan: &Plan) -> Result<HashMap<ScoreKey, Ac
 }
 
 /// The aggregates of the rows of committed `neurons` parts, keyed as the dataflow keys them.
-pub fn aggregates_from_neurons(parts: &[PathBuf], plan: &Plan) -> Result<HashMap<ScoreKey, Acc>> {
+fn aggregates_from_neurons(parts: &[PathBuf], plan: &Plan) -> Result<HashMap<ScoreKey, Acc>> {
     let taps: HashMap<&str, u32> = plan
         .taps
         .iter()
