@@ -10,7 +10,8 @@
 #                                  everything goes to $OUT (or gpu-out/). About 2 minutes on an
 #                                  H100. PAPER_WORKERS, QUICK_WORKERS, SWEEP_WORKERS (more worker
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
-#                                  (the A/B against candle's own ops) and SKIP_PROBE choose.
+#                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
+#                                  spinning while waiting for the GPU) and SKIP_PROBE choose.
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -101,6 +102,8 @@ check() {
     run bench-quick-gpu $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev
     # candle's own convolution, batch norm and activation instead of cuDNN and the fused kernels
     [ -n "${SKIP_CANDLE:-}" ] || FREQTAG_NO_FUSED_GPU=1 run bench-paper-gpu-candle $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
+    # workers waiting for the GPU spin instead of sleeping (the driver's default), for comparison
+    [ -n "${SKIP_SPIN:-}" ] || FREQTAG_GPU_SPIN=1 run bench-paper-gpu-spin $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
     # the CPU side (spectra, scores, Parquet) runs one worker per core: more workers, more of it
     for w in ${SWEEP_WORKERS:-16}; do
         run "bench-paper-gpu-w$w" $paper $wp $off $cifar $np --workers "$w" --device $dev

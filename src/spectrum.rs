@@ -109,24 +109,39 @@ impl Spectrum {
             return;
         }
         let m = self.n / 2;
-        for (i, b) in self.buf.iter_mut().enumerate() {
-            *b = Complex::new(
-                x[2 * i].into() * self.window[2 * i],
-                x[2 * i + 1].into() * self.window[2 * i + 1],
-            );
+        for ((b, v), w) in self
+            .buf
+            .iter_mut()
+            .zip(x.chunks_exact(2))
+            .zip(self.window.chunks_exact(2))
+        {
+            *b = Complex::new(v[0].into() * w[0], v[1].into() * w[1]);
         }
         self.fft
             .process_with_scratch(&mut self.buf, &mut self.scratch);
         // Z = FFT(even + i odd): E[k] = (Z[k] + conj Z[m-k]) / 2, O[k] = (Z[k] - conj Z[m-k]) / 2i,
-        // X[k] = E[k] + exp(-2 pi i k / N) O[k], with Z[m] = Z[0]
+        // X[k] = E[k] + exp(-2 pi i k / N) O[k], with Z[m] = Z[0]. The squared magnitudes go
+        // into `out` first and their roots after, in a loop of its own that vectorises.
         let z = &self.buf;
-        for (k, (o, t)) in out.iter_mut().zip(&self.twiddles).enumerate() {
-            let a = z[k % m];
-            let b = z[(m - k) % m].conj();
+        let bin = |a: Complex<f64>, b: Complex<f64>, t: &Complex<f64>| {
             let e = (a + b) * 0.5;
             let d = (a - b) * 0.5;
-            let odd = Complex::new(d.im, -d.re);
-            *o = norm(e + t * odd) / self.gain;
+            let c = e + t * Complex::new(d.im, -d.re);
+            c.re * c.re + c.im * c.im
+        };
+        let (first, last) = (z[0], z[0].conj());
+        out[0] = bin(first, last, &self.twiddles[0]);
+        out[m] = bin(first, last, &self.twiddles[m]);
+        for (((o, a), b), t) in out[1..m]
+            .iter_mut()
+            .zip(&z[1..m])
+            .zip(z[1..m].iter().rev())
+            .zip(&self.twiddles[1..m])
+        {
+            *o = bin(*a, b.conj(), t);
+        }
+        for o in out.iter_mut() {
+            *o = o.sqrt() / self.gain;
         }
     }
 

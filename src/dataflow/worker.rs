@@ -327,6 +327,166 @@ impl ChunkState {
     }
 }
 
+type Decoded = (ImageRef, std::result::Result<Vec<f32>, String>);
+type Recorded = (ImageRef, std::result::Result<Recording, String>);
+
+/// A chunk's decoded images waiting at the `Record` operator on the GPU path, and how many of
+/// its groups are at the device thread.
+struct Held {
+    cap: Capability<u64>,
+    items: Vec<Decoded>,
+    in_flight: usize,
+}
+
+impl Held {
+    fn new(cap: Capability<u64>) -> Self {
+        Held {
+            cap,
+            items: Vec::new(),
+            in_flight: 0,
+        }
+    }
+}
+
+/// One group's recordings, back from the device thread.
+struct Done {
+    time: u64,
+    recorded: Vec<Recorded>,
+    seconds: f64,
+}
+
+/// A worker's forward passes on a GPU, on a thread of their own: the worker hands it groups of
+/// decoded images (a pass's worth) through a channel and goes on analysing and writing the
+/// images before, while the thread builds the frames, runs the pass and waits for the GPU.
+/// Done synchronously, every worker alternated between waiting for its pass and working on
+/// the CPU, and the GPU idled while the workers were all on the CPU at once. The thread wakes
+/// the worker's `Record` operator when a group is done; dropping the feed ends the thread.
+struct DeviceFeed {
+    jobs: Option<crossbeam_channel::Sender<(u64, Vec<Decoded>)>>,
+    done: crossbeam_channel::Receiver<Done>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl DeviceFeed {
+    /// Groups at the device thread at once: one in its pass, one ready to start.
+    const AHEAD: usize = 2;
+
+    fn start(
+        worker: usize,
+        net: &Arc<Network>,
+        plan: &Arc<Plan>,
+        pre: crate::model::Preprocess,
+        wake: timely::scheduling::SyncActivator,
+    ) -> Self {
+        let (jobs, inbox) = crossbeam_channel::bounded::<(u64, Vec<Decoded>)>(Self::AHEAD);
+        let (outbox, done) = crossbeam_channel::unbounded::<Done>();
+        let (net, plan) = (net.clone(), plan.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("freqtag-w{worker}-gpu"))
+            .spawn(move || {
+                // the stimulus is uploaded by this thread, whose stream runs the passes
+                let stim = DeviceStimulus::new(&plan.stimulus, net.device())
+                    .map_err(|e| format!("inference failed: cannot upload the stimulus: {e}"));
+                for (time, items) in inbox {
+                    let started = Instant::now();
+                    let recorded = record_group(&net, &plan, pre, stim.as_ref(), items);
+                    let seconds = started.elapsed().as_secs_f64();
+                    let sent = outbox.send(Done {
+                        time,
+                        recorded,
+                        seconds,
+                    });
+                    if sent.is_err() || wake.activate().is_err() {
+                        break;
+                    }
+                }
+            });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(worker, error = %e, "cannot start the GPU thread");
+                None
+            }
+        };
+        DeviceFeed {
+            jobs: thread.as_ref().map(|_| jobs),
+            done,
+            thread,
+            in_flight: 0,
+        }
+    }
+
+    /// Hands a group to the device thread, or gives it back if the thread is gone.
+    fn send(&mut self, time: u64, group: Vec<Decoded>) -> std::result::Result<(), Vec<Decoded>> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(group);
+        };
+        match jobs.send((time, group)) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner().1),
+        }
+    }
+}
+
+impl Drop for DeviceFeed {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Several images through the network on the device in one go (see [`record_many`]);
+/// decoding errors pass through, and a failed pass fails each of its images with the reason.
+fn record_group(
+    net: &Network,
+    plan: &Plan,
+    pre: crate::model::Preprocess,
+    stim: std::result::Result<&DeviceStimulus, &String>,
+    items: Vec<Decoded>,
+) -> Vec<Recorded> {
+    let images: Vec<(&[f32], &str)> = items
+        .iter()
+        .filter_map(|(r, rgb)| rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str())))
+        .collect();
+    let frames = plan.pipeline.model.device_batch.max(1);
+    tracing::debug!(images = images.len(), "record: one group on the device");
+    let recs = stim.map_err(|e| e.clone()).and_then(|ds| {
+        record_many(
+            net,
+            &plan.taps,
+            &plan.stimulus,
+            pre,
+            &images,
+            frames,
+            Some(ds),
+        )
+        .map_err(|e| inference_error(&e, frames))
+    });
+    let mut recs = match recs {
+        Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) => vec![Err(e); images.len()],
+    }
+    .into_iter();
+    items
+        .into_iter()
+        .map(|(r, rgb)| {
+            let rec = match rgb {
+                Ok(_) => recs
+                    .next()
+                    .unwrap_or_else(|| Err("inference failed: no recording".into())),
+                Err(e) => Err(e),
+            };
+            (r, rec)
+        })
+        .collect()
+}
+
 /// Builds and drives one worker's dataflow.
 pub(crate) fn run_worker(
     worker: &mut timely::worker::Worker,
@@ -360,7 +520,6 @@ pub(crate) fn run_worker(
                 (r, rgb)
             });
         let (c, n) = (ctx.clone(), net.clone());
-        let (c2, n2) = (ctx.clone(), net.clone());
         // This worker's own rayon pool for the kernels of its forward passes: with the global
         // pool, every worker's parallel kernels queue on the same (cores / workers) threads, so
         // two workers ran no faster than one.
@@ -375,62 +534,34 @@ pub(crate) fn run_worker(
         // complete, then runs them through the network together: images arrive one by one, and
         // one image's 50 frames leave a GPU nearly idle.
         let gpu_path = !n.device().is_cpu() || gpu_path_on_cpu();
-        let device_stim = gpu_path.then(|| {
-            DeviceStimulus::new(&plan.stimulus, n.device())
-                .map_err(|e| format!("inference failed: cannot upload the stimulus: {e}"))
-        });
+        let (scope, net_g, plan_g) = (decoded.scope(), net.clone(), plan.clone());
         let per_pass = {
             let per_image = plan.stimulus.distinct_frames().0.len() + 1;
             (plan.pipeline.model.device_batch / per_image).max(1)
         };
-        type Decoded = (ImageRef, std::result::Result<Vec<f32>, String>);
-        type Recorded = (ImageRef, std::result::Result<Recording, String>);
-        let recorded = decoded.unary_frontier(Pipeline, "Record", move |_, _| {
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Decoded>)> = BTreeMap::new();
-            // several images on the device in one go; decoding errors pass through
-            let record_group = move |items: Vec<Decoded>| -> Vec<Recorded> {
-                let p = &c.plan;
-                let images: Vec<(&[f32], &str)> = items
-                    .iter()
-                    .filter_map(|(r, rgb)| rgb.as_ref().ok().map(|v| (v.as_slice(), r.id.as_str())))
-                    .collect();
-                let frames = p.pipeline.model.device_batch.max(1);
-                tracing::debug!(images = images.len(), "record: one group on the device");
-                let recs = timed(
-                    &c.times,
-                    |t| &mut t.forward,
-                    || {
-                        let ds = match &device_stim {
-                            Some(Ok(ds)) => ds,
-                            Some(Err(e)) => return Err(e.clone()),
-                            None => {
-                                return Err("inference failed: no stimulus on the device".into())
-                            }
-                        };
-                        record_many(&n, &p.taps, &p.stimulus, pre, &images, frames, Some(ds))
-                            .map_err(|e| inference_error(&e, frames))
-                    },
-                );
-                let mut recs = match recs {
-                    Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-                    Err(e) => vec![Err(e); images.len()],
-                }
-                .into_iter();
-                items
-                    .into_iter()
-                    .map(|(r, rgb)| {
-                        let rec = match rgb {
-                            Ok(_) => recs
-                                .next()
-                                .unwrap_or_else(|| Err("inference failed: no recording".into())),
-                            Err(e) => Err(e),
-                        };
-                        (r, rec)
-                    })
-                    .collect()
-            };
-            let (c, n) = (c2, n2);
+        let recorded = decoded.unary_frontier(Pipeline, "Record", move |_, info| {
+            // on the GPU path: groups of images go to this worker's device thread, and their
+            // recordings come back while the worker analyses and writes the ones before
+            let mut feed = gpu_path.then(|| {
+                let wake = scope.worker().sync_activator_for(info.address.to_vec());
+                DeviceFeed::start(index, &net_g, &plan_g, pre, wake)
+            });
+            let mut stash: BTreeMap<u64, Held> = BTreeMap::new();
             move |(input, frontier), output| {
+                if let Some(feed) = feed.as_mut() {
+                    // recordings back from the device thread, to the chunk they belong to
+                    while let Ok(done) = feed.done.try_recv() {
+                        feed.in_flight -= 1;
+                        c.times.borrow_mut().forward += done.seconds;
+                        if let Some(held) = stash.get_mut(&done.time) {
+                            held.in_flight -= 1;
+                            let mut session = output.session(&held.cap);
+                            for out in done.recorded {
+                                session.give(out);
+                            }
+                        }
+                    }
+                }
                 input.for_each(|cap, data| {
                     if gpu_path {
                         let Some(time) = cap.least().copied() else {
@@ -439,11 +570,11 @@ pub(crate) fn run_worker(
                         let held = match stash.entry(time) {
                             Entry::Occupied(e) => e.into_mut(),
                             Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
-                                Some(cap) => v.insert((cap, Vec::new())),
+                                Some(cap) => v.insert(Held::new(cap)),
                                 None => return,
                             },
                         };
-                        held.1.append(data);
+                        held.items.append(data);
                         return;
                     }
                     let mut session = output.session(&cap);
@@ -459,21 +590,35 @@ pub(crate) fn run_worker(
                         session.give((r, rec));
                     }
                 });
-                // full passes now; what is left of a chunk once the chunk is complete
+                let Some(feed) = feed.as_mut() else {
+                    return;
+                };
+                // full passes now, oldest chunk first, at most AHEAD groups at the device
+                // thread; what is left of a chunk once the chunk is complete
                 let times: Vec<u64> = stash.keys().copied().collect();
                 for time in times {
-                    let done = !frontier.frontier().less_equal(&time);
-                    if let Some((cap, items)) = stash.get_mut(&time) {
-                        while items.len() >= per_pass || (done && !items.is_empty()) {
-                            let group: Vec<Decoded> =
-                                items.drain(..per_pass.min(items.len())).collect();
-                            let mut session = output.session(&*cap);
-                            for out in record_group(group) {
-                                session.give(out);
+                    let complete = !frontier.frontier().less_equal(&time);
+                    let Some(held) = stash.get_mut(&time) else {
+                        continue;
+                    };
+                    while feed.in_flight < DeviceFeed::AHEAD
+                        && (held.items.len() >= per_pass || (complete && !held.items.is_empty()))
+                    {
+                        let take = per_pass.min(held.items.len());
+                        let group: Vec<Decoded> = held.items.drain(..take).collect();
+                        match feed.send(time, group) {
+                            Ok(()) => held.in_flight += 1,
+                            Err(lost) => {
+                                // the device thread is gone: its images fail, named
+                                let mut session = output.session(&held.cap);
+                                for (r, _) in lost {
+                                    let e = "inference failed: the GPU thread stopped".to_string();
+                                    session.give((r, Err(e)));
+                                }
                             }
                         }
                     }
-                    if done {
+                    if complete && held.items.is_empty() && held.in_flight == 0 {
                         stash.remove(&time);
                     }
                 }
@@ -579,6 +724,9 @@ pub(crate) fn run_worker(
     // Images of one chunk share a timestamp; at most IN_FLIGHT chunks are ahead of the
     // aggregation, and one image at a time is in the image-level stages. Ctrl-C (STOP) ends the feeding: the chunks in flight finish and commit.
     const IN_FLIGHT: u64 = 2;
+    // a worker with nothing to do sleeps until a message, its GPU thread or this long wakes it,
+    // rather than spinning on a core that the other workers' spectra and passes need
+    const PARK: std::time::Duration = std::time::Duration::from_millis(2);
     let mut n = 0u64;
     let mut interrupted = false;
     for r in images.iter().filter(|r| r.seq as usize % peers == index) {
@@ -597,12 +745,12 @@ pub(crate) fn run_worker(
             let c = n / chunk;
             input.advance_to(c);
             let wait = c.saturating_sub(IN_FLIGHT);
-            worker.step_while(|| probe.less_than(&wait));
+            worker.step_or_park_while(Some(PARK), || probe.less_than(&wait));
         }
     }
     drop(input);
     while !probe.with_frontier(|f| f.is_empty()) {
-        worker.step();
+        worker.step_or_park(Some(PARK));
     }
     let mut errs = ctx.errors.borrow().clone();
     if !interrupted {

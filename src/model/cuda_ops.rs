@@ -463,24 +463,42 @@ pub struct CudnnConv {
 mod cudnn_conv {
     use super::*;
     use candle_core::cuda_backend::DeviceId;
-    use cudarc::cudnn::safe::{ConvForward, Cudnn};
+    use cudarc::cudnn::safe::{
+        ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
+    };
     use cudarc::cudnn::{sys, CudnnDataType};
-    use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
     type Algo = sys::cudnnConvolutionFwdAlgo_t;
+    type Key = (DType, [usize; 10]);
+
+    /// What one convolution shape needs, made once per worker thread: the descriptors, the
+    /// algorithm that ran and the workspace it takes. Made per call, the descriptors and the
+    /// workspace queries cost host time on every one of a pass's convolutions.
+    struct Plan<T: CudnnDataType> {
+        conv: ConvDescriptor<f32>,
+        x: TensorDescriptor<T>,
+        w: FilterDescriptor<T>,
+        y: TensorDescriptor<T>,
+        algo: Option<(Algo, usize)>,
+    }
 
     thread_local! {
         // handles are not Send; one per worker thread and device, like candle's
         static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-        // cuDNN's heuristic choice per shape, asked once
-        static ALGOS: RefCell<HashMap<(DType, [usize; 9]), Algo>> = RefCell::new(HashMap::new());
+        // one plan per shape and dtype (a `Plan<T>` behind `Any`)
+        static PLANS: RefCell<HashMap<Key, Box<dyn std::any::Any>>> = RefCell::new(HashMap::new());
+        // one workspace per thread and device, grown to the largest a shape asked for and never
+        // cleared: cuDNN overwrites what it uses, and the thread's work runs in order on its own
+        // stream, so one convolution's scratch is done with before the next one's starts
+        static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
     }
 
     /// Workspace above this is refused: the heuristic's FFT choices can ask for gigabytes at
     /// thousands of frames; implicit GEMM needs next to none. The precomputed-index GEMM,
     /// cuDNN's choice for ResNet-32's 16-channel layers, takes 530 MB at 4 050 frames of 32x32;
     /// with plain implicit GEMM there instead (a 256 MB cap), a pass's convolutions took 70 ms on
-    /// an H100, against 36 ms for PyTorch's (a workspace is freed when its convolution is done).
+    /// an H100, against 36 ms for PyTorch's.
     const MAX_WORKSPACE: usize = 1 << 30;
 
     fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
@@ -489,8 +507,8 @@ mod cudnn_conv {
 
     /// The profile entry of a convolution shape, e.g. `cuDNN 4050x32x32 16->16 k3 s1`: made
     /// once per shape and kept for the run (the profile's names are static).
-    fn profile_name(key: &(DType, [usize; 9])) -> &'static str {
-        static NAMES: std::sync::Mutex<Vec<((DType, [usize; 9]), &'static str)>> =
+    fn profile_name(key: &Key) -> &'static str {
+        static NAMES: std::sync::Mutex<Vec<(Key, &'static str)>> =
             std::sync::Mutex::new(Vec::new());
         let Ok(mut names) = NAMES.lock() else {
             return "cuDNN";
@@ -498,7 +516,7 @@ mod cudnn_conv {
         if let Some((_, n)) = names.iter().find(|(k, _)| k == key) {
             return n;
         }
-        let [b, h, w, c, co, k, s, _, _] = key.1;
+        let [b, h, w, c, co, k, _, s, _, _] = key.1;
         let name: &'static str = Box::leak(
             format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0).into_boxed_str(),
         );
@@ -506,7 +524,66 @@ mod cudnn_conv {
         name
     }
 
+    /// The thread's workspace on `dev`, at least `size` bytes.
+    fn with_workspace<R>(
+        dev: &CudaDevice,
+        size: usize,
+        f: impl FnOnce(&mut CudaSlice<u8>) -> Result<R>,
+    ) -> Result<R> {
+        WORKSPACES.with(|ws| {
+            let mut ws = ws.borrow_mut();
+            let grow = ws.get(&dev.id()).is_none_or(|w| w.len() < size);
+            if grow {
+                ws.remove(&dev.id());
+                // SAFETY: a workspace is scratch that cuDNN writes before it reads.
+                let w = unsafe { dev.cuda_stream().alloc::<u8>(size.max(1)) }
+                    .map_err(|e| err("workspace", e))?;
+                ws.insert(dev.id(), w);
+            }
+            let w = ws.get_mut(&dev.id()).expect("inserted above");
+            f(w)
+        })
+    }
+
     impl CudnnConv {
+        fn plan<T: CudnnDataType>(
+            &self,
+            handle: &Arc<Cudnn>,
+            [b, h, wd, c, co, kh, kw, s, p, _]: [usize; 10],
+            math: sys::cudnnMathType_t,
+        ) -> Result<Plan<T>> {
+            let i = |v: usize| v as std::ffi::c_int;
+            let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
+            let mut conv = handle
+                .create_conv2d::<f32>(
+                    [i(p), i(p)],
+                    [i(s), i(s)],
+                    [1, 1],
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                )
+                .map_err(|e| err("convolution", e))?;
+            conv.set_math_type(math).map_err(|e| err("math type", e))?;
+            conv.set_group_count(i(self.groups))
+                .map_err(|e| err("groups", e))?;
+            let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+            let x = handle
+                .create_4d_tensor::<T>(nhwc, [i(b), i(c), i(h), i(wd)])
+                .map_err(|e| err("input", e))?;
+            let w = handle
+                .create_4d_filter::<T>(nhwc, [i(co), i(c / self.groups), i(kh), i(kw)])
+                .map_err(|e| err("filter", e))?;
+            let y = handle
+                .create_4d_tensor::<T>(nhwc, [i(b), i(co), i(ho), i(wo)])
+                .map_err(|e| err("output", e))?;
+            Ok(Plan {
+                conv,
+                x,
+                w,
+                y,
+                algo: None,
+            })
+        }
+
         fn launch<T>(
             &self,
             x: (&CudaStorage, &Layout),
@@ -514,7 +591,12 @@ mod cudnn_conv {
             math: sys::cudnnMathType_t,
         ) -> Result<(CudaStorage, Shape)>
         where
-            T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + candle_core::WithDType,
+            T: CudaDType
+                + DeviceRepr
+                + ValidAsZeroBits
+                + CudnnDataType
+                + candle_core::WithDType
+                + 'static,
         {
             let dev = x.0.device().clone();
             let (b, h, wd, c) = x.1.shape().dims4()?;
@@ -550,103 +632,98 @@ mod cudnn_conv {
                 hs.borrow_mut().insert(dev.id(), h.clone());
                 Ok(h)
             })?;
-            let i = |v: usize| v as std::ffi::c_int;
-            let mut conv = handle
-                .create_conv2d::<f32>(
-                    [i(p), i(p)],
-                    [i(s), i(s)],
-                    [1, 1],
-                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                )
-                .map_err(|e| err("convolution", e))?;
-            conv.set_math_type(math).map_err(|e| err("math type", e))?;
-            conv.set_group_count(i(self.groups))
-                .map_err(|e| err("groups", e))?;
-            let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-            let xd = handle
-                .create_4d_tensor::<T>(nhwc, [i(b), i(c), i(h), i(wd)])
-                .map_err(|e| err("input", e))?;
-            let wdsc = handle
-                .create_4d_filter::<T>(nhwc, [i(co), i(cg), i(kh), i(kw)])
-                .map_err(|e| err("filter", e))?;
-            let yd = handle
-                .create_4d_tensor::<T>(nhwc, [i(b), i(co), i(ho), i(wo)])
-                .map_err(|e| err("output", e))?;
-            let fwd = ConvForward {
-                conv: &conv,
-                x: &xd,
-                w: &wdsc,
-                y: &yd,
-            };
-            // cuDNN's heuristic first, then the implicit GEMMs, which take any shape; the one that
-            // ran is kept for the shape
-            let key = (T::DTYPE, [b, h, wd, c, co, kh, s, p, self.groups]);
-            let cached = ALGOS.with(|a| a.borrow().get(&key).copied());
-            let candidates = match cached {
-                Some(a) => vec![a],
-                None => {
-                    let mut v: Vec<Algo> = fwd.pick_algorithm().into_iter().collect();
-                    v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM);
-                    v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
-                    v
-                }
+            let key: Key = (T::DTYPE, [b, h, wd, c, co, kh, kw, s, p, self.groups]);
+            // the plan is taken out of the map while it is used and put back after, so the
+            // map is not borrowed across the launch
+            let plan = PLANS.with(|m| m.borrow_mut().remove(&key));
+            let mut plan: Box<Plan<T>> = match plan.map(|p| p.downcast::<Plan<T>>()) {
+                Some(Ok(p)) => p,
+                _ => Box::new(self.plan::<T>(&handle, key.1, math)?),
             };
             // SAFETY: every element of `y` is written by the convolution (beta = 0).
             let mut y = unsafe { dev.alloc::<T>(b * ho * wo * co)? };
-            let stream = dev.cuda_stream();
-            let mut failed = Vec::new();
-            for algo in candidates {
-                let size = match fwd.get_workspace_size(algo) {
-                    Ok(size) if size <= MAX_WORKSPACE => size,
-                    Ok(size) => {
-                        failed.push(format!("{algo:?}: {size} bytes of workspace"));
-                        continue;
-                    }
-                    Err(e) => {
-                        failed.push(format!("{algo:?}: {e:?}"));
-                        continue;
+            let ran = {
+                let fwd = ConvForward {
+                    conv: &plan.conv,
+                    x: &plan.x,
+                    w: &plan.w,
+                    y: &plan.y,
+                };
+                // cuDNN's heuristic first, then the implicit GEMMs, which take any shape; the
+                // one that ran is kept for the shape
+                let candidates = match plan.algo {
+                    Some((a, _)) => vec![a],
+                    None => {
+                        let mut v: Vec<Algo> = fwd.pick_algorithm().into_iter().collect();
+                        v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM);
+                        v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+                        v
                     }
                 };
-                let mut workspace = stream
-                    .alloc_zeros::<u8>(size.max(1))
-                    .map_err(|e| err("alloc", e))?;
-                // with FREQTAG_GPU_PROFILE, cuDNN's own time per shape, apart from the set-up
-                // around it that the "conv" entry includes
-                let timer = crate::model::profile::enabled()
-                    .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
-                    .transpose()?;
-                // SAFETY: the descriptors above describe xs, ws and y: NHWC, their dtype and dims.
-                let ran = unsafe {
-                    fwd.launch(
-                        algo,
-                        Some(&mut workspace),
-                        (T::from_f64(1.0), T::from_f64(0.0)),
-                        &xs,
-                        &ws,
-                        &mut y,
-                    )
-                };
-                if let Some(t) = timer {
-                    dev.synchronize()?;
-                    crate::model::profile::add(profile_name(&key), t.elapsed().as_secs_f64());
-                }
-                match ran {
-                    Ok(()) => {
-                        if cached.is_none() {
-                            tracing::debug!(?key, ?algo, ?failed, "cuDNN convolution");
-                            ALGOS.with(|m| m.borrow_mut().insert(key, algo));
+                let mut failed = Vec::new();
+                let mut ran = None;
+                for algo in candidates {
+                    let size = match plan.algo {
+                        Some((_, size)) => size,
+                        None => match fwd.get_workspace_size(algo) {
+                            Ok(size) if size <= MAX_WORKSPACE => size,
+                            Ok(size) => {
+                                failed.push(format!("{algo:?}: {size} bytes of workspace"));
+                                continue;
+                            }
+                            Err(e) => {
+                                failed.push(format!("{algo:?}: {e:?}"));
+                                continue;
+                            }
+                        },
+                    };
+                    // with FREQTAG_GPU_PROFILE, cuDNN's own time per shape, apart from the
+                    // set-up around it that the "conv" entry includes
+                    let timer = crate::model::profile::enabled()
+                        .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
+                        .transpose()?;
+                    let result = with_workspace(&dev, size, |workspace| {
+                        // SAFETY: the descriptors describe xs, ws and y: NHWC, their dtype and
+                        // dims (the plan's key holds every dim).
+                        Ok(unsafe {
+                            fwd.launch(
+                                algo,
+                                Some(workspace),
+                                (T::from_f64(1.0), T::from_f64(0.0)),
+                                &xs,
+                                &ws,
+                                &mut y,
+                            )
+                        })
+                    })?;
+                    if let Some(t) = timer {
+                        dev.synchronize()?;
+                        crate::model::profile::add(profile_name(&key), t.elapsed().as_secs_f64());
+                    }
+                    match result {
+                        Ok(()) => {
+                            if plan.algo.is_none() {
+                                tracing::debug!(?key, ?algo, size, ?failed, "cuDNN convolution");
+                            }
+                            ran = Some((algo, size));
+                            break;
                         }
-                        return Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, co))));
+                        Err(e) => failed.push(format!("{algo:?}: {e:?}")),
                     }
-                    Err(e) => failed.push(format!("{algo:?}: {e:?}")),
                 }
-            }
-            Err(candle_core::Error::Msg(format!(
-                "cuDNN has no convolution for input {:?}, weight {:?}: {}",
-                x.1.shape(),
-                w.1.shape(),
-                failed.join("; ")
-            )))
+                ran.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "cuDNN has no convolution for input {:?}, weight {:?}: {}",
+                        x.1.shape(),
+                        w.1.shape(),
+                        failed.join("; ")
+                    ))
+                })
+            };
+            let ran = ran?;
+            plan.algo = Some(ran);
+            PLANS.with(|m| m.borrow_mut().insert(key, plan));
+            Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, co))))
         }
     }
 

@@ -82,7 +82,7 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| {
+    let dev = Device::new_cuda(n).map_err(|e| {
         // candle appends a backtrace: the first line says what failed
         let e = e.to_string();
         let what = e.lines().next().unwrap_or_default().trim_end_matches('(').trim();
@@ -91,7 +91,53 @@ fn open_cuda(n: usize) -> Result<Device> {
                 "cuda:{n} could not be opened ({what}): check that `nvidia-smi` lists it, that the driver is 580 or newer (CUDA 13), and that libcublas, libcurand and libnvrtc of CUDA 13 are on LD_LIBRARY_PATH"
             ),
         }
-    })
+    })?;
+    if let Device::Cuda(d) = &dev {
+        tune_cuda(d);
+    }
+    Ok(dev)
+}
+
+/// Two settings of the CUDA context that suit many worker threads sharing one GPU, each
+/// skipped with a warning if the driver refuses it (neither changes a result):
+///
+/// - Threads waiting for the GPU sleep instead of spinning. With fewer contexts than CPU
+///   cores the driver spins by default, and a worker waiting for its pass then holds a core
+///   that the other workers' spectra and writes need (`FREQTAG_GPU_SPIN=1` keeps spinning).
+/// - The default memory pool keeps freed memory instead of handing it back to the driver at
+///   every synchronisation: candle allocates each op's output afresh, and a pass of thousands
+///   of frames frees and re-allocates hundreds of megabytes.
+#[cfg(feature = "cuda")]
+fn tune_cuda(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    if std::env::var_os("FREQTAG_GPU_SPIN").is_none_or(|v| v == "0") {
+        if let Err(e) = ctx.set_blocking_synchronize() {
+            tracing::warn!(error = ?e, "the GPU context kept spinning while waiting");
+        }
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: plain driver calls on the context's device with valid out-pointers.
+    let status = unsafe {
+        let s = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if s == sys::CUresult::CUDA_SUCCESS {
+            let mut keep = u64::MAX;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+        } else {
+            s
+        }
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!(
+            ?status,
+            "the GPU memory pool hands freed memory back to the driver"
+        );
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
