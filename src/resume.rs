@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Plan;
 use crate::error::{Error, Result};
-use crate::score::{Acc, Fixed, LIMBS, N_SCORES, SCORE_NAMES};
+use crate::score::{Acc, Fixed, LIMBS, SCORE_NAMES};
 use crate::sink::ScoreKey;
 use crate::source::Skipped;
 
@@ -291,24 +291,37 @@ fn put_fixed(raw: &mut Vec<u8>, f: &Fixed) {
     }
 }
 
-/// Writes one segment's sums (the exact [`Acc`] of each key its images added to) as
-/// `sums/{part}.sums`: zstd-compressed little-endian records, written to a temporary name,
-/// fsynced and renamed, so that a file under the final name is whole. The segment's manifest
-/// line is written after it; a resumed run reads the sums of committed segments back with
-/// [`aggregates`]. This replaces a staged `neurons` table (one row per neuron and term and image)
-/// when `output.neurons` is off: a file per chunk of images instead of rows per image.
+/// One segment's sums file (the exact [`Acc`] of each key its images added to), built as the
+/// sums are handed on to the aggregation ([`SumsFile::push`]), then written by
+/// [`SumsFile::finish`] as `sums/{part}.sums`: zstd-compressed little-endian records, written
+/// to a temporary name, fsynced and renamed, so that a file under the final name is whole. The
+/// segment's manifest line is written after it; a resumed run reads the sums of committed
+/// segments back with [`aggregates`]. This replaces a staged `neurons` table (one row per
+/// neuron and term and image) when `output.neurons` is off: a file per chunk of images instead
+/// of rows per image.
 ///
 /// A record: tap, channel, term (u32), a label flag (u8) and label (i64), the count of each
 /// score (i64), then the sum and the sum of squares of each score (see `put_fixed`).
-pub fn write_sums(work: &WorkDir, part: &str, sums: &[(ScoreKey, Acc)]) -> Result<()> {
-    let dir = work.sums_dir();
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let dest = dir.join(sums_name(part));
-    let tmp = dir.join(format!(".{}.tmp", sums_name(part)));
-    let mut raw = Vec::with_capacity(16 + sums.len() * (21 + N_SCORES * 8 + 2 * N_SCORES * 25));
-    raw.extend_from_slice(SUMS_MAGIC);
-    raw.extend_from_slice(&(sums.len() as u64).to_le_bytes());
-    for ((tap, channel, term, label), acc) in sums {
+pub struct SumsFile {
+    raw: Vec<u8>,
+    count: u64,
+}
+
+impl SumsFile {
+    /// An empty file, encoded into `buf` (cleared; pass the one [`SumsFile::finish`] gave back,
+    /// so that a chunk's tens of megabytes are not fresh pages every time).
+    pub fn new(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.extend_from_slice(SUMS_MAGIC);
+        // the record count, filled in by `finish`
+        buf.extend_from_slice(&0u64.to_le_bytes());
+        SumsFile { raw: buf, count: 0 }
+    }
+
+    /// Appends the record of `key`.
+    pub fn push(&mut self, key: &ScoreKey, acc: &Acc) {
+        let (tap, channel, term, label) = key;
+        let raw = &mut self.raw;
         raw.extend_from_slice(&tap.to_le_bytes());
         raw.extend_from_slice(&channel.to_le_bytes());
         raw.extend_from_slice(&term.to_le_bytes());
@@ -318,14 +331,26 @@ pub fn write_sums(work: &WorkDir, part: &str, sums: &[(ScoreKey, Acc)]) -> Resul
             raw.extend_from_slice(&c.to_le_bytes());
         }
         for f in acc.sum.iter().chain(&acc.sumsq) {
-            put_fixed(&mut raw, f);
+            put_fixed(raw, f);
         }
+        self.count += 1;
     }
-    let packed = zstd::bulk::compress(&raw, 1).map_err(io(&tmp))?;
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&packed).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))
+
+    /// Writes the file for the segment whose parts are named `part`; gives the encoding buffer
+    /// back for the next one.
+    pub fn finish(mut self, work: &WorkDir, part: &str) -> Result<Vec<u8>> {
+        let dir = work.sums_dir();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let dest = dir.join(sums_name(part));
+        let tmp = dir.join(format!(".{}.tmp", sums_name(part)));
+        self.raw[SUMS_MAGIC.len()..SUMS_MAGIC.len() + 8].copy_from_slice(&self.count.to_le_bytes());
+        let packed = zstd::bulk::compress(&self.raw, 1).map_err(io(&tmp))?;
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&packed).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        Ok(self.raw)
+    }
 }
 
 /// Reads the records of a sums file (after its magic and count) one field at a time.

@@ -254,7 +254,7 @@ impl ImageTables {
     /// Opens the parts `name` of each table under `staging` that the output has: spectra unless
     /// `output.spectra = "none"`, neurons if `output.neurons` (without it, a resumed run takes
     /// the aggregates of committed images from each segment's sums, see
-    /// [`crate::resume::write_sums`]), images.
+    /// [`crate::resume::SumsFile`]), images.
     pub fn create(staging: &Path, name: &str, plan: Arc<Plan>) -> Result<Self> {
         let out = &plan.pipeline.output;
         Ok(ImageTables {

@@ -179,6 +179,7 @@ pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::
             "skipped": s.skipped.len(),
         },
         "workers": s.workers,
+        "chunk": s.chunk,
         "threads_per_worker": super::threads_per_worker(),
         "wall_s": s.wall_s,
         "peak_rss_mb": s.peak_rss_mb,

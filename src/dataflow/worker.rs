@@ -265,16 +265,17 @@ impl ChunkState {
     }
 
     /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`
-    /// is off ([`crate::resume::write_sums`], collected in `buf`, whose capacity is kept from
-    /// chunk to chunk as fresh pages cost here), then its manifest line. Hands every sum to
-    /// `emit`, a resumed run's seeds included, and returns the chunk's sums table (emptied, for
-    /// the next chunk). A part or sums file that cannot be written leaves the segment
-    /// uncommitted, so that a resumed run does its images again (the run fails, naming the file).
+    /// is off (a [`crate::resume::SumsFile`], encoded into `buf` as the sums are handed on:
+    /// the buffer's capacity is kept from chunk to chunk, as fresh pages cost here), then its
+    /// manifest line. Hands every sum to `emit`, a resumed run's seeds included, and returns
+    /// the chunk's sums table (emptied, for the next chunk). A part or sums file that cannot be
+    /// written leaves the segment uncommitted, so that a resumed run does its images again; the
+    /// error, naming the file, fails the run, so the sums already handed on are never final.
     fn commit(
         self,
         ctx: &WorkerCtx,
         time: u64,
-        buf: &mut Vec<(ScoreKey, Acc)>,
+        buf: &mut Vec<u8>,
         mut emit: impl FnMut(ScoreKey, Acc),
     ) -> ChunkSums {
         let ChunkState {
@@ -299,12 +300,18 @@ impl ChunkState {
             None => String::new(),
         };
         if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
-            buf.reserve(partial.all.len());
-            partial.drain(|k, acc| buf.push((k, acc)));
+            let mut file = crate::resume::SumsFile::new(std::mem::take(buf));
+            partial.drain(|k, acc| {
+                file.push(&k, &acc);
+                emit(k, acc);
+            });
             if ok {
-                if let Err(e) = crate::resume::write_sums(&ctx.work, &name, buf) {
-                    ctx.errors.borrow_mut().push(e.to_string());
-                    ok = false;
+                match file.finish(&ctx.work, &name) {
+                    Ok(b) => *buf = b,
+                    Err(e) => {
+                        ctx.errors.borrow_mut().push(e.to_string());
+                        ok = false;
+                    }
                 }
             }
         } else {
@@ -320,7 +327,7 @@ impl ChunkState {
                 ctx.errors.borrow_mut().push(e.to_string());
             }
         }
-        for (k, acc) in buf.drain(..).chain(seeds) {
+        for (k, acc) in seeds {
             emit(k, acc);
         }
         partial
@@ -657,7 +664,7 @@ pub(crate) fn run_worker(
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut spare: Vec<ChunkSums> = Vec::new();
-            let mut sums: Vec<(ScoreKey, Acc)> = Vec::new();
+            let mut sums: Vec<u8> = Vec::new();
             if let Some(seeds) = seeds {
                 let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
                 state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone())).collect();

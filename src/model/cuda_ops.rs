@@ -599,6 +599,10 @@ mod cudnn_conv {
                 + 'static,
         {
             let dev = x.0.device().clone();
+            // with FREQTAG_GPU_PROFILE, the host's part apart: descriptors, algorithm, output
+            let setup = crate::model::profile::enabled()
+                .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
+                .transpose()?;
             let (b, h, wd, c) = x.1.shape().dims4()?;
             let (co, kh, kw, cg) = w.1.shape().dims4()?;
             if cg * self.groups != c || (self.groups != 1 && self.groups != co) {
@@ -642,6 +646,10 @@ mod cudnn_conv {
             };
             // SAFETY: every element of `y` is written by the convolution (beta = 0).
             let mut y = unsafe { dev.alloc::<T>(b * ho * wo * co)? };
+            if let Some(t) = setup {
+                dev.synchronize()?;
+                crate::model::profile::add("cuDNN set-up", t.elapsed().as_secs_f64());
+            }
             let ran = {
                 let fwd = ConvForward {
                     conv: &plan.conv,

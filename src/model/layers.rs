@@ -137,10 +137,13 @@ impl Conv {
             ConvKind::Pointwise(wt) if super::direct::handles(self.cout) => x
                 .contiguous()?
                 .apply_op1_no_bwd(&Pointwise { weight: wt })?,
-            ConvKind::Pointwise(wt) | ConvKind::Matmul(wt) => x
-                .reshape((b * h * w, c))?
-                .matmul(wt)?
-                .reshape((b, h, w, self.cout))?,
+            ConvKind::Pointwise(wt) | ConvKind::Matmul(wt) => {
+                super::profile::op("pointwise", x, || {
+                    x.reshape((b * h * w, c))?
+                        .matmul(wt)?
+                        .reshape((b, h, w, self.cout))
+                })?
+            }
             ConvKind::Im2col(wt) => x.contiguous()?.apply_op1_no_bwd(&ConvGemm {
                 weight: wt,
                 cout: self.cout,

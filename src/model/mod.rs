@@ -468,11 +468,17 @@ impl Network {
     /// recording taps into `rec`. The layers run channels-last, in the network's dtype; the
     /// logits come back in f32.
     pub fn forward(&self, x: &Tensor, rec: &mut Recorder) -> candle_core::Result<Tensor> {
-        let x = x
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?;
+        self.forward_nhwc(&x.permute((0, 2, 3, 1))?, rec)
+    }
+
+    /// [`Network::forward`] on channels-last input `[B, H, W, 3]`, the layout the layers work
+    /// in (frames built on a GPU come that way).
+    pub fn forward_nhwc(&self, x: &Tensor, rec: &mut Recorder) -> candle_core::Result<Tensor> {
+        let x = profile::op("input", x, || {
+            x.to_device(&self.device)?
+                .to_dtype(self.dtype)?
+                .contiguous()
+        })?;
         let logits = match &self.body {
             Body::ResNet(n) => n.forward(&x, rec),
             Body::MobileNetV2(n) => n.forward(&x, rec),

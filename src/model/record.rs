@@ -1,41 +1,74 @@
 //! The recording core: one image's frames through the network in batches, each distinct frame
 //! once, activations scattered back to all N frames.
 //!
-//! In: a preprocessed image (RGB in [0,1], `[3, S, S]`). Out: [`Recording`]: per tap a
-//! `channels x N` matrix (channel-major), plus the unmodulated prediction.
+//! In: a preprocessed image (RGB in [0,1], `[3, S, S]`). Out: [`Recording`]: per tap each
+//! channel's series over the N frames (kept as its distinct values and the frame map), plus the
+//! unmodulated prediction.
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
 use super::{Network, Preprocess, Recorder};
 use crate::stimulus::{Modulate, NoiseStream, StimulusSpec};
 
-/// One tap's time series for one image.
+/// One tap's time series for one image, kept as each channel's value per distinct frame and
+/// the map from frames to distinct frames (shared by every tap and image of a run): the series
+/// over all N frames are gathered when they are analysed, one channel at a time, rather than
+/// written out whole (16 MB per MobileNetV2 image at 240 frames, five times its distinct values).
 #[derive(Debug, Clone)]
 pub struct TapSeries {
     /// Index of the tap in the plan's tap list.
     pub tap: usize,
     /// Channels.
     pub channels: usize,
-    /// `channels x frames` values, channel-major.
-    pub data: Vec<f32>,
+    /// `channels x distinct` values, channel-major.
+    values: Vec<f32>,
+    /// Frame -> distinct frame.
+    map: Arc<[usize]>,
 }
 
 impl TapSeries {
-    /// Tap `tap`'s series over every frame from its values per distinct frame (`distinct x
-    /// channels`, frame-major): frame `f` reads distinct frame `map[f]`.
-    fn scatter(tap: usize, channels: usize, per_distinct: &[f32], map: &[usize]) -> Self {
-        let n = map.len();
-        let mut data = vec![0f32; channels * n];
-        for (frame, d) in map.iter().enumerate() {
-            for ch in 0..channels {
-                data[ch * n + frame] = per_distinct[d * channels + ch];
+    /// Tap `tap`'s series from its values per distinct frame (`distinct x channels`,
+    /// frame-major, as the network gives them): frame `f` reads distinct frame `map[f]`.
+    fn new(tap: usize, channels: usize, per_distinct: &[f32], map: Arc<[usize]>) -> Self {
+        let distinct = per_distinct.len() / channels.max(1);
+        let mut values = vec![0f32; channels * distinct];
+        for (d, row) in per_distinct.chunks_exact(channels.max(1)).enumerate() {
+            for (ch, v) in row.iter().enumerate() {
+                values[ch * distinct + d] = *v;
             }
         }
         TapSeries {
             tap,
             channels,
-            data,
+            values,
+            map,
         }
+    }
+
+    /// Frames N of every series.
+    pub fn frames(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Channel `ch`'s series over the N frames into `out` (length N).
+    pub fn series_into(&self, ch: usize, out: &mut [f32]) {
+        let distinct = self.values.len() / self.channels.max(1);
+        let v = &self.values[ch * distinct..(ch + 1) * distinct];
+        for (o, &d) in out.iter_mut().zip(self.map.iter()) {
+            *o = v[d];
+        }
+    }
+
+    /// Every channel's series, `channels x N`, channel-major.
+    pub fn to_matrix(&self) -> Vec<f32> {
+        let n = self.frames();
+        let mut m = vec![0f32; self.channels * n];
+        for (ch, out) in m.chunks_exact_mut(n.max(1)).enumerate() {
+            self.series_into(ch, out);
+        }
+        m
     }
 }
 
@@ -78,6 +111,7 @@ pub fn record(
     let s = stim.regions.size;
     let frame_len = 3 * s * s;
     let (distinct, map) = stim.distinct_frames();
+    let map: Arc<[usize]> = map.into();
     let mut noise =
         (stim.noise_std > 0.0).then(|| NoiseStream::new(stim.noise_seed, image_id, stim.noise_std));
     // per tap, per distinct frame, channels values
@@ -129,7 +163,7 @@ pub fn record(
     let taps = per_frame
         .iter()
         .enumerate()
-        .map(|(t, vals)| TapSeries::scatter(t, channels[t], vals, &map))
+        .map(|(t, vals)| TapSeries::new(t, channels[t], vals, map.clone()))
         .collect();
     Ok(Recording {
         pred: pred as i64,
@@ -153,7 +187,7 @@ pub struct DeviceStimulus {
     /// The tuples on the host, kept only when frames are built on the CPU (pixel noise).
     host_tuples: Vec<Vec<f32>>,
     /// Frame -> distinct frame.
-    map: Vec<usize>,
+    map: Arc<[usize]>,
 }
 
 impl DeviceStimulus {
@@ -181,13 +215,15 @@ impl DeviceStimulus {
             } else {
                 Vec::new()
             },
-            map,
+            map: map.into(),
         })
     }
 
-    /// Image `rgb`'s distinct frames, then its unmodulated frame: `[D+1, 3, S, S]` f32 on the
-    /// device, equal to [`StimulusSpec::write_frame`]'s (the same f32 operations in the same
-    /// order; the scalar map is a gather, not a product).
+    /// Image `rgb`'s distinct frames, then its unmodulated frame: `[D+1, S, S, 3]` f32 on the
+    /// device, channels last as the network's layers take them (built in that layout, rather
+    /// than permuted and copied before the first layer: on an H100 that copy cost MobileNetV2
+    /// a quarter of its pass), equal to [`StimulusSpec::write_frame`]'s (the same f32
+    /// operations in the same order; the scalar map is a gather, not a product).
     pub fn frames(
         &self,
         stim: &StimulusSpec,
@@ -201,40 +237,50 @@ impl DeviceStimulus {
         let d = self.distinct + 1;
         if stim.noise_std > 0.0 {
             let mut noise = NoiseStream::new(stim.noise_seed, image_id, stim.noise_std);
+            let mut frame = vec![0f32; 3 * hw];
             let mut buf = vec![0f32; d * 3 * hw];
             let ones = vec![1f32; stim.regions.count()];
             let tuples = self.host_tuples.iter().chain(std::iter::once(&ones));
             for (i, tuple) in tuples.enumerate() {
                 let n = (i < self.distinct).then_some(&mut noise);
+                stim.write_frame(rgb, pre.mean, pre.std, tuple, n, &mut frame);
+                // channel planes to interleaved channels
                 let out = &mut buf[i * 3 * hw..(i + 1) * 3 * hw];
-                stim.write_frame(rgb, pre.mean, pre.std, tuple, n, out);
-            }
-            return Tensor::from_vec(buf, (d, 3, s, s), dev);
-        }
-        // [D+1, 1, H*W]: every pixel's scalar in every frame
-        let scalars = self.tuples.index_select(&self.index, 1)?.unsqueeze(1)?;
-        let frames = match stim.modulate {
-            Modulate::Normalized => {
-                let mut z = vec![0f32; 3 * hw];
-                for c in 0..3 {
-                    let (m, sd) = (pre.mean[c], pre.std[c]);
-                    for (z, v) in z[c * hw..(c + 1) * hw].iter_mut().zip(&rgb[c * hw..]) {
-                        *z = (v - m) / sd;
+                for (c, plane) in frame.chunks_exact(hw).enumerate() {
+                    for (p, v) in plane.iter().enumerate() {
+                        out[p * 3 + c] = *v;
                     }
                 }
-                let z = Tensor::from_vec(z, (1, 3, hw), dev)?;
+            }
+            return Tensor::from_vec(buf, (d, s, s, 3), dev);
+        }
+        // [D+1, H*W, 1]: every pixel's scalar in every frame
+        let scalars = self.tuples.index_select(&self.index, 1)?.unsqueeze(2)?;
+        // the image with its channels interleaved, [1, H*W, 3]
+        let interleaved = |f: &dyn Fn(usize, f32) -> f32| {
+            let mut z = vec![0f32; 3 * hw];
+            for c in 0..3 {
+                for (p, v) in rgb[c * hw..(c + 1) * hw].iter().enumerate() {
+                    z[p * 3 + c] = f(c, *v);
+                }
+            }
+            Tensor::from_vec(z, (1, hw, 3), dev)
+        };
+        let frames = match stim.modulate {
+            Modulate::Normalized => {
+                let z = interleaved(&|c, v| (v - pre.mean[c]) / pre.std[c])?;
                 z.broadcast_mul(&scalars)?
             }
             Modulate::Pixel => {
-                let x = Tensor::from_slice(&rgb[..3 * hw], (1, 3, hw), dev)?;
-                let m = Tensor::from_slice(&pre.mean, (1, 3, 1), dev)?;
-                let sd = Tensor::from_slice(&pre.std, (1, 3, 1), dev)?;
+                let x = interleaved(&|_, v| v)?;
+                let m = Tensor::from_slice(&pre.mean, (1, 1, 3), dev)?;
+                let sd = Tensor::from_slice(&pre.std, (1, 1, 3), dev)?;
                 x.broadcast_mul(&scalars)?
                     .broadcast_sub(&m)?
                     .broadcast_div(&sd)?
             }
         };
-        frames.reshape((d, 3, s, s))
+        frames.reshape((d, s, s, 3))
     }
 }
 
@@ -268,7 +314,7 @@ pub fn record_many(
     let mut pending_frames = 0usize;
     let mut run = |x: &Tensor, logits: &mut Vec<f32>| -> candle_core::Result<()> {
         let mut rec = Recorder::new(taps);
-        let l = super::profile::op("forward", x, || net.forward(x, &mut rec))?;
+        let l = super::profile::op("forward", x, || net.forward_nhwc(x, &mut rec))?;
         let mut outs = rec.finish()?;
         for (t, v) in outs.iter().enumerate() {
             channels[t] = v.dim(1)?;
@@ -315,7 +361,12 @@ pub fn record_many(
             .enumerate()
             .map(|(t, vals)| {
                 let c = channels[t];
-                TapSeries::scatter(t, c, &vals[base * c..(base + per_image) * c], &ds.map)
+                TapSeries::new(
+                    t,
+                    c,
+                    &vals[base * c..(base + per_image) * c],
+                    ds.map.clone(),
+                )
             })
             .collect();
         out.push(Recording {

@@ -46,10 +46,11 @@ pub fn analyse(
 ) -> Vec<NeuronResult> {
     let mut out = Vec::new();
     let mut amp = vec![0.0f64; spectrum.bins()];
+    let mut series = vec![0f32; frames];
     for t in &rec.taps {
         for ch in 0..t.channels {
-            let series = &t.data[ch * frames..(ch + 1) * frames];
-            spectrum.amplitude_into(series, &mut amp);
+            t.series_into(ch, &mut series);
+            spectrum.amplitude_into(&series, &mut amp);
             out.push(NeuronResult {
                 tap: t.tap as u32,
                 channel: ch as u32,

@@ -433,20 +433,20 @@ fn gpu_path_matches_cpu(arch: Arch, weights: &std::path::Path, pipeline: &str, f
         let mut worst = 0f32;
         for (a, b) in g.taps.iter().zip(&want.taps) {
             assert_eq!((a.tap, a.channels), (b.tap, b.channels));
-            let n = b.data.len() / b.channels;
+            let (a_data, b_data) = (a.to_matrix(), b.to_matrix());
+            let n = b.frames();
             // each series against its peak, floored at 1 % of its layer's median peak: a
             // near-silent channel's spatial mean cancels pixel values far larger than itself,
             // whose rounding (the order of float sums) then decides its last bits (a dead
             // MobileNetV2 channel, peak under 1e-6 in a layer of median 1.3e-3, differed by
             // 2.8e-10 between candle's matmul and the direct kernel)
-            let mut peaks: Vec<f32> = b
-                .data
+            let mut peaks: Vec<f32> = b_data
                 .chunks(n)
                 .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
                 .collect();
             peaks.sort_by(f32::total_cmp);
             let floor = (1e-2 * peaks[peaks.len() / 2]).max(1e-12);
-            for (ca, cb) in a.data.chunks(n).zip(b.data.chunks(n)) {
+            for (ca, cb) in a_data.chunks(n).zip(b_data.chunks(n)) {
                 let peak = cb.iter().fold(floor, |m, v| m.max(v.abs()));
                 let d = ca
                     .iter()
