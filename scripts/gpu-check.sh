@@ -11,7 +11,9 @@
 #                                  H100. PAPER_WORKERS, QUICK_WORKERS, SWEEP_WORKERS (more worker
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
-#                                  spinning while waiting for the GPU) and SKIP_PROBE choose.
+#                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
+#                                  TRIES adds benchmark runs with other settings (ONLY_TRIES=1:
+#                                  those alone).
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -60,6 +62,7 @@ check() {
     fi
     export LD_LIBRARY_PATH=$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
+    lscpu 2>/dev/null | grep -E '^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU max MHz)' || true
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldd "$bin" | grep -E 'cu|nvrtc' || true
     local py=${PYTHON:-python3} cores; cores=$(nproc)
@@ -83,6 +86,33 @@ check() {
     for i in $(seq "${BENCH_COPIES:-4}"); do ln -sfn "$PWD/$G/inet" "/tmp/bench/inet/copy$i"; done
     local cifar="--set source.path=/tmp/bench/cifar --set source.labels=none" inet="--set source.path=/tmp/bench/inet"
     local np="--set source.limit=${PAPER_IMAGES:-3000}" nq="--set source.limit=${QUICK_IMAGES:-240}"
+
+    # TRIES="name paper|quick ARGS...; ...": benchmark runs with other settings (full spectra
+    # off, the benchmark's images), e.g. TRIES="q256 quick --workers 16 --set model.device_batch=256"
+    tries() {
+        [ -n "${TRIES:-}" ] || return 0
+        echo "== 7. tries"
+        nvidia-smi dmon -s um -d 1 >"$out/dmon-tries.txt" 2>&1 &
+        local dm=$! t
+        local -a list
+        IFS=';' read -ra list <<<"$TRIES"
+        for t in "${list[@]}"; do
+            # shellcheck disable=SC2086
+            set -- $t
+            local name=$1 which=$2; shift 2
+            if [ "$which" = paper ]; then
+                run "try-$name" $paper $wp $off $cifar $np "$@" --device $dev
+            else
+                run "try-$name" $quick $wq $off $inet $nq "$@" --device $dev
+            fi
+        done
+        kill "$dm" 2>/dev/null
+    }
+    if [ -n "${ONLY_TRIES:-}" ]; then
+        tries
+        echo "== done"
+        return
+    fi
 
     echo "== 1. GPU against CPU, f32 (tolerance 1e-4 of each neuron's peak)"
     if ! run paper-gpu $paper $wp --workers 2 --device $dev; then
@@ -133,6 +163,7 @@ check() {
         echo "== 6. cuDNN by itself on ResNet-32's convolutions (PyTorch; benches/cudnn_probe.py)"
         timeout 90 $py benches/cudnn_probe.py 4096
     fi
+    tries
     echo "== done"
 }
 

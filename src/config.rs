@@ -127,9 +127,9 @@ pub struct ModelConfig {
     /// stay f32).
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// Frames per forward pass on a GPU, across images; 0 sizes it for the input (about
-    /// 4 million input pixels, 256 to 4 096 frames: 4 096 at 32x32, 256 at 224x224, made
-    /// smaller beyond 8 workers), which leaves room for the workers' passes on an 80 GB card.
+    /// Frames per forward pass on a GPU, across images; 0 sizes it from the card's free memory,
+    /// the input size and the workers sharing the card (see
+    /// [`ModelConfig::device_batch_for`]).
     #[serde(default)]
     pub device_batch: usize,
 }
@@ -143,13 +143,36 @@ fn default_dtype() -> String {
 
 impl ModelConfig {
     /// Frames per forward pass on a GPU for inputs of `side` x `side` with `workers` workers
-    /// sharing the card: `device_batch`, or about 4 million input pixels (256 to 4 096
-    /// frames), scaled down beyond 8 workers so their passes fit together.
-    pub fn device_batch_for(&self, side: usize, workers: usize) -> usize {
+    /// sharing the card: `device_batch` if set. Otherwise, with the card's free memory known,
+    /// half of it shared by the workers at 200 bytes per input pixel and frame (what candle's
+    /// passes took on an H100: 190 for ResNet-32 at 8 100 frames of 32x32, 180 for MobileNetV2
+    /// at 256 and 512 frames of 224x224), 64 to 4 096 frames in f32 and 8 192 in f16 or bf16:
+    /// on an 80 GB card 4 096 (f32) or 8 192 (f16) for the paper pipeline, 246 for MobileNetV2
+    /// with 16 workers. Larger passes ran faster there (the paper pipeline in f16, 16 workers:
+    /// 1 426 images/s at 2 048 frames, 1 567 at 8 192; MobileNetV2: 105 at 128, 124 at 246),
+    /// except past cuDNN's workspace in f32 (below), and a pass stays small enough for the
+    /// depthwise kernel's 32-bit indices.
+    /// Without the free memory, about 4 million input pixels (256 to 4 096 frames), made smaller
+    /// beyond 8 workers.
+    pub fn device_batch_for(&self, side: usize, workers: usize, free_bytes: Option<u64>) -> usize {
         if self.device_batch > 0 {
             return self.device_batch;
         }
-        let base = ((4usize << 20) / (side * side).max(1)).clamp(256, 4096);
+        let pixels = (side * side).max(1) as u64;
+        if let Some(free) = free_bytes {
+            let frames = free / 2 / (workers.max(1) as u64 * 200 * pixels);
+            // the GPU depthwise kernel indexes a tensor in 32 bits: MobileNetV2's largest holds
+            // 24 values per input pixel (112x112x96 at 224x224); 32 leaves a margin
+            let indexable = (i32::MAX as u64) / (32 * pixels);
+            // in f32, cuDNN's precomputed-index GEMM for ResNet-32's 16-channel layers needs
+            // 530 MB of workspace per 4 050 frames; past the 1 GiB it is given, plain implicit
+            // GEMM runs instead, at half the speed (603 against 1 235 images/s on an H100)
+            let half = crate::model::device::parse_dtype(&self.dtype)
+                .is_ok_and(|d| d != candle_core::DType::F32);
+            let most = if half { 8192 } else { 4096 };
+            return frames.min(indexable).min(most).max(64) as usize;
+        }
+        let base = ((4u64 << 20) / pixels).clamp(256, 4096) as usize;
         (base * 8 / workers.max(8)).max(64)
     }
 }
@@ -672,12 +695,26 @@ mod tests {
             dtype: "f32".into(),
             device_batch: 0,
         };
-        assert_eq!(m.device_batch_for(32, 1), 4096);
-        assert_eq!(m.device_batch_for(32, 8), 4096);
-        assert_eq!(m.device_batch_for(32, 16), 2048);
-        assert_eq!(m.device_batch_for(224, 4), 256);
-        assert_eq!(m.device_batch_for(224, 64), 64);
+        // the card's free memory unknown
+        assert_eq!(m.device_batch_for(32, 1, None), 4096);
+        assert_eq!(m.device_batch_for(32, 8, None), 4096);
+        assert_eq!(m.device_batch_for(32, 16, None), 2048);
+        assert_eq!(m.device_batch_for(224, 4, None), 256);
+        assert_eq!(m.device_batch_for(224, 64, None), 64);
+        // an H100's 79 GB free: half of it over the workers, 200 bytes per pixel and frame
+        let h100 = Some(79_000_000_000);
+        assert_eq!(m.device_batch_for(32, 16, h100), 4096);
+        assert_eq!(m.device_batch_for(224, 16, h100), 246);
+        // one worker: as many as a depthwise kernel can index (2^31 / (32 * 224 * 224))
+        assert_eq!(m.device_batch_for(224, 1, h100), 1337);
+        // a 24 GB card with 16 workers at 224x224: the floor
+        assert_eq!(m.device_batch_for(224, 16, Some(23_000_000_000)), 71);
+        assert_eq!(m.device_batch_for(224, 64, Some(23_000_000_000)), 64);
+        // in half precision, up to 8 192
+        m.dtype = "f16".into();
+        assert_eq!(m.device_batch_for(32, 16, h100), 8192);
+        assert_eq!(m.device_batch_for(224, 16, h100), 246);
         m.device_batch = 500;
-        assert_eq!(m.device_batch_for(224, 64), 500);
+        assert_eq!(m.device_batch_for(224, 64, h100), 500);
     }
 }

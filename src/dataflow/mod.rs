@@ -213,7 +213,13 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     let mut plan = plan;
     if !net.device().is_cpu() || worker::gpu_path_on_cpu() {
         let (side, m) = (plan.stimulus.regions.size, &plan.pipeline.model);
-        plan.pipeline.model.device_batch = m.device_batch_for(side, opts.workers);
+        let free = crate::model::device::free_memory(net.device());
+        plan.pipeline.model.device_batch = m.device_batch_for(side, opts.workers, free);
+        tracing::info!(
+            frames = plan.pipeline.model.device_batch,
+            free_gb = free.map(|f| f as f64 / 1e9),
+            "frames per pass on the device"
+        );
     }
     let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
     let expected = expected_output_bytes(&plan, images.len());

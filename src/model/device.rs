@@ -147,6 +147,21 @@ fn open_cuda(n: usize) -> Result<Device> {
     })
 }
 
+/// Free memory of `dev`'s GPU in bytes (after the network's weights were loaded); `None` on
+/// the CPU or where the driver does not say.
+pub fn free_memory(dev: &Device) -> Option<u64> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            let stream = d.cuda_stream();
+            stream.context().bind_to_thread().ok()?;
+            result::mem_get_info().ok().map(|(free, _)| free as u64)
+        }
+        _ => None,
+    }
+}
+
 /// A name for the device in summaries: `cpu` or the GPU's `cuda:N`.
 pub fn describe(spec: DeviceSpec) -> String {
     match spec {
