@@ -397,7 +397,20 @@ impl DeviceFeed {
                     .map_err(|e| format!("inference failed: cannot upload the stimulus: {e}"));
                 for (time, items) in inbox {
                     let started = Instant::now();
-                    let recorded = record_group(&net, &plan, pre, stim.as_ref(), items);
+                    // a panic in a pass fails its images, named, and the run goes on
+                    let ids: Vec<ImageRef> = items.iter().map(|(r, _)| r.clone()).collect();
+                    let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        record_group(&net, &plan, pre, stim.as_ref(), items)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown");
+                        let e = format!("inference failed: the GPU pass panicked ({what})");
+                        ids.into_iter().map(|r| (r, Err(e.clone()))).collect()
+                    });
                     let seconds = started.elapsed().as_secs_f64();
                     let sent = outbox.send(Done {
                         time,
@@ -557,14 +570,35 @@ pub(crate) fn run_worker(
             move |(input, frontier), output| {
                 if let Some(feed) = feed.as_mut() {
                     // recordings back from the device thread, to the chunk they belong to
-                    while let Ok(done) = feed.done.try_recv() {
-                        feed.in_flight -= 1;
-                        c.times.borrow_mut().forward += done.seconds;
-                        if let Some(held) = stash.get_mut(&done.time) {
-                            held.in_flight -= 1;
-                            let mut session = output.session(&held.cap);
-                            for out in done.recorded {
-                                session.give(out);
+                    loop {
+                        match feed.done.try_recv() {
+                            Ok(done) => {
+                                feed.in_flight -= 1;
+                                c.times.borrow_mut().forward += done.seconds;
+                                if let Some(held) = stash.get_mut(&done.time) {
+                                    held.in_flight -= 1;
+                                    let mut session = output.session(&held.cap);
+                                    for out in done.recorded {
+                                        session.give(out);
+                                    }
+                                }
+                            }
+                            Err(crossbeam_channel::TryRecvError::Empty) => break,
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                // the thread is gone with groups in it: the run fails, naming
+                                // it, rather than waiting for them for ever
+                                if feed.in_flight > 0 {
+                                    c.errors.borrow_mut().push(format!(
+                                        "worker {index}: the GPU thread stopped with {} passes unfinished",
+                                        feed.in_flight
+                                    ));
+                                    feed.in_flight = 0;
+                                    for held in stash.values_mut() {
+                                        held.in_flight = 0;
+                                    }
+                                }
+                                feed.jobs = None;
+                                break;
                             }
                         }
                     }

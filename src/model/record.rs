@@ -1,5 +1,5 @@
 //! The recording core: one image's frames through the network in batches, each distinct frame
-//! once, activations scattered back to all N frames.
+//! once, each frame reading its distinct frame's activations.
 //!
 //! In: a preprocessed image (RGB in [0,1], `[3, S, S]`). Out: [`Recording`]: per tap each
 //! channel's series over the N frames (kept as its distinct values and the frame map), plus the
