@@ -608,6 +608,14 @@ fn apply_set(table: &mut toml::Table, set: &str) -> std::result::Result<String, 
 }
 
 impl Plan {
+    /// Neurons recorded per image: the channels of every tap.
+    pub fn neurons(&self) -> usize {
+        self.taps
+            .iter()
+            .filter_map(|t| self.arch.tap_channels(t))
+            .sum()
+    }
+
     /// A human-readable summary of what the run will do, for `freqtag validate`.
     pub fn describe(&self) -> String {
         let s = &self.stimulus;
@@ -624,15 +632,10 @@ impl Plan {
                 WeightsSource::Fetch(n) => format!("fetch:{n}"),
             }
         ));
-        let channels: usize = self
-            .taps
-            .iter()
-            .filter_map(|t| self.arch.tap_channels(t))
-            .sum();
         out.push_str(&format!(
             "taps       {} ({} neurons): {}\n",
             self.taps.len(),
-            channels,
+            self.neurons(),
             abbreviate(&self.taps, 6)
         ));
         out.push_str(&format!(

@@ -170,12 +170,7 @@ fn default_chunk(plan: &Plan, on_gpu: bool, labelled: bool) -> u64 {
     }
     let per_image = plan.stimulus.distinct_frames().0.len() + 1;
     let pass = plan.pipeline.model.device_batch / per_image;
-    let neurons: usize = plan
-        .taps
-        .iter()
-        .filter_map(|t| plan.arch.tap_channels(t))
-        .sum();
-    let table = neurons * plan.terms.terms.len() * std::mem::size_of::<crate::score::Acc>();
+    let table = plan.neurons() * plan.terms.terms.len() * std::mem::size_of::<crate::score::Acc>();
     let mut by_table = table / (2 << 20);
     if labelled && plan.pipeline.output.per_class {
         by_table = by_table.min(32);

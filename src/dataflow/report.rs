@@ -65,11 +65,7 @@ impl Progress {
 pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
     use crate::config::SpectraMode;
     let out = &plan.pipeline.output;
-    let neurons: u64 = plan
-        .taps
-        .iter()
-        .filter_map(|t| plan.arch.tap_channels(t))
-        .sum::<usize>() as u64;
+    let neurons = plan.neurons() as u64;
     let sp = &plan.pipeline.spectrum;
     let bins = match out.spectra {
         SpectraMode::Full => {
@@ -87,11 +83,7 @@ pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
 /// Memory the exact score sums take: one [`crate::score::Acc`] per (neuron, term, label group)
 /// in the aggregates, and as much again in flight (a chunk's partial sums and the exchange).
 pub fn expected_aggregate_bytes(plan: &Plan, labels: usize) -> u64 {
-    let neurons: u64 = plan
-        .taps
-        .iter()
-        .filter_map(|t| plan.arch.tap_channels(t))
-        .sum::<usize>() as u64;
+    let neurons = plan.neurons() as u64;
     let groups = 1 + if plan.pipeline.output.per_class {
         labels as u64
     } else {
