@@ -616,6 +616,13 @@ impl Plan {
             .sum()
     }
 
+    /// Images in one forward pass on a GPU: `model.device_batch` frames over each image's
+    /// distinct frames and its unmodulated one; at least 1.
+    pub fn images_per_pass(&self) -> usize {
+        let per_image = self.stimulus.distinct_frames().0.len() + 1;
+        (self.pipeline.model.device_batch / per_image).max(1)
+    }
+
     /// A human-readable summary of what the run will do, for `freqtag validate`.
     pub fn describe(&self) -> String {
         let s = &self.stimulus;

@@ -168,8 +168,7 @@ fn default_chunk(plan: &Plan, on_gpu: bool, labelled: bool) -> u64 {
     if !on_gpu {
         return 16;
     }
-    let per_image = plan.stimulus.distinct_frames().0.len() + 1;
-    let pass = plan.pipeline.model.device_batch / per_image;
+    let pass = plan.images_per_pass();
     let table = plan.neurons() * plan.terms.terms.len() * std::mem::size_of::<crate::score::Acc>();
     let mut by_table = table / (2 << 20);
     if labelled && plan.pipeline.output.per_class {

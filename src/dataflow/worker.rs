@@ -554,17 +554,14 @@ pub(crate) fn run_worker(
         // complete, then runs them through the network together: images arrive one by one, and
         // one image's 50 frames leave a GPU nearly idle.
         let gpu_path = !n.device().is_cpu() || gpu_path_on_cpu();
-        let (scope, net_g, plan_g) = (decoded.scope(), net.clone(), plan.clone());
-        let per_pass = {
-            let per_image = plan.stimulus.distinct_frames().0.len() + 1;
-            (plan.pipeline.model.device_batch / per_image).max(1)
-        };
+        let scope = decoded.scope();
+        let per_pass = plan.images_per_pass();
         let recorded = decoded.unary_frontier(Pipeline, "Record", move |_, info| {
             // on the GPU path: groups of images go to this worker's device thread, and their
             // recordings come back while the worker analyses and writes the ones before
             let mut feed = gpu_path.then(|| {
                 let wake = scope.worker().sync_activator_for(info.address.to_vec());
-                DeviceFeed::start(index, &net_g, &plan_g, pre, wake)
+                DeviceFeed::start(index, &n, &c.plan, pre, wake)
             });
             let mut stash: BTreeMap<u64, Held> = BTreeMap::new();
             move |(input, frontier), output| {
