@@ -7,6 +7,7 @@
 //! - [`moments`]: an exact, order-independent accumulator (count, sum, sum of squares in 256-bit
 //!   fixed point) used as a differential-dataflow difference type.
 
+pub mod block;
 pub mod moments;
 pub mod snr;
 pub mod terms;
@@ -35,7 +36,9 @@ pub struct NeuronResult {
 }
 
 /// Scores of every neuron of a recording, and its amplitude spectrum if `keep_amplitude` (the
-/// spectra table; empty otherwise).
+/// spectra table; empty otherwise). Each tap's channels are scored [`block::LANES`] at a time
+/// ([`block::BlockScorer`]): the same bits as [`score_terms`] and [`authors_mean_snr_db`] one
+/// neuron at a time.
 pub fn analyse(
     rec: &Recording,
     spectrum: &mut Spectrum,
@@ -44,24 +47,41 @@ pub fn analyse(
     frames: usize,
     keep_amplitude: bool,
 ) -> Vec<NeuronResult> {
-    let mut out = Vec::new();
-    let mut amp = vec![0.0f64; spectrum.bins()];
+    use block::LANES;
+    let bins = spectrum.bins();
+    let mut out = Vec::with_capacity(rec.taps.iter().map(|t| t.channels).sum());
+    let mut amp = vec![0.0f64; bins];
+    let mut lanes = vec![[0.0f64; LANES]; bins];
     let mut series = vec![0f32; frames];
+    let mut scorer = block::BlockScorer::new();
+    let mut scores: [Vec<TermScores>; LANES] = Default::default();
     for t in &rec.taps {
-        for ch in 0..t.channels {
-            t.series_into(ch, &mut series);
-            spectrum.amplitude_into(&series, &mut amp);
-            out.push(NeuronResult {
-                tap: t.tap as u32,
-                channel: ch as u32,
-                amplitude: if keep_amplitude {
-                    amp.iter().map(|a| *a as f32).collect()
-                } else {
-                    Vec::new()
-                },
-                terms: score_terms(&amp, terms, nb),
-                mean_snr_db: authors_mean_snr_db(&amp, nb),
-            });
+        for first in (0..t.channels).step_by(LANES) {
+            let n = (t.channels - first).min(LANES);
+            let mut kept: [Vec<f32>; LANES] = Default::default();
+            for l in 0..LANES {
+                // lanes past the last channel repeat it: finite values, results dropped
+                if l < n {
+                    t.series_into(first + l, &mut series);
+                    spectrum.amplitude_into(&series, &mut amp);
+                    if keep_amplitude {
+                        kept[l] = amp.iter().map(|a| *a as f32).collect();
+                    }
+                }
+                for (row, a) in lanes.iter_mut().zip(&amp) {
+                    row[l] = *a;
+                }
+            }
+            let authors = scorer.score(&lanes, terms, nb, &mut scores);
+            for l in 0..n {
+                out.push(NeuronResult {
+                    tap: t.tap as u32,
+                    channel: (first + l) as u32,
+                    amplitude: std::mem::take(&mut kept[l]),
+                    terms: scores[l].clone(),
+                    mean_snr_db: authors[l],
+                });
+            }
         }
     }
     out

@@ -54,7 +54,7 @@ impl TermScores {
 }
 
 /// The neighbour bins of `k` within `1..=last`, or `None` if the window leaves that range.
-fn neighbours(
+pub(super) fn neighbours(
     k: usize,
     last: usize,
     nb: Neighbourhood,

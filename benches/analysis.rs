@@ -1,0 +1,109 @@
+//! The CPU side of each image after its forward passes, per image, on series shaped like the
+//! quickstart's (MobileNetV2: 17 056 neurons) and the paper's (ResNet-32: 1 136 neurons), 240
+//! frames of 49 distinct values: amplitude spectra, the scores one neuron at a time
+//! (`score_terms` + `authors_mean_snr_db`) against [`BlockScorer`] (checked to give the same
+//! bits), and the exact sums of a chunk (`Acc::add_values`). Best of 15 rounds.
+//!
+//!     cargo bench --bench analysis
+//!
+//! Not a test: timings on a shared machine vary; compare the figures of one run.
+
+use differential_dataflow::difference::Monoid;
+use freqtag::score::block::{BlockScorer, LANES};
+use freqtag::score::*;
+use freqtag::spectrum::{Spectrum, Window};
+use std::time::Instant;
+
+fn best_of(rounds: usize, mut f: impl FnMut()) -> f64 {
+    (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn main() {
+    let frames = 240;
+    let terms = TermSet::new(&[6.0, 7.5], 120.0, frames, 2, 2, &mut Vec::new());
+    let nb = Neighbourhood { n: 3, skip: 1 };
+    let mut rng = 1u64;
+    let mut next = || {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 40) as f32 / (1u64 << 24) as f32
+    };
+    // a frame map of 49 distinct values, as the paper's stimulus has
+    let map: Vec<usize> = (0..frames).map(|i| (i * 7) % 49).collect();
+    for (name, neurons) in [("quickstart", 17_056usize), ("paper", 1_136)] {
+        let series: Vec<Vec<f32>> = (0..neurons)
+            .map(|_| {
+                let d: Vec<f32> = (0..49).map(|_| next()).collect();
+                map.iter().map(|&j| d[j]).collect()
+            })
+            .collect();
+        let mut sp = Spectrum::new(frames, Window::Rect);
+        let bins = sp.bins();
+        let mut amp = vec![0.0; bins];
+        let fft = best_of(15, || {
+            for s in &series {
+                sp.amplitude_into(s, &mut amp);
+            }
+            std::hint::black_box(&amp);
+        });
+        let amps: Vec<Vec<f64>> = series.iter().map(|s| sp.amplitude(s)).collect();
+        let one = best_of(15, || {
+            for a in &amps {
+                std::hint::black_box(score_terms(a, &terms, nb));
+                std::hint::black_box(authors_mean_snr_db(a, nb));
+            }
+        });
+        let blocks: Vec<Vec<[f64; LANES]>> = amps
+            .chunks(LANES)
+            .map(|c| {
+                (0..bins)
+                    .map(|b| std::array::from_fn(|l| c[l.min(c.len() - 1)][b]))
+                    .collect()
+            })
+            .collect();
+        let mut scorer = BlockScorer::new();
+        let mut out: [Vec<TermScores>; LANES] = Default::default();
+        for (b, c) in blocks.iter().zip(amps.chunks(LANES)) {
+            let authors = scorer.score(b, &terms, nb, &mut out);
+            for (l, a) in c.iter().enumerate() {
+                assert_eq!(authors[l].to_bits(), authors_mean_snr_db(a, nb).to_bits());
+                assert_eq!(out[l], score_terms(a, &terms, nb));
+            }
+        }
+        let block = best_of(15, || {
+            for b in &blocks {
+                std::hint::black_box(scorer.score(b, &terms, nb, &mut out));
+            }
+        });
+        let scores: Vec<(Vec<TermScores>, f64)> = amps
+            .iter()
+            .map(|a| (score_terms(a, &terms, nb), authors_mean_snr_db(a, nb)))
+            .collect();
+        let nt = terms.terms.len();
+        let mut accs = vec![Acc::zero(); neurons * nt];
+        let sums = best_of(15, || {
+            for (i, (s, m)) in scores.iter().enumerate() {
+                for (t, ts) in s.iter().enumerate() {
+                    accs[i * nt + t].add_values(&ts.as_array(*m));
+                }
+            }
+        });
+        std::hint::black_box(&accs);
+        println!(
+            "{name} ({neurons} neurons, {frames} frames), ms per image: spectra {:.2}, scores one \
+             at a time {:.2}, in blocks of {LANES} {:.2} ({:.2}x), exact sums {:.2}",
+            fft * 1e3,
+            one * 1e3,
+            block * 1e3,
+            one / block,
+            sums * 1e3
+        );
+    }
+}
