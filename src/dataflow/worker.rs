@@ -137,27 +137,36 @@ impl ChunkSums {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
     }
 
-    /// Adds one image's scores to all images' sums, and keeps them for its label's if `label`.
-    fn add_image(&mut self, neurons: &[NeuronResult], label: Option<i64>) {
-        let mut kept = match label {
-            Some(_) => vec![f64::NAN; self.all.len() * N_SCORES],
-            None => Vec::new(),
-        };
-        for nr in neurons {
-            let base = self.slot(nr.tap, nr.channel, 0);
-            for (ti, s) in nr.terms.iter().enumerate() {
-                let values = s.as_array(nr.mean_snr_db);
-                self.all[base + ti].add_values(&values);
-                if label.is_some() {
+    /// Adds images' scores to all images' sums, and keeps each labelled one's (`Some` label)
+    /// for its label's. The images' updates are interleaved, neuron by neuron: a neuron's sums
+    /// (5.6 KB for 6 terms) are loaded once for all of them rather than once per image, as the
+    /// whole table (96 MB for MobileNetV2) does not stay in cache from one image to the next
+    /// (exact sums of 5 images 7.6 -> 5.4 ms an image, microbenchmark). Exact sums: the order
+    /// changes nothing.
+    fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)]) {
+        let longest = images.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        for i in 0..longest {
+            for (neurons, _) in images {
+                let Some(nr) = neurons.get(i) else { continue };
+                let base = self.slot(nr.tap, nr.channel, 0);
+                for (ti, s) in nr.terms.iter().enumerate() {
+                    self.all[base + ti].add_values(&s.as_array(nr.mean_snr_db));
+                }
+            }
+        }
+        for (neurons, label) in images {
+            let Some(l) = label else { continue };
+            let mut kept = vec![f64::NAN; self.all.len() * N_SCORES];
+            for nr in neurons.iter() {
+                let base = self.slot(nr.tap, nr.channel, 0);
+                for (ti, s) in nr.terms.iter().enumerate() {
                     let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
-                    for (k, v) in k.iter_mut().zip(values) {
+                    for (k, v) in k.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
                         *k = v.unwrap_or(f64::NAN);
                     }
                 }
             }
-        }
-        if let Some(l) = label {
-            self.labelled.push((l, kept));
+            self.labelled.push((*l, kept));
         }
     }
 
@@ -233,6 +242,7 @@ impl ChunkState {
         data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
     ) {
         let per_class = ctx.plan.pipeline.output.per_class;
+        let mut written = Vec::with_capacity(data.len());
         for (r, res) in data.drain(..) {
             ctx.done.fetch_add(1, Ordering::Relaxed);
             let a = match res {
@@ -259,9 +269,14 @@ impl ChunkState {
             }
             self.images.push(a.image.id.clone());
             ctx.processed.set(ctx.processed.get() + 1);
-            let label = a.image.label.filter(|_| per_class);
-            self.partial.add_image(&a.neurons, label);
+            written.push(a);
         }
+        // the batch's sums together (on a GPU a batch is a pass's images)
+        let images: Vec<(&[NeuronResult], Option<i64>)> = written
+            .iter()
+            .map(|a| (&a.neurons[..], a.image.label.filter(|_| per_class)))
+            .collect();
+        self.partial.add_images(&images);
     }
 
     /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`

@@ -96,29 +96,34 @@ impl Fixed {
         if !representable(v) {
             return false;
         }
+        self.add_representable(v);
+        true
+    }
+
+    /// [`Fixed::add_f64`] of a value known to be representable: the two limbs the magnitude
+    /// covers are added (or subtracted) as one 128-bit number, and a carry (or borrow) out of
+    /// them, rare, runs on through the limbs above.
+    #[inline(always)]
+    fn add_representable(&mut self, v: f64) {
         let Some((word, lo, hi)) = magnitude(v) else {
-            return true;
+            return;
         };
         // |v| < 2^90 puts the magnitude below bit 218: word + 1 < LIMBS
-        let sub = v < 0.0;
-        let mut carry = false;
-        for (i, x) in [(word, lo), (word + 1, hi)] {
-            let (a, c1) = if sub {
-                self.limbs[i].overflowing_sub(x)
-            } else {
-                self.limbs[i].overflowing_add(x)
-            };
-            let (a, c2) = if sub {
-                a.overflowing_sub(carry as u64)
-            } else {
-                a.overflowing_add(carry as u64)
-            };
-            self.limbs[i] = a;
-            carry = c1 || c2;
+        if word + 1 >= LIMBS {
+            unreachable!("a representable value spans limbs below the last");
         }
+        let pair = (self.limbs[word] as u128) | ((self.limbs[word + 1] as u128) << 64);
+        let x = (lo as u128) | ((hi as u128) << 64);
+        let (sum, mut carry) = if v < 0.0 {
+            pair.overflowing_sub(x)
+        } else {
+            pair.overflowing_add(x)
+        };
+        self.limbs[word] = sum as u64;
+        self.limbs[word + 1] = (sum >> 64) as u64;
         let mut i = word + 2;
         while carry && i < LIMBS {
-            let (a, c) = if sub {
+            let (a, c) = if v < 0.0 {
                 self.limbs[i].overflowing_sub(1)
             } else {
                 self.limbs[i].overflowing_add(1)
@@ -127,7 +132,6 @@ impl Fixed {
             carry = c;
             i += 1;
         }
-        true
     }
 
     /// The limbs, little-endian two's complement, 128 fractional bits.
@@ -216,8 +220,8 @@ impl Acc {
             let q = v * v;
             if representable(v) && representable(q) {
                 self.count[i] += 1;
-                self.sum[i].add_f64(v);
-                self.sumsq[i].add_f64(q);
+                self.sum[i].add_representable(v);
+                self.sumsq[i].add_representable(q);
             }
         }
     }
