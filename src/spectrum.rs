@@ -41,6 +41,13 @@ impl Window {
     }
 }
 
+/// Whether the CPU has AVX2, for the loops around the FFT.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+}
+
 /// A reusable amplitude-spectrum computer for series of one length.
 ///
 /// For even N the real series goes through a complex FFT of half the length (even samples as
@@ -92,9 +99,30 @@ impl Spectrum {
     }
 
     /// The amplitude spectrum of `x` (length N) into `out` (length N/2+1), computed in f64.
+    ///
+    /// The loops around the FFT (packing, untangling, square roots and the division by the
+    /// window's gain: three quarters of the time of a 240-frame spectrum, the FFT itself a
+    /// quarter) are compiled for AVX2 as well and chosen at run time; the same operations in the
+    /// same order, so the same bits.
     pub fn amplitude_into<T: Copy + Into<f64>>(&mut self, x: &[T], out: &mut [f64]) {
         assert_eq!(x.len(), self.n, "series length");
         assert_eq!(out.len(), self.bins(), "bins");
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 (checked by `avx2`)
+            return unsafe { self.amplitude_avx2(x, out) };
+        }
+        self.amplitude_plain(x, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn amplitude_avx2<T: Copy + Into<f64>>(&mut self, x: &[T], out: &mut [f64]) {
+        self.amplitude_plain(x, out)
+    }
+
+    #[inline(always)]
+    fn amplitude_plain<T: Copy + Into<f64>>(&mut self, x: &[T], out: &mut [f64]) {
         // |c| without hypot's overflow guards: amplitudes here are far from f64's limits
         let norm = |c: Complex<f64>| (c.re * c.re + c.im * c.im).sqrt();
         if self.twiddles.is_empty() {
