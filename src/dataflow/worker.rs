@@ -26,7 +26,10 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Neighbourhood, NeuronResult, N_SCORES};
+use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, N_SCORES};
+
+/// Where the neuron's own score, the authors' mean dB-SNR, sits among an [`Acc`]'s scores.
+const MEAN_SNR: usize = N_SCORES - 1;
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -108,7 +111,9 @@ impl WorkerCtx {
 /// each of an image's updates, about 14 000 for the paper pipeline, missed the cache). Sums per
 /// label are built only when the chunk is drained, from the scores of its labelled images kept
 /// as plain floats (72 bytes per neuron and term against 936 for a sum): a dense table per
-/// label seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline.
+/// label seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline. The
+/// neuron's own score (the authors' mean dB-SNR, the same for all its terms) is summed in its
+/// first term's sum only and copied into the others' when the chunk is drained.
 struct ChunkSums {
     terms: usize,
     /// First neuron of each tap (plan order), then the total.
@@ -150,7 +155,13 @@ impl ChunkSums {
                 let Some(nr) = neurons.get(i) else { continue };
                 let base = self.slot(nr.tap, nr.channel, 0);
                 for (ti, s) in nr.terms.iter().enumerate() {
-                    self.all[base + ti].add_values(&s.as_array(nr.mean_snr_db));
+                    let mut values = s.as_array(nr.mean_snr_db);
+                    // the neuron's own score, the same for each of its terms: summed in its
+                    // first term's only (a ninth of the additions), copied out by `drain`
+                    if ti > 0 {
+                        values[MEAN_SNR] = None;
+                    }
+                    self.all[base + ti].add_values(&values);
                 }
             }
         }
@@ -180,7 +191,14 @@ impl ChunkSums {
             let tap = offsets.partition_point(|&o| o <= neuron) - 1;
             (tap as u32, (neuron - offsets[tap]) as u32, t as u32, label)
         };
+        let mut neuron = (0, Fixed::default(), Fixed::default());
         for (slot, a) in self.all.iter_mut().enumerate() {
+            // each term carries its neuron's mean dB-SNR, summed in the first term only
+            if slot % terms == 0 {
+                neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
+            } else {
+                (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
+            }
             if !a.is_zero() {
                 emit(key(slot, None), std::mem::replace(a, Acc::zero()));
             }
