@@ -1,6 +1,7 @@
 //! The CPU side of each image after its forward passes, per image, on series shaped like the
 //! quickstart's (MobileNetV2: 17 056 neurons) and the paper's (ResNet-32: 1 136 neurons), 240
-//! frames of 49 distinct values: amplitude spectra, the scores one neuron at a time
+//! frames of 49 distinct values: amplitude spectra (of the whole series, and gathered from the
+//! distinct values as the pipeline does), the scores one neuron at a time
 //! (`score_terms` + `authors_mean_snr_db`) against [`BlockScorer`] (checked to give the same
 //! bits), and the exact sums of a chunk (`Acc::add_values`). Best of 15 rounds.
 //!
@@ -38,11 +39,12 @@ fn main() {
     // a frame map of 49 distinct values, as the paper's stimulus has
     let map: Vec<usize> = (0..frames).map(|i| (i * 7) % 49).collect();
     for (name, neurons) in [("quickstart", 17_056usize), ("paper", 1_136)] {
-        let series: Vec<Vec<f32>> = (0..neurons)
-            .map(|_| {
-                let d: Vec<f32> = (0..49).map(|_| next()).collect();
-                map.iter().map(|&j| d[j]).collect()
-            })
+        let distinct: Vec<Vec<f32>> = (0..neurons)
+            .map(|_| (0..49).map(|_| next()).collect())
+            .collect();
+        let series: Vec<Vec<f32>> = distinct
+            .iter()
+            .map(|d| map.iter().map(|&j| d[j]).collect())
             .collect();
         let mut sp = Spectrum::new(frames, Window::Rect);
         let bins = sp.bins();
@@ -53,7 +55,17 @@ fn main() {
             }
             std::hint::black_box(&amp);
         });
+        let gather = best_of(15, || {
+            for d in &distinct {
+                sp.amplitude_gather(d, &map, &mut amp);
+            }
+            std::hint::black_box(&amp);
+        });
         let amps: Vec<Vec<f64>> = series.iter().map(|s| sp.amplitude(s)).collect();
+        for (d, a) in distinct.iter().zip(&amps) {
+            sp.amplitude_gather(d, &map, &mut amp);
+            assert_eq!(&amp, a);
+        }
         let one = best_of(15, || {
             for a in &amps {
                 std::hint::black_box(score_terms(a, &terms, nb));
@@ -97,9 +109,11 @@ fn main() {
         });
         std::hint::black_box(&accs);
         println!(
-            "{name} ({neurons} neurons, {frames} frames), ms per image: spectra {:.2}, scores one \
-             at a time {:.2}, in blocks of {LANES} {:.2} ({:.2}x), exact sums {:.2}",
+            "{name} ({neurons} neurons, {frames} frames), ms per image: spectra {:.2} (from the \
+             distinct values {:.2}), scores one at a time {:.2}, in blocks of {LANES} {:.2} \
+             ({:.2}x), exact sums {:.2}",
             fft * 1e3,
+            gather * 1e3,
             one * 1e3,
             block * 1e3,
             one / block,

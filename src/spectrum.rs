@@ -41,6 +41,33 @@ impl Window {
     }
 }
 
+/// A series of N values, read by index.
+trait Series: Copy {
+    /// Value `i` as f64.
+    fn at(self, i: usize) -> f64;
+}
+
+impl<T: Copy + Into<f64>> Series for &[T] {
+    #[inline(always)]
+    fn at(self, i: usize) -> f64 {
+        self[i].into()
+    }
+}
+
+/// The series `values[map[t]]`.
+#[derive(Clone, Copy)]
+struct Gather<'a> {
+    values: &'a [f32],
+    map: &'a [usize],
+}
+
+impl Series for Gather<'_> {
+    #[inline(always)]
+    fn at(self, i: usize) -> f64 {
+        self.values[self.map[i]] as f64
+    }
+}
+
 /// Whether the CPU has AVX2, for the loops around the FFT.
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
@@ -115,19 +142,34 @@ impl Spectrum {
         self.amplitude_plain(x, out)
     }
 
+    /// [`Spectrum::amplitude_into`] of the series `values[map[t]]`, t = 0..N (a series kept as
+    /// its values per distinct frame), gathered as it is packed for the FFT rather than written
+    /// out first: the same bits.
+    pub fn amplitude_gather(&mut self, values: &[f32], map: &[usize], out: &mut [f64]) {
+        assert_eq!(map.len(), self.n, "series length");
+        assert_eq!(out.len(), self.bins(), "bins");
+        let x = Gather { values, map };
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 (checked by `avx2`)
+            return unsafe { self.amplitude_avx2(x, out) };
+        }
+        self.amplitude_plain(x, out)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn amplitude_avx2<T: Copy + Into<f64>>(&mut self, x: &[T], out: &mut [f64]) {
+    unsafe fn amplitude_avx2(&mut self, x: impl Series, out: &mut [f64]) {
         self.amplitude_plain(x, out)
     }
 
     #[inline(always)]
-    fn amplitude_plain<T: Copy + Into<f64>>(&mut self, x: &[T], out: &mut [f64]) {
+    fn amplitude_plain(&mut self, x: impl Series, out: &mut [f64]) {
         // |c| without hypot's overflow guards: amplitudes here are far from f64's limits
         let norm = |c: Complex<f64>| (c.re * c.re + c.im * c.im).sqrt();
         if self.twiddles.is_empty() {
-            for ((b, v), w) in self.buf.iter_mut().zip(x).zip(&self.window) {
-                *b = Complex::new((*v).into() * w, 0.0);
+            for (i, (b, w)) in self.buf.iter_mut().zip(&self.window).enumerate() {
+                *b = Complex::new(x.at(i) * w, 0.0);
             }
             self.fft
                 .process_with_scratch(&mut self.buf, &mut self.scratch);
@@ -137,13 +179,13 @@ impl Spectrum {
             return;
         }
         let m = self.n / 2;
-        for ((b, v), w) in self
+        for (i, (b, w)) in self
             .buf
             .iter_mut()
-            .zip(x.chunks_exact(2))
             .zip(self.window.chunks_exact(2))
+            .enumerate()
         {
-            *b = Complex::new(v[0].into() * w[0], v[1].into() * w[1]);
+            *b = Complex::new(x.at(2 * i) * w[0], x.at(2 * i + 1) * w[1]);
         }
         self.fft
             .process_with_scratch(&mut self.buf, &mut self.scratch);
@@ -185,6 +227,29 @@ impl Spectrum {
 mod tests {
     use super::*;
     use std::f64::consts::PI;
+
+    /// A series gathered from its distinct values while packed is the series written out:
+    /// the same bits, for even and odd lengths and every window.
+    #[test]
+    fn gathered_series_give_the_same_bits() {
+        for (n, window) in [
+            (240, Window::Rect),
+            (240, Window::Hann),
+            (97, Window::Blackman),
+        ] {
+            let values: Vec<f32> = (0..49).map(|i| ((i * 37 % 101) as f32).sin()).collect();
+            let map: Vec<usize> = (0..n).map(|i| (i * 7 + i / 5) % 49).collect();
+            let series: Vec<f32> = map.iter().map(|&d| values[d]).collect();
+            let mut sp = Spectrum::new(n, window);
+            let want = sp.amplitude(&series);
+            let mut got = vec![0.0; sp.bins()];
+            sp.amplitude_gather(&values, &map, &mut got);
+            assert!(want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
 
     #[test]
     fn a_sinusoid_on_a_bin_has_half_its_amplitude_there() {

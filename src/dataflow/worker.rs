@@ -705,7 +705,7 @@ pub(crate) fn run_worker(
                 neurons: timed(
                     &c.times,
                     |t| &mut t.spectrum,
-                    || analyse(&rec, &mut spectrum, &p.terms, nb, p.stimulus.frames, keep),
+                    || analyse(&rec, &mut spectrum, &p.terms, nb, keep),
                 ),
                 pred: rec.pred,
                 prob: rec.prob,

@@ -54,11 +54,17 @@ impl TapSeries {
 
     /// Channel `ch`'s series over the N frames into `out` (length N).
     pub fn series_into(&self, ch: usize, out: &mut [f32]) {
-        let distinct = self.values.len() / self.channels.max(1);
-        let v = &self.values[ch * distinct..(ch + 1) * distinct];
-        for (o, &d) in out.iter_mut().zip(self.map.iter()) {
+        let (v, map) = self.channel(ch);
+        for (o, &d) in out.iter_mut().zip(map) {
             *o = v[d];
         }
+    }
+
+    /// Channel `ch`'s values per distinct frame and the frame map: frame `f` of its series is
+    /// `values[map[f]]`.
+    pub fn channel(&self, ch: usize) -> (&[f32], &[usize]) {
+        let distinct = self.values.len() / self.channels.max(1);
+        (&self.values[ch * distinct..(ch + 1) * distinct], &self.map)
     }
 
     /// Every channel's series, `channels x N`, channel-major.

@@ -44,7 +44,6 @@ pub fn analyse(
     spectrum: &mut Spectrum,
     terms: &TermSet,
     nb: Neighbourhood,
-    frames: usize,
     keep_amplitude: bool,
 ) -> Vec<NeuronResult> {
     use block::LANES;
@@ -52,7 +51,6 @@ pub fn analyse(
     let mut out = Vec::with_capacity(rec.taps.iter().map(|t| t.channels).sum());
     let mut amp = vec![0.0f64; bins];
     let mut lanes = vec![[0.0f64; LANES]; bins];
-    let mut series = vec![0f32; frames];
     let mut scorer = block::BlockScorer::new();
     let mut scores: [Vec<TermScores>; LANES] = Default::default();
     for t in &rec.taps {
@@ -62,8 +60,8 @@ pub fn analyse(
             for l in 0..LANES {
                 // lanes past the last channel repeat it: finite values, results dropped
                 if l < n {
-                    t.series_into(first + l, &mut series);
-                    spectrum.amplitude_into(&series, &mut amp);
+                    let (values, map) = t.channel(first + l);
+                    spectrum.amplitude_gather(values, map, &mut amp);
                     if keep_amplitude {
                         kept[l] = amp.iter().map(|a| *a as f32).collect();
                     }
