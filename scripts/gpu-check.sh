@@ -12,8 +12,8 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
-#                                  TRIES adds benchmark runs with other settings (ONLY_TRIES=1:
-#                                  those alone).
+#                                  TRIES adds benchmark runs with other settings and
+#                                  environment variables (ONLY_TRIES=1: those alone).
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -73,7 +73,7 @@ check() {
         echo "== $name"
         local t0=$SECONDS
         rm -rf "/tmp/runs/$name"
-        timeout "${STEP_TIMEOUT:-75}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level "${LOG_LEVEL:-warn}"; local rc=$?
+        env ${RUN_ENV[@]+"${RUN_ENV[@]}"} timeout "${STEP_TIMEOUT:-75}" "$bin" run "$@" --out "/tmp/runs/$name" --log-level "${LOG_LEVEL:-warn}"; local rc=$?
         echo "$name: exit $rc in $((SECONDS - t0)) s"
         [ -f "/tmp/runs/$name/run.json" ] && $py -c "import json,sys; r=json.load(open('/tmp/runs/$name/run.json')); print(json.dumps({'run': '$name', 'images_per_s': r['images_per_s'], 'images': r['counts']['images_processed'], 'wall_s': r['wall_s'], 'peak_rss_mb': r['peak_rss_mb'], 'stage_seconds': r['stage_seconds']}))" | tee -a "$out/runs.jsonl"
         return $rc
@@ -87,8 +87,10 @@ check() {
     local cifar="--set source.path=/tmp/bench/cifar --set source.labels=none" inet="--set source.path=/tmp/bench/inet"
     local np="--set source.limit=${PAPER_IMAGES:-3000}" nq="--set source.limit=${QUICK_IMAGES:-240}"
 
-    # TRIES="name paper|quick ARGS...; ...": benchmark runs with other settings (full spectra
-    # off, the benchmark's images), e.g. TRIES="q256 quick --workers 16 --set model.device_batch=256"
+    # TRIES="name [VAR=VALUE ...] paper|quick ARGS...; ...": benchmark runs with other settings
+    # (full spectra off, the benchmark's images) and environment, e.g.
+    # TRIES="q256 quick --workers 16 --set model.device_batch=256; ev FREQTAG_GPU_EVENTS=1 quick"
+    RUN_ENV=()
     tries() {
         [ -n "${TRIES:-}" ] || return 0
         echo "== 7. tries"
@@ -99,13 +101,17 @@ check() {
         for t in "${list[@]}"; do
             # shellcheck disable=SC2086
             set -- $t
-            local name=$1 which=$2; shift 2
+            local name=$1; shift
+            RUN_ENV=()
+            while [[ "${1:-}" =~ ^[A-Z_][A-Z0-9_]*= ]]; do RUN_ENV+=("$1"); shift; done
+            local which=$1; shift
             if [ "$which" = paper ]; then
                 run "try-$name" $paper $wp $off $cifar $np "$@" --device $dev
             else
                 run "try-$name" $quick $wq $off $inet $nq "$@" --device $dev
             fi
         done
+        RUN_ENV=()
         kill "$dm" 2>/dev/null
     }
     if [ -n "${ONLY_TRIES:-}" ]; then

@@ -98,9 +98,16 @@ fn open_cuda(n: usize) -> Result<Device> {
     Ok(dev)
 }
 
-/// Two settings of the CUDA context that suit many worker threads sharing one GPU, each
-/// skipped with a warning if the driver refuses it (neither changes a result):
+/// Three settings of the CUDA context that suit many worker threads sharing one GPU, each
+/// skipped with a warning if the driver refuses it (none changes a result):
 ///
+/// - No event tracking. cudarc records an event on every buffer a kernel reads or writes and
+///   makes the stream wait on the buffer's last writer's event, and creates two events per
+///   allocation, so that work on several streams is ordered. candle and freqtag run everything
+///   (candle's kernels, cuBLAS, cuDNN, freqtag's NVRTC kernels, copies and frees) on the one
+///   stream of the device, which orders it already: those are two to four driver calls per
+///   kernel argument, every one taking the context's lock, for nothing. `FREQTAG_GPU_EVENTS=1`
+///   keeps the tracking (for an A/B; not measured yet on a GPU).
 /// - Threads waiting for the GPU sleep instead of spinning. With fewer contexts than CPU
 ///   cores the driver spins by default, and a worker waiting for its pass then holds a core
 ///   that the other workers' spectra and writes need (`FREQTAG_GPU_SPIN=1` keeps spinning).
@@ -112,6 +119,12 @@ fn tune_cuda(d: &candle_core::CudaDevice) {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = d.cuda_stream();
     let ctx = stream.context();
+    if std::env::var_os("FREQTAG_GPU_EVENTS").is_none_or(|v| v == "0") {
+        // SAFETY: every buffer of this device is used on its one stream (see above), so the
+        // stream's order is all the synchronisation they need; buffers allocated before this
+        // call keep their events, which only costs time.
+        unsafe { d.disable_event_tracking() };
+    }
     if std::env::var_os("FREQTAG_GPU_SPIN").is_none_or(|v| v == "0") {
         if let Err(e) = ctx.set_blocking_synchronize() {
             tracing::warn!(error = ?e, "the GPU context kept spinning while waiting");
