@@ -33,8 +33,24 @@ impl TapSeries {
     /// frame-major, as the network gives them): frame `f` reads distinct frame `map[f]`.
     fn new(tap: usize, channels: usize, per_distinct: &[f32], map: Arc<[usize]>) -> Self {
         let distinct = per_distinct.len() / channels.max(1);
+        Self::from_rows(tap, channels, per_distinct, channels, 0, distinct, map)
+    }
+
+    /// As [`TapSeries::new`], from `distinct` rows of `table` (each `width` values) whose
+    /// columns `col..col + channels` are this tap's: a pass's outputs for every tap side by
+    /// side, read in place.
+    fn from_rows(
+        tap: usize,
+        channels: usize,
+        table: &[f32],
+        width: usize,
+        col: usize,
+        distinct: usize,
+        map: Arc<[usize]>,
+    ) -> Self {
         let mut values = vec![0f32; channels * distinct];
-        for (d, row) in per_distinct.chunks_exact(channels.max(1)).enumerate() {
+        for d in 0..distinct {
+            let row = &table[d * width + col..][..channels];
             for (ch, v) in row.iter().enumerate() {
                 values[ch * distinct + d] = *v;
             }
@@ -312,31 +328,31 @@ pub fn record_many(
     };
     let per_image = ds.distinct + 1;
     let batch = batch.max(1);
-    // per tap: rows (frames across images) x channels, on the host
-    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); taps.len()];
+    // every pass's outputs on the host, one row per frame across images: each tap's channels
+    // side by side, then the logits (`width` values a row, the same for every pass)
+    let mut table: Vec<f32> = Vec::new();
     let mut channels = vec![0usize; taps.len()];
-    let mut logits: Vec<f32> = Vec::new();
+    let mut width = 0usize;
     let mut pending: Vec<Tensor> = Vec::new();
     let mut pending_frames = 0usize;
-    let mut run = |x: &Tensor, logits: &mut Vec<f32>| -> candle_core::Result<()> {
+    let mut run = |x: &Tensor, table: &mut Vec<f32>| -> candle_core::Result<()> {
         let mut rec = Recorder::new(taps);
         let l = super::profile::op("forward", x, || net.forward_nhwc(x, &mut rec))?;
         let mut outs = rec.finish()?;
         for (t, v) in outs.iter().enumerate() {
             channels[t] = v.dim(1)?;
         }
-        // one copy back per pass: every tap and the logits side by side, `[B, sum C + classes]`
+        // one copy back per pass: every tap and the logits side by side, `[B, sum C + classes]`,
+        // as one flat vector (rows split out and regrouped per tap cost MobileNetV2 up to 50 ms
+        // a pass on the host, most of it in fresh pages)
         outs.push(l);
-        let all = super::profile::op("copy back", x, || Tensor::cat(&outs, 1)?.to_vec2::<f32>())?;
-        let classes = outs[outs.len() - 1].dim(1)?;
-        for row in all {
-            let mut at = 0;
-            for (t, c) in channels.iter().enumerate() {
-                rows[t].extend_from_slice(&row[at..at + c]);
-                at += c;
-            }
-            logits.extend_from_slice(&row[at..at + classes]);
+        let all = Tensor::cat(&outs, 1)?;
+        width = all.dim(1)?;
+        if table.is_empty() {
+            table.reserve(images.len() * per_image * width);
         }
+        let flat = super::profile::op("copy back", x, || all.flatten_all()?.to_vec1::<f32>())?;
+        table.extend_from_slice(&flat);
         Ok(())
     };
     for (i, (rgb, id)) in images.iter().enumerate() {
@@ -348,7 +364,7 @@ pub fn record_many(
         while pending_frames >= batch || (last && pending_frames > 0) {
             let all = Tensor::cat(&pending, 0)?;
             let take = pending_frames.min(batch);
-            run(&all.narrow(0, 0, take)?, &mut logits)?;
+            run(&all.narrow(0, 0, take)?, &mut table)?;
             pending.clear();
             pending_frames -= take;
             if pending_frames > 0 {
@@ -356,23 +372,21 @@ pub fn record_many(
             }
         }
     }
-    let classes = logits.len() / (images.len() * per_image).max(1);
+    let tap_columns: usize = channels.iter().sum();
     let mut out = Vec::with_capacity(images.len());
     for i in 0..images.len() {
-        let base = i * per_image;
-        let plain = &logits[(base + ds.distinct) * classes..][..classes];
+        let rows = &table[i * per_image * width..(i + 1) * per_image * width];
+        let plain = &rows[ds.distinct * width + tap_columns..][..width - tap_columns];
         let (pred, prob) = softmax_argmax(plain);
-        let taps = rows
+        let mut col = 0;
+        let taps = channels
             .iter()
             .enumerate()
-            .map(|(t, vals)| {
-                let c = channels[t];
-                TapSeries::new(
-                    t,
-                    c,
-                    &vals[base * c..(base + per_image) * c],
-                    ds.map.clone(),
-                )
+            .map(|(t, &c)| {
+                let series =
+                    TapSeries::from_rows(t, c, rows, width, col, per_image, ds.map.clone());
+                col += c;
+                series
             })
             .collect();
         out.push(Recording {
