@@ -845,6 +845,79 @@ pub(crate) fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::score::TermScores;
+
+    /// A chunk's drained sums equal, key by key, the sums of each image's own accumulator
+    /// (`Acc::of` of its scores): images added in batches of several, neuron by neuron, the
+    /// mean dB-SNR summed once per neuron and copied out, labelled images' sums per label.
+    #[test]
+    fn chunk_sums_are_the_sums_of_each_image_scores() {
+        let (channels, terms) = ([3usize, 2], 4usize);
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 11) as f64 / (1u64 << 53) as f64 - 0.3
+        };
+        // each image's neurons; some scores missing, some negative
+        let images: Vec<(Vec<NeuronResult>, Option<i64>)> = (0..7)
+            .map(|i| {
+                let neurons = channels
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(tap, &c)| (0..c).map(move |ch| (tap as u32, ch as u32)))
+                    .map(|(tap, channel)| NeuronResult {
+                        tap,
+                        channel,
+                        amplitude: Vec::new(),
+                        terms: (0..terms)
+                            .map(|t| TermScores {
+                                amplitude: next().abs(),
+                                snr: Some(next() * 10.0),
+                                snr_db: (t % 2 == 0).then(&mut next),
+                                snr_lattice: None,
+                                snr_lattice_db: Some(next() * 1e-9),
+                                zscore: Some(next() * 1e6),
+                                baseline_corrected: Some(next()),
+                                response_share: Some(next()),
+                            })
+                            .collect(),
+                        mean_snr_db: next() * 30.0,
+                    })
+                    .collect();
+                (neurons, (i % 3 != 0).then_some(i as i64 % 2))
+            })
+            .collect();
+        let mut sums = ChunkSums::new(&channels, terms);
+        // in batches of 3, 1 and 3 images
+        for batch in [&images[..3], &images[3..4], &images[4..]] {
+            let b: Vec<(&[NeuronResult], Option<i64>)> =
+                batch.iter().map(|(n, l)| (&n[..], *l)).collect();
+            sums.add_images(&b);
+        }
+        let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+        sums.drain(|k, acc| {
+            assert!(got.insert(k, acc).is_none(), "{k:?} twice");
+        });
+        let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+        for (neurons, label) in &images {
+            for nr in neurons {
+                for (t, s) in nr.terms.iter().enumerate() {
+                    let one = Acc::of(&s.as_array(nr.mean_snr_db));
+                    // over all images, and over the image's label's if it has one
+                    let labels = std::iter::once(None).chain(label.map(Some));
+                    for l in labels {
+                        let key = (nr.tap, nr.channel, t as u32, l);
+                        want.entry(key).or_insert_with(Acc::zero).plus_equals(&one);
+                    }
+                }
+            }
+        }
+        assert_eq!(got, want);
+        // drained: the next chunk starts from zero
+        sums.drain(|k, _| panic!("{k:?} left after draining"));
+    }
 
     #[test]
     fn an_out_of_memory_pass_says_what_to_lower() {
