@@ -68,9 +68,10 @@ impl Series for Gather<'_> {
     }
 }
 
-/// Whether the CPU has AVX2, for the loops around the FFT.
+/// Whether the CPU has AVX2: for the loops around the FFT, and those of the scores
+/// ([`crate::score::block`]), compiled for it as well and chosen at run time.
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
 }

@@ -27,12 +27,12 @@ use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
 use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, N_SCORES};
-
-/// Where the neuron's own score, the authors' mean dB-SNR, sits among an [`Acc`]'s scores.
-const MEAN_SNR: usize = N_SCORES - 1;
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
+
+/// Where the neuron's own score, the authors' mean dB-SNR, sits among an [`Acc`]'s scores.
+const MEAN_SNR: usize = N_SCORES - 1;
 
 /// `FREQTAG_GPU_PATH_ON_CPU=1`: run the GPU's code path (its layers as tensor ops, frames
 /// built as tensors, images batched across a pass) on the CPU, so that tests here cover it.

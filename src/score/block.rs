@@ -40,9 +40,12 @@ impl BlockScorer {
         nb: Neighbourhood,
         terms_out: &mut [Vec<TermScores>; LANES],
     ) -> Lanes {
+        // AVX-512 was slower here (8.2-8.7 against 7.4 ms per MobileNetV2 image of 17 056
+        // neurons, `cargo bench --bench analysis`): the loops are bound by divisions, which
+        // AVX-512 does no faster per value
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 (checked by `avx2`)
+        if crate::spectrum::avx2() {
+            // SAFETY: the CPU has AVX2 (checked above)
             return unsafe { self.score_avx2(amp, terms, nb, terms_out) };
         }
         self.score_plain(amp, terms, nb, terms_out)
@@ -71,15 +74,6 @@ impl BlockScorer {
         score_terms_lanes(amp, terms, nb, terms_out);
         authors_lanes(amp, nb, &mut self.sums)
     }
-}
-
-/// Whether the CPU has AVX2, for the block loops. AVX-512 was slower here (8.2-8.7 against
-/// 7.4 ms per MobileNetV2 image of 17 056 neurons, `examples`-style microbenchmark): the loops
-/// are bound by divisions, which AVX-512 does no faster per value.
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
 }
 
 /// Lane by lane `a / b` where `b > 0`, as [`super::snr`]'s `ratio`.

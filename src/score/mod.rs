@@ -4,7 +4,9 @@
 //!   response lattice.
 //! - [`snr`]: per-term amplitude, standard and lattice-aware SNR, z-score, baseline-corrected
 //!   amplitude, response share, and the authors' mean dB-SNR.
-//! - [`moments`]: an exact, order-independent accumulator (count, sum, sum of squares in 256-bit
+//! - [`block`]: the per-term scores and the authors' score of 8 neurons side by side (the same
+//!   bits as one at a time).
+//! - [`moments`]: an exact, order-independent accumulator (count, sum, sum of squares in 384-bit
 //!   fixed point) used as a differential-dataflow difference type.
 
 pub mod block;
