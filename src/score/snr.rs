@@ -54,7 +54,7 @@ impl TermScores {
 }
 
 /// The neighbour bins of `k` within `1..=last`, or `None` if the window leaves that range.
-pub(super) fn neighbours(
+fn neighbours(
     k: usize,
     last: usize,
     nb: Neighbourhood,
@@ -78,47 +78,10 @@ fn db(x: Option<f64>) -> Option<f64> {
 
 /// Scores every term of `terms` in the amplitude spectrum `amp` (N/2+1 bins).
 pub fn score_terms(amp: &[f64], terms: &TermSet, nb: Neighbourhood) -> Vec<TermScores> {
-    let last = amp.len() - 1;
-    let rms = (amp[1..].iter().map(|a| a * a).sum::<f64>() / last as f64).sqrt();
-    terms
-        .terms
-        .iter()
-        .map(|t| {
-            let a = amp[t.bin];
-            let mut s = TermScores {
-                amplitude: a,
-                snr: None,
-                snr_db: None,
-                snr_lattice: None,
-                snr_lattice_db: None,
-                zscore: None,
-                baseline_corrected: None,
-                response_share: ratio(a, rms),
-            };
-            // the neighbours are walked in place, several times, rather than gathered: one
-            // neuron's terms cost several allocations each, for thousands of neurons per image
-            if let Some(bins) = neighbours(t.bin, last, nb) {
-                let count = bins.clone().count();
-                let mean = bins.clone().map(|b| amp[b]).sum::<f64>() / count as f64;
-                s.snr = ratio(a, mean);
-                s.snr_db = db(s.snr);
-                s.baseline_corrected = Some(a - mean);
-                if count > 1 {
-                    let var = bins.clone().map(|b| (amp[b] - mean).powi(2)).sum::<f64>()
-                        / (count - 1) as f64;
-                    s.zscore = ratio(a - mean, var.sqrt());
-                }
-                let off = bins.filter(|b| !terms.lattice[*b]);
-                let n_off = off.clone().count();
-                if n_off > 0 {
-                    let base = off.map(|b| amp[b]).sum::<f64>() / n_off as f64;
-                    s.snr_lattice = ratio(a, base);
-                    s.snr_lattice_db = db(s.snr_lattice);
-                }
-            }
-            s
-        })
-        .collect()
+    let mut out: [Vec<TermScores>; 1] = Default::default();
+    score_terms_lanes(amp.as_chunks::<1>().0, terms, nb, &mut out);
+    let [out] = out;
+    out
 }
 
 /// The authors' overall score, as their code computes it: drop DC; for each remaining bin, SNR
@@ -126,26 +89,121 @@ pub fn score_terms(amp: &[f64], terms: &TermSet, nb: Neighbourhood) -> Vec<TermS
 /// uses the neighbours that exist; `(A + 1e-8) / (mean + 1e-8)`; `10 log10`, floored at 0;
 /// averaged over all remaining bins. Rounding-sensitive without stimulus noise (METHOD.md).
 pub fn authors_mean_snr_db(amp: &[f64], nb: Neighbourhood) -> f64 {
+    thread_local! {
+        // one buffer per thread, zeroed as far as a spectrum needs
+        static SUMS: std::cell::RefCell<Vec<[f64; 1]>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SUMS.with_borrow_mut(|sums| authors_lanes(amp.as_chunks::<1>().0, nb, sums)[0])
+}
+
+/// [`score_terms`] of `L` spectra laid out bin-major (`amp[b][l]`, see [`super::block`]): the RMS, each term's neighbour mean, variance and
+/// off-lattice mean summed lane-wise in the same bin order.
+#[inline(always)]
+pub(super) fn score_terms_lanes<const L: usize>(
+    amp: &[[f64; L]],
+    terms: &TermSet,
+    nb: Neighbourhood,
+    out: &mut [Vec<TermScores>; L],
+) {
+    let last = amp.len() - 1;
+    // `Iterator::sum` of f64 starts from -0.0
+    let mut sq = [-0.0f64; L];
+    for row in &amp[1..] {
+        for l in 0..L {
+            sq[l] += row[l] * row[l];
+        }
+    }
+    let mut rms = [0.0; L];
+    for l in 0..L {
+        rms[l] = (sq[l] / last as f64).sqrt();
+    }
+    for o in out.iter_mut() {
+        o.clear();
+    }
+    for t in &terms.terms {
+        let a = amp[t.bin];
+        let mut s: [TermScores; L] = std::array::from_fn(|l| TermScores {
+            amplitude: a[l],
+            snr: None,
+            snr_db: None,
+            snr_lattice: None,
+            snr_lattice_db: None,
+            zscore: None,
+            baseline_corrected: None,
+            response_share: ratio(a[l], rms[l]),
+        });
+        // the neighbours are walked in place, several times, rather than gathered: one
+        // neuron's terms cost several allocations each, for thousands of neurons per image
+        if let Some(bins) = neighbours(t.bin, last, nb) {
+            let count = bins.clone().count();
+            let mut mean = [-0.0f64; L];
+            for b in bins.clone() {
+                for l in 0..L {
+                    mean[l] += amp[b][l];
+                }
+            }
+            for m in mean.iter_mut() {
+                *m /= count as f64;
+            }
+            let mut var = [-0.0f64; L];
+            if count > 1 {
+                for b in bins.clone() {
+                    for l in 0..L {
+                        var[l] += (amp[b][l] - mean[l]).powi(2);
+                    }
+                }
+                for v in var.iter_mut() {
+                    *v /= (count - 1) as f64;
+                }
+            }
+            let off = bins.filter(|b| !terms.lattice[*b]);
+            let n_off = off.clone().count();
+            let mut base = [-0.0f64; L];
+            if n_off > 0 {
+                for b in off {
+                    for l in 0..L {
+                        base[l] += amp[b][l];
+                    }
+                }
+                for v in base.iter_mut() {
+                    *v /= n_off as f64;
+                }
+            }
+            for (l, s) in s.iter_mut().enumerate() {
+                s.snr = ratio(a[l], mean[l]);
+                s.snr_db = db(s.snr);
+                s.baseline_corrected = Some(a[l] - mean[l]);
+                if count > 1 {
+                    s.zscore = ratio(a[l] - mean[l], var[l].sqrt());
+                }
+                if n_off > 0 {
+                    s.snr_lattice = ratio(a[l], base[l]);
+                    s.snr_lattice_db = db(s.snr_lattice);
+                }
+            }
+        }
+        for (o, s) in out.iter_mut().zip(s) {
+            o.push(s);
+        }
+    }
+}
+
+/// [`authors_mean_snr_db`] of `L` spectra laid out bin-major, with `sums` to work in.
+#[inline(always)]
+pub(super) fn authors_lanes<const L: usize>(
+    amp: &[[f64; L]],
+    nb: Neighbourhood,
+    sums: &mut Vec<[f64; L]>,
+) -> [f64; L] {
+    const GUARD: f64 = 1e-8;
     let s = &amp[1..];
     let len = s.len();
     if len == 0 {
-        return f64::NAN;
+        return [f64::NAN; L];
     }
-    thread_local! {
-        // one buffer per thread, zeroed as far as a spectrum needs
-        static SUMS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SUMS.with_borrow_mut(|sums| {
-        sums.clear();
-        sums.resize(len, 0.0);
-        authors_from_sums(s, nb, sums)
-    })
-}
-
-/// [`authors_mean_snr_db`] over `s = amp[1..]`, with `sum` (zeros, as long as `s`) to work in.
-fn authors_from_sums(s: &[f64], nb: Neighbourhood, sum: &mut [f64]) -> f64 {
-    const GUARD: f64 = 1e-8;
-    let len = s.len();
+    sums.clear();
+    sums.resize(len, [0.0; L]);
+    let sum = &mut sums[..];
     let (n, skip) = (nb.n, nb.skip);
     // Every bin's neighbour sum, built one offset at a time across all bins (loops the
     // compiler vectorises) rather than bin by bin over ranges of varying length. The offsets
@@ -155,6 +213,9 @@ fn authors_from_sums(s: &[f64], nb: Neighbourhood, sum: &mut [f64]) -> f64 {
         .rev()
         .map(|d| -(d as isize))
         .chain((skip + 1..=skip + n).map(|d| d as isize));
+    // the loops below run over the rows as one flat slice (lane-major within a row): plain
+    // element-wise loops that vectorise without gathers
+    let (s_flat, sum) = (s.as_flattened(), sum.as_flattened_mut());
     for o in offsets {
         // the bins j with 0 <= j + o < len
         let (lo, hi) = if o < 0 {
@@ -166,7 +227,8 @@ fn authors_from_sums(s: &[f64], nb: Neighbourhood, sum: &mut [f64]) -> f64 {
             continue;
         }
         let from = (lo as isize + o) as usize;
-        for (t, v) in sum[lo..hi].iter_mut().zip(&s[from..from + (hi - lo)]) {
+        let src = &s_flat[from * L..(from + hi - lo) * L];
+        for (t, v) in sum[lo * L..hi * L].iter_mut().zip(src) {
             *t += v;
         }
     }
@@ -174,9 +236,10 @@ fn authors_from_sums(s: &[f64], nb: Neighbourhood, sum: &mut [f64]) -> f64 {
     // instead of one per bin (the logarithms were most of the spectrum stage). The product is
     // kept as a mantissa in [1, 2) and a binary exponent, so it cannot overflow; four products
     // run side by side (bins j mod 4), as one waits on the last multiply at every bin.
-    // each bin's factor max(1, snr) in place of its sum: bins whose windows fit whole share
-    // one count, in a loop that vectorises; the few near the ends count what exists
-    let factor = |v: f64, sum: f64, count: usize| {
+    // Each bin's factor max(1, snr) in place of its sum: bins whose windows fit whole share
+    // one count, in a loop that vectorises; the few near the ends count what exists.
+    #[inline(always)]
+    fn factor(v: f64, sum: f64, count: usize) -> f64 {
         let base = if count > 0 { sum / count as f64 } else { 0.0 };
         let snr = (v + GUARD) / (base + GUARD);
         // without a branch, which half the bins took at random: a factor of 1 changes nothing
@@ -185,43 +248,55 @@ fn authors_from_sums(s: &[f64], nb: Neighbourhood, sum: &mut [f64]) -> f64 {
         } else {
             1.0
         }
-    };
+    }
     let reach = skip + n;
     let (inner_lo, inner_hi) = (
         reach.min(len),
         len.saturating_sub(reach).max(reach.min(len)),
     );
-    for (t, v) in sum[inner_lo..inner_hi]
+    let inner = 2 * n;
+    for (t, v) in sum[inner_lo * L..inner_hi * L]
         .iter_mut()
-        .zip(&s[inner_lo..inner_hi])
+        .zip(&s_flat[inner_lo * L..inner_hi * L])
     {
-        *t = factor(*v, *t, 2 * n);
+        *t = factor(*v, *t, inner);
     }
     for j in (0..inner_lo).chain(inner_hi..len) {
         let left = j.saturating_sub(skip) - j.saturating_sub(reach);
         let right = (j + reach + 1).min(len) - (j + skip + 1).min(len);
-        sum[j] = factor(s[j], sum[j], left + right);
-    }
-    let (mut mant, mut exp2) = ([1.0f64; 4], [0i64; 4]);
-    let mut step = |l: usize, f: f64| {
-        let bits = (mant[l] * f).to_bits();
-        exp2[l] += ((bits >> 52) & 0x7ff) as i64 - 1023;
-        mant[l] = f64::from_bits((bits & !(0x7ff << 52)) | (1023 << 52));
-    };
-    let mut quads = sum.chunks_exact(4);
-    for q in quads.by_ref() {
-        for (l, f) in q.iter().enumerate() {
-            step(l, *f);
+        for l in j * L..(j + 1) * L {
+            sum[l] = factor(s_flat[l], sum[l], left + right);
         }
     }
-    for (l, f) in quads.remainder().iter().enumerate() {
-        step(l, *f);
+    // the running product of each lane's factors, bins j mod 4 in four products, each kept as
+    // a mantissa in [1, 2) and a binary exponent: four rows at a time, as one flat run
+    let mut mant = [[1.0f64; L]; 4];
+    let mut exp2 = [[0i64; L]; 4];
+    #[inline(always)]
+    fn step(m: &mut f64, e: &mut i64, f: f64) {
+        let bits = (*m * f).to_bits();
+        *e += ((bits >> 52) & 0x7ff) as i64 - 1023;
+        *m = f64::from_bits((bits & !(0x7ff << 52)) | (1023 << 52));
     }
-    // four mantissas in [1, 2): their product is below 16
-    let m = mant[0] * mant[1] * mant[2] * mant[3];
-    let e = exp2.iter().sum::<i64>();
-    let total = 10.0 * (m.log10() + e as f64 * std::f64::consts::LOG10_2);
-    total / len as f64
+    let (m4, e4) = (mant.as_flattened_mut(), exp2.as_flattened_mut());
+    let mut quads = sum.chunks_exact(4 * L);
+    for q in quads.by_ref() {
+        for ((m, e), f) in m4.iter_mut().zip(e4.iter_mut()).zip(q) {
+            step(m, e, *f);
+        }
+    }
+    // the rows left over are bins 0, 1, 2 mod 4, in that order
+    for ((m, e), f) in m4.iter_mut().zip(e4.iter_mut()).zip(quads.remainder()) {
+        step(m, e, *f);
+    }
+    let mut out = [0.0; L];
+    for l in 0..L {
+        let m = mant[0][l] * mant[1][l] * mant[2][l] * mant[3][l];
+        let e = exp2[0][l] + exp2[1][l] + exp2[2][l] + exp2[3][l];
+        let total = 10.0 * (m.log10() + e as f64 * std::f64::consts::LOG10_2);
+        out[l] = total / len as f64;
+    }
+    out
 }
 
 #[cfg(test)]
