@@ -3,7 +3,9 @@
 //! frames of 49 distinct values: amplitude spectra (of the whole series, and gathered from the
 //! distinct values as the pipeline does), the scores one neuron at a time
 //! (`score_terms` + `authors_mean_snr_db`) against [`BlockScorer`] (checked to give the same
-//! bits), and the exact sums of a chunk (`Acc::add_values`). Best of 15 rounds.
+//! bits), and the exact sums of a chunk (`Acc::add_values`); and, before all of them, the
+//! decoding of the 20 ImageNet photos shipped in `data/imagenet-foolbox-20` (JPEG, 512x512)
+//! to the quickstart's input (short side 256, centre crop 224). Best of 15 rounds.
 //!
 //!     cargo bench --bench analysis
 //!
@@ -25,7 +27,46 @@ fn best_of(rounds: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
+/// Decoding and preparing the shipped ImageNet photos, per image: the whole of
+/// `prepare_bytes`, and the JPEG decoding alone (the rest is the resize and crop).
+fn decode() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/imagenet-foolbox-20");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    files.sort();
+    let bytes: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let pre = freqtag::model::Preprocess {
+        resize: 256,
+        crop: 224,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    let n = bytes.len() as f64;
+    let prepare = best_of(15, || {
+        for b in &bytes {
+            std::hint::black_box(freqtag::source::prepare_bytes(b, pre).unwrap());
+        }
+    });
+    let jpeg = best_of(15, || {
+        for b in &bytes {
+            std::hint::black_box(image::load_from_memory(b).unwrap().into_rgb8());
+        }
+    });
+    println!(
+        "decode ({} photos of data/imagenet-foolbox-20 to 224x224), ms per image: {:.2}, of \
+         which JPEG decoding {:.2} and resize and crop {:.2}",
+        bytes.len(),
+        prepare / n * 1e3,
+        jpeg / n * 1e3,
+        (prepare - jpeg) / n * 1e3
+    );
+}
+
 fn main() {
+    decode();
     let frames = 240;
     let terms = TermSet::new(&[6.0, 7.5], 120.0, frames, 2, 2, &mut Vec::new());
     let nb = Neighbourhood { n: 3, skip: 1 };
