@@ -1,0 +1,124 @@
+//! The CPU depthwise kernel ([`Depthwise`]) against the plain loop it replaced (each window
+//! position's products added to the whole output row in turn), on the shapes of MobileNetV2's
+//! depthwise layers at the quickstart's 4 frames a pass, one thread, the two timed in turn and
+//! checked to give the same bits. Best of 40 rounds.
+//!
+//!     cargo bench --bench depthwise
+//!
+//! Not a test: timings on a shared machine vary; compare the figures of one run.
+use candle_core::{Device, Tensor};
+use freqtag::model::layers::Depthwise;
+use rayon::prelude::*;
+use std::time::Instant;
+/// As the binary: mimalloc, freed pages kept.
+#[global_allocator]
+static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The loop the kernel replaced.
+fn plain(
+    x: &[f32],
+    wt: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    k: usize,
+    s: usize,
+    pad: usize,
+) -> Vec<f32> {
+    let p = pad as isize;
+    let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+    let mut out = vec![0f32; b * ho * wo * c];
+    out.par_chunks_mut(wo * c).enumerate().for_each(|(row, o)| {
+        let (bi, oy) = (row / ho, row % ho);
+        for ky in 0..k {
+            let iy = (oy * s + ky) as isize - p;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
+            for kx in 0..k {
+                let wk = &wt[(ky * k + kx) * c..][..c];
+                for ox in 0..wo {
+                    let ix = (ox * s + kx) as isize - p;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let src = &src_row[ix as usize * c..][..c];
+                    for ((acc, v), k) in o[ox * c..][..c].iter_mut().zip(src).zip(wk) {
+                        *acc += v * k;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+fn main() {
+    // SAFETY: before any other thread; mi_option_purge_delay = -1, as the binary sets it
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // one thread, unless RAYON_NUM_THREADS says otherwise
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build_global()
+            .expect("the global thread pool");
+    }
+    let dev = Device::Cpu;
+    let (mut tn, mut to) = (0.0, 0.0);
+    for (h, c, s) in [
+        (112usize, 32usize, 1usize),
+        (112, 96, 2),
+        (56, 144, 1),
+        (56, 144, 2),
+        (28, 192, 1),
+        (14, 384, 1),
+        (14, 576, 1),
+        (7, 960, 1),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (4, h, h, c), &dev).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let wt: Vec<f32> = Tensor::randn(0f32, 1.0, 9 * c, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let op = Depthwise {
+            weight: &wt,
+            k: 3,
+            stride: s,
+            pad: 1,
+        };
+        let got: Vec<f32> = x
+            .apply_op1_no_bwd(&op)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = plain(&xs, &wt, (4, h, h, c), 3, s, 1);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "h{h} c{c} s{s}: bits differ"
+        );
+        let (mut bn, mut bo) = (f64::MAX, f64::MAX);
+        for _ in 0..40 {
+            let t = Instant::now();
+            std::hint::black_box(x.apply_op1_no_bwd(&op).unwrap());
+            bn = bn.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            std::hint::black_box(plain(&xs, &wt, (4, h, h, c), 3, s, 1));
+            bo = bo.min(t.elapsed().as_secs_f64());
+        }
+        tn += bn;
+        to += bo;
+        println!(
+            "{h}x{h}x{c}, stride {s}: kernel {:.3} ms, plain loop {:.3} ms",
+            bn * 1e3,
+            bo * 1e3
+        );
+    }
+    println!(
+        "all 8 layer shapes: kernel {:.2} ms, plain loop {:.2} ms ({:.2}x)",
+        tn * 1e3,
+        to * 1e3,
+        to / tn
+    );
+}
