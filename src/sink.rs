@@ -23,7 +23,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::config::{Plan, SpectraMode};
 use crate::error::{Error, Result};
-use crate::score::{Acc, NeuronResult, SCORE_NAMES};
+use crate::score::{NeuronResult, Update, SCORE_NAMES};
 use crate::source::ImageRef;
 
 /// The tables, in the order they are committed.
@@ -431,7 +431,7 @@ pub fn write_scores(
     staging: &Path,
     worker: usize,
     plan: &Plan,
-    aggregates: &BTreeMap<ScoreKey, Box<Acc>>,
+    aggregates: &BTreeMap<ScoreKey, Update>,
 ) -> Result<()> {
     let mut part = Part::create(
         &staging.join("scores"),
@@ -446,7 +446,8 @@ pub fn write_scores(
     let mut cols: Vec<Float64Builder> = (0..2 * SCORE_NAMES.len())
         .map(|_| Float64Builder::new())
         .collect();
-    for ((tap, ch, term, lab), acc) in aggregates {
+    for ((tap, ch, term, lab), update) in aggregates {
+        let acc = update.to_acc();
         layer.append_value(&plan.taps[*tap as usize]);
         channel.append_value(*ch as i32);
         terms.push(&plan.terms.terms[*term as usize]);

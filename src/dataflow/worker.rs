@@ -26,7 +26,7 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, N_SCORES};
+use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, Update, N_SCORES};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -183,8 +183,9 @@ impl ChunkSums {
 
     /// Hands every non-zero sum to `emit` with its key, all images' first and then each
     /// label's, and leaves the sums empty for the next chunk (the all-images table is kept, so
-    /// a later chunk faults nothing in).
-    fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Acc)) {
+    /// a later chunk faults nothing in). A label with one image in the chunk is handed on as
+    /// that image's scores ([`Update::One`]), not as sums.
+    fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
         let (offsets, terms) = (&self.offsets, self.terms);
         let key = |slot: usize, label: Option<i64>| {
             let (neuron, t) = (slot / terms, slot % terms);
@@ -200,7 +201,7 @@ impl ChunkSums {
                 (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
             }
             if !a.is_zero() {
-                emit(key(slot, None), std::mem::replace(a, Acc::zero()));
+                emit(key(slot, None), std::mem::replace(a, Acc::zero()).into());
             }
         }
         // each label's images, in a fixed order (the sums are exact, so it does not matter)
@@ -210,15 +211,21 @@ impl ChunkSums {
         for group in labelled.chunk_by(|a, b| a.0 == b.0) {
             let label = Some(group[0].0);
             for slot in 0..self.all.len() {
-                let mut acc = Acc::zero();
-                for (_, kept) in group {
-                    for (v, k) in values.iter_mut().zip(&kept[slot * N_SCORES..][..N_SCORES]) {
-                        *v = (!k.is_nan()).then_some(*k);
+                let update = if let [(_, kept)] = group {
+                    Update::one_from_f64(&kept[slot * N_SCORES..][..N_SCORES])
+                } else {
+                    let mut acc = Acc::zero();
+                    for (_, kept) in group {
+                        let kept = &kept[slot * N_SCORES..][..N_SCORES];
+                        for (v, k) in values.iter_mut().zip(kept) {
+                            *v = (!k.is_nan()).then_some(*k);
+                        }
+                        acc.add_values(&values);
                     }
-                    acc.add_values(&values);
-                }
-                if !acc.is_zero() {
-                    emit(key(slot, label), acc);
+                    acc.into()
+                };
+                if !update.is_zero() {
+                    emit(key(slot, label), update);
                 }
             }
         }
@@ -235,7 +242,7 @@ struct ChunkState {
     skipped: Vec<Skipped>,
     /// Sums of the images committed by an earlier attempt (a resumed run's first chunk), emitted
     /// with this chunk's but not part of its committed sums.
-    seeds: Vec<(ScoreKey, Acc)>,
+    seeds: Vec<(ScoreKey, Update)>,
 }
 
 impl ChunkState {
@@ -309,7 +316,7 @@ impl ChunkState {
         ctx: &WorkerCtx,
         time: u64,
         buf: &mut Vec<u8>,
-        mut emit: impl FnMut(ScoreKey, Acc),
+        mut emit: impl FnMut(ScoreKey, Update),
     ) -> ChunkSums {
         let ChunkState {
             mut partial,
@@ -334,9 +341,9 @@ impl ChunkState {
         };
         if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
             let mut file = crate::resume::SumsFile::new(std::mem::take(buf));
-            partial.drain(|k, acc| {
-                file.push(&k, &acc);
-                emit(k, acc);
+            partial.drain(|k, update| {
+                file.push(&k, &update.to_acc());
+                emit(k, update);
             });
             if ok {
                 match file.finish(&ctx.work, &name) {
@@ -554,7 +561,7 @@ pub(crate) fn run_worker(
     let plan = ctx.plan.clone();
     // boxed: a B-tree node holds its values inline, and shifting 936-byte sums on every insert
     // cost more than the sums
-    let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Box<Acc>>>> =
+    let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Update>>> =
         Rc::new(RefCell::new(BTreeMap::new()));
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let probe = ProbeHandle::new();
@@ -731,7 +738,7 @@ pub(crate) fn run_worker(
             let mut sums: Vec<u8> = Vec::new();
             if let Some(seeds) = seeds {
                 let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
-                state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone())).collect();
+                state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone().into())).collect();
                 stash.insert(0, state);
             }
             move |(input, frontier), output| {
@@ -774,7 +781,7 @@ pub(crate) fn run_worker(
         let ag = aggregates.clone();
         let c = ctx.clone();
         updates
-            .container::<Vec<(ScoreKey, u64, Acc)>>()
+            .container::<Vec<(ScoreKey, u64, Update)>>()
             .exchange(|(k, _, _)| differential_dataflow::Hashable::hashed(k))
             .as_collection()
             .consolidate_stream()
@@ -784,9 +791,13 @@ pub(crate) fn run_worker(
                 let started = Instant::now();
                 input.for_each(|_, data| {
                     let mut ag = ag.borrow_mut();
-                    for (k, _t, acc) in data.drain(..) {
-                        let sum: &mut Acc = ag.entry(k).or_insert_with(|| Box::new(Acc::zero()));
-                        sum.plus_equals(&acc);
+                    for (k, _t, update) in data.drain(..) {
+                        match ag.entry(k) {
+                            Entry::Vacant(v) => {
+                                v.insert(update);
+                            }
+                            Entry::Occupied(mut o) => o.get_mut().plus_equals(&update),
+                        }
                     }
                 });
                 c.times.borrow_mut().aggregate += started.elapsed().as_secs_f64();
@@ -861,7 +872,7 @@ mod tests {
             (rng >> 11) as f64 / (1u64 << 53) as f64 - 0.3
         };
         // each image's neurons; some scores missing, some negative
-        let images: Vec<(Vec<NeuronResult>, Option<i64>)> = (0..7)
+        let images: Vec<(Vec<NeuronResult>, Option<i64>)> = (0..8)
             .map(|i| {
                 let neurons = channels
                     .iter()
@@ -886,7 +897,9 @@ mod tests {
                         mean_snr_db: next() * 30.0,
                     })
                     .collect();
-                (neurons, (i % 3 != 0).then_some(i as i64 % 2))
+                // labels 0 and 1 of two images each, 7 of one (the last), and none
+                let label = if i == 7 { 7 } else { i as i64 % 2 };
+                (neurons, (i % 3 != 0).then_some(label))
             })
             .collect();
         let mut sums = ChunkSums::new(&channels, terms);
@@ -897,9 +910,18 @@ mod tests {
             sums.add_images(&b);
         }
         let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-        sums.drain(|k, acc| {
-            assert!(got.insert(k, acc).is_none(), "{k:?} twice");
+        let mut ones = 0;
+        sums.drain(|k, update| {
+            // a label with one image in the chunk comes as that image's scores
+            let one = matches!(update, Update::One(_));
+            assert_eq!(one, k.3 == Some(7), "{k:?}");
+            ones += usize::from(one);
+            assert!(
+                got.insert(k, update.to_acc().into_owned()).is_none(),
+                "{k:?} twice"
+            );
         });
+        assert!(ones > 0);
         let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
         for (neurons, label) in &images {
             for nr in neurons {
