@@ -559,8 +559,8 @@ pub(crate) fn run_worker(
     let index = worker.index();
     let peers = worker.peers();
     let plan = ctx.plan.clone();
-    // boxed: a B-tree node holds its values inline, and shifting 936-byte sums on every insert
-    // cost more than the sums
+    // an Update is one image's scores inline (72 bytes) or a boxed sum: a B-tree node holds its
+    // values inline, and shifting 936-byte sums on every insert cost more than the sums
     let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Update>>> =
         Rc::new(RefCell::new(BTreeMap::new()));
     let mut input: InputHandle<u64, _> = InputHandle::new();

@@ -850,12 +850,16 @@ impl DepthwiseRow {
         (out, means)
     }
 
-    /// Writes output row `row` (of `[b * ho]`) into `o` (`wo * c`).
-    fn run(&self, x: &[f32], weight: &[f32], row: usize, o: &mut [std::mem::MaybeUninit<f32>]) {
+    /// Writes output row `row` (of `[b * ho]`) into `o` (`wo * c`), compiled for the vector
+    /// instructions the direct kernel runs with ([`super::direct::isa`]: AVX-512 unless
+    /// `FREQTAG_NO_AVX512` is set), else AVX2 where the CPU has it. The bits are the same with
+    /// each: a product then an add, never fused.
+    fn run(&self, x: &[f32], weight: &[f32], row: usize, o: &mut [MaybeUninitF32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F
+            use super::direct::Isa;
+            if super::direct::isa() == Some(Isa::Avx512) {
+                // SAFETY: `isa` gives AVX-512 only where the CPU has AVX-512F
                 return unsafe { self.run_avx512(x, weight, row, o) };
             }
             if crate::spectrum::avx2() {
