@@ -7,49 +7,11 @@
 //!
 //! Not a test: timings on a shared machine vary; compare the figures of one run.
 use candle_core::{Device, Tensor};
-use freqtag::model::layers::Depthwise;
-use rayon::prelude::*;
+use freqtag::model::layers::{depthwise_reference, Depthwise};
 use std::time::Instant;
 /// As the binary: mimalloc, freed pages kept.
 #[global_allocator]
 static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
-/// The loop the kernel replaced.
-fn plain(
-    x: &[f32],
-    wt: &[f32],
-    (b, h, w, c): (usize, usize, usize, usize),
-    k: usize,
-    s: usize,
-    pad: usize,
-) -> Vec<f32> {
-    let p = pad as isize;
-    let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
-    let mut out = vec![0f32; b * ho * wo * c];
-    out.par_chunks_mut(wo * c).enumerate().for_each(|(row, o)| {
-        let (bi, oy) = (row / ho, row % ho);
-        for ky in 0..k {
-            let iy = (oy * s + ky) as isize - p;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
-            for kx in 0..k {
-                let wk = &wt[(ky * k + kx) * c..][..c];
-                for ox in 0..wo {
-                    let ix = (ox * s + kx) as isize - p;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    let src = &src_row[ix as usize * c..][..c];
-                    for ((acc, v), k) in o[ox * c..][..c].iter_mut().zip(src).zip(wk) {
-                        *acc += v * k;
-                    }
-                }
-            }
-        }
-    });
-    out
-}
 fn main() {
     // SAFETY: before any other thread; mi_option_purge_delay = -1, as the binary sets it
     unsafe { libmimalloc_sys::mi_option_set(15, -1) };
@@ -91,7 +53,7 @@ fn main() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let want = plain(&xs, &wt, (4, h, h, c), 3, s, 1);
+        let want = depthwise_reference(&xs, &wt, (4, h, h, c), 3, s, 1);
         assert!(
             got.iter()
                 .zip(&want)
@@ -104,7 +66,7 @@ fn main() {
             std::hint::black_box(x.apply_op1_no_bwd(&op).unwrap());
             bn = bn.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            std::hint::black_box(plain(&xs, &wt, (4, h, h, c), 3, s, 1));
+            std::hint::black_box(depthwise_reference(&xs, &wt, (4, h, h, c), 3, s, 1));
             bo = bo.min(t.elapsed().as_secs_f64());
         }
         tn += bn;

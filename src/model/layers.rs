@@ -959,6 +959,50 @@ impl DepthwiseRow {
 
 type MaybeUninitF32 = std::mem::MaybeUninit<f32>;
 
+/// The depthwise convolution of contiguous channels-last `x` `[b, h, w, c]` with weights
+/// `[k*k, c]` as the plain loop [`Depthwise`]'s kernel replaced: each window position's
+/// products added to the whole output row in turn. Kept as the reference the kernel is tested
+/// against (the same bits) and timed against (`cargo bench --bench depthwise`).
+pub fn depthwise_reference(
+    x: &[f32],
+    weight: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
+    let p = pad as isize;
+    let (ho, wo) = (
+        (h + 2 * pad - k) / stride + 1,
+        (w + 2 * pad - k) / stride + 1,
+    );
+    let mut out = vec![0f32; b * ho * wo * c];
+    out.par_chunks_mut(wo * c).enumerate().for_each(|(row, o)| {
+        let (bi, oy) = (row / ho, row % ho);
+        for ky in 0..k {
+            let iy = (oy * stride + ky) as isize - p;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
+            for kx in 0..k {
+                let wk = &weight[(ky * k + kx) * c..][..c];
+                for ox in 0..wo {
+                    let ix = (ox * stride + kx) as isize - p;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let src = &src_row[ix as usize * c..][..c];
+                    for ((acc, v), k) in o[ox * c..][..c].iter_mut().zip(src).zip(wk) {
+                        *acc += v * k;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
 /// An activation fused into batch norm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
@@ -1330,42 +1374,6 @@ mod tests {
     /// groups of inner pixels.
     #[test]
     fn depthwise_gives_the_bits_of_the_plain_loop() {
-        fn plain(
-            x: &[f32],
-            wt: &[f32],
-            (b, h, w, c): (usize, usize, usize, usize),
-            k: usize,
-            s: usize,
-            pad: usize,
-        ) -> Vec<f32> {
-            let p = pad as isize;
-            let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
-            let mut out = vec![0f32; b * ho * wo * c];
-            for (row, o) in out.chunks_mut(wo * c).enumerate() {
-                let (bi, oy) = (row / ho, row % ho);
-                for ky in 0..k {
-                    let iy = (oy * s + ky) as isize - p;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let src_row = &x[(bi * h + iy as usize) * w * c..][..w * c];
-                    for kx in 0..k {
-                        let wk = &wt[(ky * k + kx) * c..][..c];
-                        for ox in 0..wo {
-                            let ix = (ox * s + kx) as isize - p;
-                            if ix < 0 || ix >= w as isize {
-                                continue;
-                            }
-                            let src = &src_row[ix as usize * c..][..c];
-                            for ((acc, v), k) in o[ox * c..][..c].iter_mut().zip(src).zip(wk) {
-                                *acc += v * k;
-                            }
-                        }
-                    }
-                }
-            }
-            out
-        }
         let dev = Device::Cpu;
         // (c, k, stride, pad, h, w)
         for (c, k, s, pad, h, w) in [
@@ -1395,7 +1403,7 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let want = plain(&xs, &wt, (2, h, w, c), k, s, pad);
+            let want = depthwise_reference(&xs, &wt, (2, h, w, c), k, s, pad);
             assert_eq!(got.len(), want.len());
             let same = got
                 .iter()
