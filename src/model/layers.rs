@@ -323,41 +323,27 @@ impl Conv {
         mean: bool,
         epilogue: Option<super::direct::RowEpilogue>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let x = x.contiguous()?;
-        let (b, h, w, c) = x.dims4()?;
-        let (xs, xl) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(xs) = &*xs else {
-            candle_core::bail!("depthwise convolution: input not on the CPU")
-        };
-        let k = self.k;
-        if c != self.cout || weight.len() != k * k * c {
-            candle_core::bail!(
-                "depthwise convolution: {c} input channels for {} outputs and {} weights, k = {k}",
-                self.cout,
-                weight.len()
-            )
-        }
-        let (ho, wo) = (
-            (h + 2 * self.pad - k) / self.stride + 1,
-            (w + 2 * self.pad - k) / self.stride + 1,
-        );
-        let geom = DepthwiseRow {
-            h,
-            w,
-            c,
-            ho,
-            wo,
-            k,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        let x = contiguous_f32(xs, xl, "depthwise convolution")?;
-        let (out, m) = geom.conv(x, weight, b, mean, epilogue);
-        let dev = candle_core::Device::Cpu;
-        Ok((
-            Tensor::from_vec(out, (b, ho, wo, c), &dev)?,
-            m.map(|m| Tensor::from_vec(m, (b, c), &dev)).transpose()?,
-        ))
+        self.on_cpu(x, "depthwise convolution", |x, (b, h, w, c), (ho, wo)| {
+            let k = self.k;
+            if c != self.cout || weight.len() != k * k * c {
+                candle_core::bail!(
+                    "depthwise convolution: {c} input channels for {} outputs and {} weights, k = {k}",
+                    self.cout,
+                    weight.len()
+                )
+            }
+            let geom = DepthwiseRow {
+                h,
+                w,
+                c,
+                ho,
+                wo,
+                k,
+                stride: self.stride,
+                pad: self.pad,
+            };
+            Ok(geom.conv(x, weight, b, mean, epilogue))
+        })
     }
 
     /// [`Conv::direct`] with the weight `[k*k*Cin, Cout]` at hand.
@@ -368,33 +354,53 @@ impl Conv {
         mean: bool,
         epilogue: Option<super::direct::RowEpilogue>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.on_cpu(x, "convolution", |x, (b, h, w, c), _| {
+            if weight.len() != self.k * self.k * c * self.cout {
+                candle_core::bail!(
+                    "convolution: weight of {} values for {c} inputs, {} outputs, k = {}",
+                    weight.len(),
+                    self.cout,
+                    self.k
+                )
+            }
+            let shape = super::direct::Shape {
+                b,
+                h,
+                w,
+                c,
+                cout: self.cout,
+                k: self.k,
+                stride: self.stride,
+                pad: self.pad,
+            };
+            Ok(super::direct::conv_then(x, weight, shape, mean, epilogue))
+        })
+    }
+
+    /// Runs `kernel` on channels-last f32 `x` on the CPU, given its values (contiguous), its
+    /// dims `(b, h, w, c)` and this convolution's output size `(ho, wo)`; wraps what it gives,
+    /// the output `[b, ho, wo, cout]` and perhaps its spatial mean `[b, cout]`, as tensors.
+    fn on_cpu(
+        &self,
+        x: &Tensor,
+        op: &str,
+        kernel: impl FnOnce(
+            &[f32],
+            (usize, usize, usize, usize),
+            (usize, usize),
+        ) -> Result<(Vec<f32>, Option<Vec<f32>>)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let x = x.contiguous()?;
         let (b, h, w, c) = x.dims4()?;
+        let (ho, wo) = (
+            (h + 2 * self.pad - self.k) / self.stride + 1,
+            (w + 2 * self.pad - self.k) / self.stride + 1,
+        );
         let (xs, xl) = x.storage_and_layout();
         let candle_core::Storage::Cpu(xs) = &*xs else {
-            candle_core::bail!("convolution: input not on the CPU")
+            candle_core::bail!("{op}: input not on the CPU")
         };
-        let shape = super::direct::Shape {
-            b,
-            h,
-            w,
-            c,
-            cout: self.cout,
-            k: self.k,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        if weight.len() != self.k * self.k * c * self.cout {
-            candle_core::bail!(
-                "convolution: weight of {} values for {c} inputs, {} outputs, k = {}",
-                weight.len(),
-                self.cout,
-                self.k
-            )
-        }
-        let (ho, wo) = shape.out();
-        let x = contiguous_f32(xs, xl, "convolution")?;
-        let (out, m) = super::direct::conv_then(x, weight, shape, mean, epilogue);
+        let (out, m) = kernel(contiguous_f32(xs, xl, op)?, (b, h, w, c), (ho, wo))?;
         let dev = candle_core::Device::Cpu;
         Ok((
             Tensor::from_vec(out, (b, ho, wo, self.cout), &dev)?,
