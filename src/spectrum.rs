@@ -68,8 +68,9 @@ impl Series for Gather<'_> {
     }
 }
 
-/// Whether the CPU has AVX2: for the loops around the FFT, and those of the scores
-/// ([`crate::score::block`]), compiled for it as well and chosen at run time.
+/// Whether the CPU has AVX2: for the loops around the FFT, those of the scores
+/// ([`crate::score::block`]) and, without AVX-512, the depthwise convolution's
+/// (`model::layers`), compiled for it as well and chosen at run time.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
