@@ -106,21 +106,38 @@ impl WorkerCtx {
     }
 }
 
-/// A chunk's partial sums: one [`Acc`] per (neuron, term) in forward order for all images, laid
-/// out densely so that an image's updates walk memory in order (in a hash map of 936-byte sums
-/// each of an image's updates, about 14 000 for the paper pipeline, missed the cache). Sums per
-/// label are built only when the chunk is drained, from the scores of its labelled images kept
-/// as plain floats (72 bytes per neuron and term against 936 for a sum): a dense table per
-/// label seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline. The
-/// neuron's own score (the authors' mean dB-SNR, the same for all its terms) is summed in its
-/// first term's sum only and copied into the others' when the chunk is drained.
+/// Images a chunk keeps as their scores before its all-images sums go into the dense table. A
+/// kept image is 72 bytes per (neuron, term) against the table's 936. With one, a worker with one
+/// image in a chunk (a short run on many workers: the quickstart's 5 photos on 16 cores) hands
+/// on its scores and builds no table (16 workers: 1 284 -> 760 MB peak); with more, the kept
+/// images and the new table were held together at the fold, and the peak grew (4 kept: 644
+/// against 591 MB, the quickstart on 20 photos and 2 workers).
+const KEEP: usize = 1;
+
+/// A chunk's partial sums. Up to [`KEEP`] images are kept as their scores (72 bytes per
+/// neuron and term, NaN where absent); at drain their sums are built per key, or handed on as
+/// the one image's scores ([`Update::One`]) where the chunk has one image. Past that, the sums
+/// over all images go into a dense table of one [`Acc`] per (neuron, term) in forward order (96
+/// MB for MobileNetV2), so that an image's updates walk memory in order (in a hash map of
+/// 936-byte sums each of an image's updates, about 14 000 for the paper pipeline, missed the
+/// cache); the table is kept for the next chunk once built. Sums per label are built only when
+/// the chunk is drained, from the kept scores of its labelled images: a dense table per label
+/// seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline. In the table
+/// the neuron's own score (the authors' mean dB-SNR, the same for all its terms) is summed in
+/// its first term's sum only and copied into the others' when the chunk is drained.
 struct ChunkSums {
     terms: usize,
     /// First neuron of each tap (plan order), then the total.
     offsets: Vec<usize>,
+    /// Images kept as scores before the table takes over ([`KEEP`]; tests set others).
+    keep: usize,
+    /// The dense table (empty until a chunk first has more than `keep` images).
     all: Vec<Acc>,
-    /// Each labelled image's scores, [`N_SCORES`] per (neuron, term) slot, NaN where absent.
-    labelled: Vec<(i64, Vec<f64>)>,
+    /// Whether this chunk's all-images sums are in `all` (else every image is in `kept`).
+    folded: bool,
+    /// Images' scores with their labels, [`N_SCORES`] per (neuron, term) slot, NaN where
+    /// absent: every image of the chunk until it is folded into the table, then the labelled.
+    kept: Vec<(Option<i64>, Vec<f64>)>,
 }
 
 impl ChunkSums {
@@ -129,26 +146,57 @@ impl ChunkSums {
         for c in channels {
             offsets.push(offsets[offsets.len() - 1] + c);
         }
-        let n = offsets[offsets.len() - 1] * terms;
         ChunkSums {
             terms,
             offsets,
-            all: vec![Acc::zero(); n],
-            labelled: Vec::new(),
+            keep: KEEP,
+            all: Vec::new(),
+            folded: false,
+            kept: Vec::new(),
         }
+    }
+
+    fn slots(&self) -> usize {
+        self.offsets[self.offsets.len() - 1] * self.terms
     }
 
     fn slot(&self, tap: u32, channel: u32, term: u32) -> usize {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
     }
 
+    /// An image's scores, [`N_SCORES`] per slot, NaN where absent.
+    fn scores(&self, neurons: &[NeuronResult]) -> Vec<f64> {
+        let mut kept = vec![f64::NAN; self.slots() * N_SCORES];
+        for nr in neurons {
+            let base = self.slot(nr.tap, nr.channel, 0);
+            for (ti, s) in nr.terms.iter().enumerate() {
+                let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
+                for (k, v) in k.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
+                    *k = v.unwrap_or(f64::NAN);
+                }
+            }
+        }
+        kept
+    }
+
     /// Adds images' scores to all images' sums, and keeps each labelled one's (`Some` label)
-    /// for its label's. The images' updates are interleaved, neuron by neuron: a neuron's sums
-    /// (5.6 KB for 6 terms) are loaded once for all of them rather than once per image, as the
-    /// whole table (96 MB for MobileNetV2) does not stay in cache from one image to the next
-    /// (exact sums of 5 images 7.6 -> 5.4 ms an image, microbenchmark). Exact sums: the order
-    /// changes nothing.
+    /// for its label's. Until the chunk has more than `keep` images they are only kept; then
+    /// the kept ones are folded into the table. Into the table, the images' updates are
+    /// interleaved, neuron by neuron: a neuron's sums (5.6 KB for 6 terms) are loaded once for
+    /// all of them rather than once per image, as the whole table (96 MB for MobileNetV2) does
+    /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
+    /// image, microbenchmark). Exact sums: the order changes nothing.
     fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)]) {
+        if !self.folded {
+            for (neurons, label) in images {
+                let kept = self.scores(neurons);
+                self.kept.push((*label, kept));
+            }
+            if self.kept.len() > self.keep {
+                self.fold();
+            }
+            return;
+        }
         let longest = images.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
         for i in 0..longest {
             for (neurons, _) in images {
@@ -166,56 +214,73 @@ impl ChunkSums {
             }
         }
         for (neurons, label) in images {
-            let Some(l) = label else { continue };
-            let mut kept = vec![f64::NAN; self.all.len() * N_SCORES];
-            for nr in neurons.iter() {
-                let base = self.slot(nr.tap, nr.channel, 0);
-                for (ti, s) in nr.terms.iter().enumerate() {
-                    let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
-                    for (k, v) in k.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
-                        *k = v.unwrap_or(f64::NAN);
-                    }
-                }
+            if label.is_some() {
+                let kept = self.scores(neurons);
+                self.kept.push((*label, kept));
             }
-            self.labelled.push((*l, kept));
         }
     }
 
+    /// Moves the kept images' sums into the table (built the first time, zero otherwise), slot
+    /// by slot, and keeps only the labelled images' scores.
+    fn fold(&mut self) {
+        if self.all.is_empty() {
+            self.all = vec![Acc::zero(); self.slots()];
+        }
+        let mut values = [None; N_SCORES];
+        for (slot, acc) in self.all.iter_mut().enumerate() {
+            for (_, kept) in &self.kept {
+                let kept = &kept[slot * N_SCORES..][..N_SCORES];
+                for (v, k) in values.iter_mut().zip(kept) {
+                    *v = (!k.is_nan()).then_some(*k);
+                }
+                // as in `add_images`: the mean dB-SNR in the neuron's first term only
+                if slot % self.terms > 0 {
+                    values[MEAN_SNR] = None;
+                }
+                acc.add_values(&values);
+            }
+        }
+        self.kept.retain(|(label, _)| label.is_some());
+        self.folded = true;
+    }
+
     /// Hands every non-zero sum to `emit` with its key, all images' first and then each
-    /// label's, and leaves the sums empty for the next chunk (the all-images table is kept, so
-    /// a later chunk faults nothing in). A label with one image in the chunk is handed on as
-    /// that image's scores ([`Update::One`]), not as sums.
+    /// label's, and leaves the sums empty for the next chunk (the table is kept, so a later
+    /// chunk faults nothing in). A group (all images, or a label) with one image in the chunk
+    /// is handed on as that image's scores ([`Update::One`]), not as sums.
     fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
-        let (offsets, terms) = (&self.offsets, self.terms);
+        let (offsets, terms, slots) = (&self.offsets, self.terms, self.slots());
         let key = |slot: usize, label: Option<i64>| {
             let (neuron, t) = (slot / terms, slot % terms);
             let tap = offsets.partition_point(|&o| o <= neuron) - 1;
             (tap as u32, (neuron - offsets[tap]) as u32, t as u32, label)
         };
-        let mut neuron = (0, Fixed::default(), Fixed::default());
-        for (slot, a) in self.all.iter_mut().enumerate() {
-            // each term carries its neuron's mean dB-SNR, summed in the first term only
-            if slot % terms == 0 {
-                neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
-            } else {
-                (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
-            }
-            if !a.is_zero() {
-                emit(key(slot, None), std::mem::replace(a, Acc::zero()).into());
+        let kept = std::mem::take(&mut self.kept);
+        let folded = std::mem::replace(&mut self.folded, false);
+        if folded {
+            let mut neuron = (0, Fixed::default(), Fixed::default());
+            for (slot, a) in self.all.iter_mut().enumerate() {
+                // each term carries its neuron's mean dB-SNR, summed in the first term only
+                if slot % terms == 0 {
+                    neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
+                } else {
+                    (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
+                }
+                if !a.is_zero() {
+                    emit(key(slot, None), std::mem::replace(a, Acc::zero()).into());
+                }
             }
         }
-        // each label's images, in a fixed order (the sums are exact, so it does not matter)
-        let mut labelled = std::mem::take(&mut self.labelled);
-        labelled.sort_by_key(|(l, _)| *l);
+        // one group's kept images: one image's scores, or their sums
         let mut values = [None; N_SCORES];
-        for group in labelled.chunk_by(|a, b| a.0 == b.0) {
-            let label = Some(group[0].0);
-            for slot in 0..self.all.len() {
-                let update = if let [(_, kept)] = group {
+        let mut group = |images: &[&Vec<f64>], label: Option<i64>| {
+            for slot in 0..slots {
+                let update = if let [kept] = images {
                     Update::one_from_f64(&kept[slot * N_SCORES..][..N_SCORES])
                 } else {
                     let mut acc = Acc::zero();
-                    for (_, kept) in group {
+                    for kept in images {
                         let kept = &kept[slot * N_SCORES..][..N_SCORES];
                         for (v, k) in values.iter_mut().zip(kept) {
                             *v = (!k.is_nan()).then_some(*k);
@@ -228,6 +293,18 @@ impl ChunkSums {
                     emit(key(slot, label), update);
                 }
             }
+        };
+        if !folded && !kept.is_empty() {
+            let all: Vec<&Vec<f64>> = kept.iter().map(|(_, k)| k).collect();
+            group(&all, None);
+        }
+        // each label's images, in a fixed order (the sums are exact, so it does not matter)
+        let mut labelled: Vec<(i64, &Vec<f64>)> =
+            kept.iter().filter_map(|(l, k)| l.map(|l| (l, k))).collect();
+        labelled.sort_by_key(|(l, _)| *l);
+        for same in labelled.chunk_by(|a, b| a.0 == b.0) {
+            let images: Vec<&Vec<f64>> = same.iter().map(|(_, k)| *k).collect();
+            group(&images, Some(same[0].0));
         }
     }
 }
@@ -859,8 +936,9 @@ mod tests {
     use crate::score::TermScores;
 
     /// A chunk's drained sums equal, key by key, the sums of each image's own accumulator
-    /// (`Acc::of` of its scores): images added in batches of several, neuron by neuron, the
-    /// mean dB-SNR summed once per neuron and copied out, labelled images' sums per label.
+    /// (`Acc::of` of its scores): images kept as scores or added to the table in batches of
+    /// several, neuron by neuron, the mean dB-SNR summed once per neuron and copied out,
+    /// labelled images' sums per label, one image's scores where a group has one image.
     #[test]
     fn chunk_sums_are_the_sums_of_each_image_scores() {
         let (channels, terms) = ([3usize, 2], 4usize);
@@ -902,43 +980,58 @@ mod tests {
                 (neurons, (i % 3 != 0).then_some(label))
             })
             .collect();
-        let mut sums = ChunkSums::new(&channels, terms);
-        // in batches of 3, 1 and 3 images
-        for batch in [&images[..3], &images[3..4], &images[4..]] {
-            let b: Vec<(&[NeuronResult], Option<i64>)> =
-                batch.iter().map(|(n, l)| (&n[..], *l)).collect();
-            sums.add_images(&b);
-        }
-        let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-        let mut ones = 0;
-        sums.drain(|k, update| {
-            // a label with one image in the chunk comes as that image's scores
-            let one = matches!(update, Update::One(_));
-            assert_eq!(one, k.3 == Some(7), "{k:?}");
-            ones += usize::from(one);
-            assert!(
-                got.insert(k, update.to_acc().into_owned()).is_none(),
-                "{k:?} twice"
-            );
-        });
-        assert!(ones > 0);
-        let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-        for (neurons, label) in &images {
-            for nr in neurons {
-                for (t, s) in nr.terms.iter().enumerate() {
-                    let one = Acc::of(&s.as_array(nr.mean_snr_db));
-                    // over all images, and over the image's label's if it has one
-                    let labels = std::iter::once(None).chain(label.map(Some));
-                    for l in labels {
-                        let key = (nr.tap, nr.channel, t as u32, l);
-                        want.entry(key).or_insert_with(Acc::zero).plus_equals(&one);
+        // what the sums must be: each image's own accumulator, added up per key
+        let want = |images: &[(Vec<NeuronResult>, Option<i64>)]| {
+            let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+            for (neurons, label) in images {
+                for nr in neurons {
+                    for (t, s) in nr.terms.iter().enumerate() {
+                        let one = Acc::of(&s.as_array(nr.mean_snr_db));
+                        // over all images, and over the image's label's if it has one
+                        let labels = std::iter::once(None).chain(label.map(Some));
+                        for l in labels {
+                            let key = (nr.tap, nr.channel, t as u32, l);
+                            want.entry(key).or_insert_with(Acc::zero).plus_equals(&one);
+                        }
                     }
                 }
             }
+            want
+        };
+        // drains a chunk; a group (all images, or a label) of one image comes as its scores
+        let drain = |sums: &mut ChunkSums, ones: &[Option<i64>]| {
+            let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+            sums.drain(|k, update| {
+                let one = matches!(update, Update::One(_));
+                assert_eq!(one, ones.contains(&k.3), "{k:?}");
+                assert!(
+                    got.insert(k, update.to_acc().into_owned()).is_none(),
+                    "{k:?} twice"
+                );
+            });
+            got
+        };
+        // kept as scores throughout (keep 8), folded into the table at the first batch (keep
+        // 0), and in the middle of the last batch (keep 5); each in batches of 3, 1 and 3
+        // images, then a chunk of the first image alone in the same sums (the table, if
+        // built, reused), then nothing
+        for keep in [8, 0, 5] {
+            let mut sums = ChunkSums::new(&channels, terms);
+            sums.keep = keep;
+            for batch in [&images[..3], &images[3..4], &images[4..]] {
+                let b: Vec<(&[NeuronResult], Option<i64>)> =
+                    batch.iter().map(|(n, l)| (&n[..], *l)).collect();
+                sums.add_images(&b);
+            }
+            assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
+            assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
+            let first = &images[..1];
+            sums.add_images(&[(&first[0].0[..], first[0].1)]);
+            let ones: &[Option<i64>] = if keep > 0 { &[None] } else { &[] };
+            assert_eq!(drain(&mut sums, ones), want(first), "keep {keep}");
+            // drained: the next chunk starts from zero
+            sums.drain(|k, _| panic!("{k:?} left after draining"));
         }
-        assert_eq!(got, want);
-        // drained: the next chunk starts from zero
-        sums.drain(|k, _| panic!("{k:?} left after draining"));
     }
 
     #[test]
