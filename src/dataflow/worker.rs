@@ -382,9 +382,8 @@ impl ChunkState {
     }
 
     /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`
-    /// is off (a [`crate::resume::SumsFile`], encoded into `buf` as the sums are handed on:
-    /// the buffer's capacity is kept from chunk to chunk, as fresh pages cost here), then its
-    /// manifest line. Hands every sum to `emit`, a resumed run's seeds included, and returns
+    /// is off (a [`crate::resume::SumsFile`], streamed to disk as the sums are handed on),
+    /// then its manifest line. Hands every sum to `emit`, a resumed run's seeds included, and returns
     /// the chunk's sums table (emptied, for the next chunk). A part or sums file that cannot be
     /// written leaves the segment uncommitted, so that a resumed run does its images again; the
     /// error, naming the file, fails the run, so the sums already handed on are never final.
@@ -392,7 +391,6 @@ impl ChunkState {
         self,
         ctx: &WorkerCtx,
         time: u64,
-        buf: &mut Vec<u8>,
         mut emit: impl FnMut(ScoreKey, Update),
     ) -> ChunkSums {
         let ChunkState {
@@ -417,18 +415,24 @@ impl ChunkState {
             None => String::new(),
         };
         if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
-            let mut file = crate::resume::SumsFile::new(std::mem::take(buf));
+            let mut file = match crate::resume::SumsFile::create(&ctx.work, &name) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    ok = false;
+                    None
+                }
+            };
             partial.drain(|k, update| {
-                file.push(&k, &update.to_acc());
+                if let Some(f) = file.as_mut() {
+                    f.push(&k, &update.to_acc());
+                }
                 emit(k, update);
             });
-            if ok {
-                match file.finish(&ctx.work, &name) {
-                    Ok(b) => *buf = b,
-                    Err(e) => {
-                        ctx.errors.borrow_mut().push(e.to_string());
-                        ok = false;
-                    }
+            if let (true, Some(f)) = (ok, file) {
+                if let Err(e) = f.finish() {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    ok = false;
                 }
             }
         } else {
@@ -812,7 +816,6 @@ pub(crate) fn run_worker(
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut spare: Vec<ChunkSums> = Vec::new();
-            let mut sums: Vec<u8> = Vec::new();
             if let Some(seeds) = seeds {
                 let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
                 state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone().into())).collect();
@@ -848,7 +851,7 @@ pub(crate) fn run_worker(
                         let cap = state.cap.clone();
                         let mut session = output.session(&cap);
                         let partial = state
-                            .commit(&c, time, &mut sums, |k, acc| session.give((k, time, acc)));
+                            .commit(&c, time, |k, acc| session.give((k, time, acc)));
                         spare.push(partial);
                     }
                 }
