@@ -114,6 +114,18 @@ impl WorkerCtx {
 /// against 591 MB, the quickstart on 20 photos and 2 workers).
 const KEEP: usize = 1;
 
+/// A worker's dense tables of sums (see [`ChunkSums`]): the zeroed ones its committed chunks
+/// gave back, and how many it has built. Up to two chunks are in flight, and a chunk waits for
+/// the slowest worker's before it commits, so the next one starts while the last still holds
+/// its table; the next one keeps its images as scores while the pool is empty and a table has
+/// been built (up to a table's worth of them), and takes the table back at the commit, rather
+/// than build a second one (96 MB for MobileNetV2: two of them were a third of a worker's peak).
+#[derive(Default)]
+struct Tables {
+    spare: Vec<Vec<Acc>>,
+    built: usize,
+}
+
 /// A chunk's partial sums. Up to [`KEEP`] images are kept as their scores (72 bytes per
 /// neuron and term, NaN where absent); at drain their sums are built per key, or handed on as
 /// the one image's scores ([`Update::One`]) where the chunk has one image. Past that, the sums
@@ -186,14 +198,24 @@ impl ChunkSums {
     /// all of them rather than once per image, as the whole table (96 MB for MobileNetV2) does
     /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
     /// image, microbenchmark). Exact sums: the order changes nothing.
-    fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)]) {
+    fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)], pool: &mut Tables) {
         if !self.folded {
             for (neurons, label) in images {
                 let kept = self.scores(neurons);
                 self.kept.push((*label, kept));
             }
             if self.kept.len() > self.keep {
-                self.fold();
+                if self.all.is_empty() {
+                    if let Some(t) = pool.spare.pop() {
+                        self.all = t;
+                    }
+                }
+                // a table at hand, none built yet, or as much kept as a table takes
+                // (bytes per slot)
+                let kept = self.kept.len() * N_SCORES * std::mem::size_of::<f64>();
+                if !self.all.is_empty() || pool.built == 0 || kept >= std::mem::size_of::<Acc>() {
+                    self.fold(pool);
+                }
             }
             return;
         }
@@ -221,11 +243,14 @@ impl ChunkSums {
         }
     }
 
-    /// Moves the kept images' sums into the table (built the first time, zero otherwise), slot
-    /// by slot, and keeps only the labelled images' scores.
-    fn fold(&mut self) {
+    /// Moves the kept images' sums into the table (one from `pool`, or built), slot by slot,
+    /// and keeps only the labelled images' scores.
+    fn fold(&mut self, pool: &mut Tables) {
         if self.all.is_empty() {
-            self.all = vec![Acc::zero(); self.slots()];
+            self.all = pool.spare.pop().unwrap_or_else(|| {
+                pool.built += 1;
+                vec![Acc::zero(); self.slots()]
+            });
         }
         let mut values = [None; N_SCORES];
         for (slot, acc) in self.all.iter_mut().enumerate() {
@@ -323,8 +348,8 @@ struct ChunkState {
 }
 
 impl ChunkState {
-    /// A chunk whose partial sums go into `partial` (zero; tables kept from an earlier chunk
-    /// are reused, so a chunk does not page in several MB of fresh sums).
+    /// A chunk whose partial sums go into `partial` (zero; dense tables kept from an earlier
+    /// chunk are reused, so a chunk does not page in several MB of fresh sums).
     fn new(cap: Capability<u64>, partial: ChunkSums) -> Self {
         ChunkState {
             cap,
@@ -342,6 +367,7 @@ impl ChunkState {
         ctx: &WorkerCtx,
         time: u64,
         data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
+        pool: &mut Tables,
     ) {
         let per_class = ctx.plan.pipeline.output.per_class;
         let mut written = Vec::with_capacity(data.len());
@@ -378,7 +404,7 @@ impl ChunkState {
             .iter()
             .map(|a| (&a.neurons[..], a.image.label.filter(|_| per_class)))
             .collect();
-        self.partial.add_images(&images);
+        self.partial.add_images(&images, pool);
     }
 
     /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`
@@ -391,8 +417,9 @@ impl ChunkState {
         self,
         ctx: &WorkerCtx,
         time: u64,
+        pool: &mut Tables,
         mut emit: impl FnMut(ScoreKey, Update),
-    ) -> ChunkSums {
+    ) {
         let ChunkState {
             mut partial,
             tables,
@@ -451,7 +478,9 @@ impl ChunkState {
         for (k, acc) in seeds {
             emit(k, acc);
         }
-        partial
+        if !partial.all.is_empty() {
+            pool.spare.push(std::mem::take(&mut partial.all));
+        }
     }
 }
 
@@ -815,7 +844,7 @@ pub(crate) fn run_worker(
         let terms = plan.terms.terms.len();
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
-            let mut spare: Vec<ChunkSums> = Vec::new();
+            let mut pool = Tables::default();
             if let Some(seeds) = seeds {
                 let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
                 state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone().into())).collect();
@@ -823,24 +852,8 @@ pub(crate) fn run_worker(
             }
             move |(input, frontier), output| {
                 let started = Instant::now();
-                input.for_each(|cap, data| {
-                    let Some(time) = cap.least().copied() else {
-                        return;
-                    };
-                    let state = match stash.entry(time) {
-                        Entry::Occupied(e) => e.into_mut(),
-                        Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
-                            Some(cap) => {
-                                let sums = spare
-                                    .pop()
-                                    .unwrap_or_else(|| ChunkSums::new(&channels, terms));
-                                v.insert(ChunkState::new(cap, sums))
-                            }
-                            None => return,
-                        },
-                    };
-                    state.fold(&c, time, data);
-                });
+                // chunks the frontier has passed first (no data of theirs can be queued), so
+                // that their tables are back before the next chunk's images want one
                 let finished: Vec<u64> = stash
                     .keys()
                     .copied()
@@ -850,11 +863,26 @@ pub(crate) fn run_worker(
                     if let Some(state) = stash.remove(&time) {
                         let cap = state.cap.clone();
                         let mut session = output.session(&cap);
-                        let partial = state
-                            .commit(&c, time, |k, acc| session.give((k, time, acc)));
-                        spare.push(partial);
+                        state.commit(&c, time, &mut pool, |k, acc| {
+                            session.give((k, time, acc))
+                        });
                     }
                 }
+                input.for_each(|cap, data| {
+                    let Some(time) = cap.least().copied() else {
+                        return;
+                    };
+                    let state = match stash.entry(time) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
+                            Some(cap) => {
+                                v.insert(ChunkState::new(cap, ChunkSums::new(&channels, terms)))
+                            }
+                            None => return,
+                        },
+                    };
+                    state.fold(&c, time, data, &mut pool);
+                });
                 c.times.borrow_mut().write += started.elapsed().as_secs_f64();
             }
         });
@@ -1021,20 +1049,40 @@ mod tests {
         for keep in [8, 0, 5] {
             let mut sums = ChunkSums::new(&channels, terms);
             sums.keep = keep;
+            let mut pool = Tables::default();
             for batch in [&images[..3], &images[3..4], &images[4..]] {
                 let b: Vec<(&[NeuronResult], Option<i64>)> =
                     batch.iter().map(|(n, l)| (&n[..], *l)).collect();
-                sums.add_images(&b);
+                sums.add_images(&b, &mut pool);
             }
             assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
             assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
             let first = &images[..1];
-            sums.add_images(&[(&first[0].0[..], first[0].1)]);
+            sums.add_images(&[(&first[0].0[..], first[0].1)], &mut pool);
             let ones: &[Option<i64>] = if keep > 0 { &[None] } else { &[] };
             assert_eq!(drain(&mut sums, ones), want(first), "keep {keep}");
             // drained: the next chunk starts from zero
             sums.drain(|k, _| panic!("{k:?} left after draining"));
         }
+        // two chunks in flight: the second keeps its images while the first holds the only
+        // table, and folds them into it once the first has given it back
+        let batch = |r: std::ops::Range<usize>| -> Vec<(&[NeuronResult], Option<i64>)> {
+            images[r].iter().map(|(n, l)| (&n[..], *l)).collect()
+        };
+        let mut pool = Tables::default();
+        let (mut first, mut second) = (
+            ChunkSums::new(&channels, terms),
+            ChunkSums::new(&channels, terms),
+        );
+        (first.keep, second.keep) = (0, 0);
+        first.add_images(&batch(0..2), &mut pool);
+        second.add_images(&batch(2..5), &mut pool);
+        assert!(first.folded && !second.folded && pool.built == 1);
+        assert_eq!(drain(&mut first, &[Some(1)]), want(&images[..2]));
+        pool.spare.push(std::mem::take(&mut first.all));
+        second.add_images(&batch(5..8), &mut pool);
+        assert!(second.folded && pool.built == 1 && pool.spare.is_empty());
+        assert_eq!(drain(&mut second, &[Some(1), Some(7)]), want(&images[2..]));
     }
 
     #[test]
