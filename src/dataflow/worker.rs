@@ -83,6 +83,9 @@ pub(crate) struct WorkerCtx {
     skipped: RefCell<Vec<Skipped>>,
     errors: RefCell<Vec<String>>,
     processed: std::cell::Cell<u64>,
+    /// Chunks whose sums `WriteImages` is still handing on: the worker steps until there are
+    /// none before it feeds another image.
+    committing: std::cell::Cell<usize>,
     times: RefCell<StageTimes>,
 }
 
@@ -101,6 +104,7 @@ impl WorkerCtx {
             skipped: RefCell::new(Vec::new()),
             errors: RefCell::new(Vec::new()),
             processed: std::cell::Cell::new(0),
+            committing: std::cell::Cell::new(0),
             times: RefCell::new(StageTimes::default()),
         })
     }
@@ -270,33 +274,68 @@ impl ChunkSums {
         self.folded = true;
     }
 
+    /// The key of a slot, for `label`'s sums.
+    fn key(&self, slot: usize, label: Option<i64>) -> ScoreKey {
+        let (neuron, t) = (slot / self.terms, slot % self.terms);
+        let tap = self.offsets.partition_point(|&o| o <= neuron) - 1;
+        (
+            tap as u32,
+            (neuron - self.offsets[tap]) as u32,
+            t as u32,
+            label,
+        )
+    }
+
+    /// Slots of the dense table this chunk's sums are in (0 while its images are kept).
+    fn table_slots(&self) -> usize {
+        if self.folded {
+            self.all.len()
+        } else {
+            0
+        }
+    }
+
     /// Hands every non-zero sum to `emit` with its key, all images' first and then each
     /// label's, and leaves the sums empty for the next chunk (the table is kept, so a later
     /// chunk faults nothing in). A group (all images, or a label) with one image in the chunk
-    /// is handed on as that image's scores ([`Update::One`]), not as sums.
+    /// is handed on as that image's scores ([`Update::One`]), not as sums. (A commit hands the
+    /// table on a slice at a time: [`Committing::step`].)
+    #[cfg(test)]
     fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
-        let (offsets, terms, slots) = (&self.offsets, self.terms, self.slots());
-        let key = |slot: usize, label: Option<i64>| {
-            let (neuron, t) = (slot / terms, slot % terms);
-            let tap = offsets.partition_point(|&o| o <= neuron) - 1;
-            (tap as u32, (neuron - offsets[tap]) as u32, t as u32, label)
-        };
-        let kept = std::mem::take(&mut self.kept);
-        let folded = std::mem::replace(&mut self.folded, false);
-        if folded {
-            let mut neuron = (0, Fixed::default(), Fixed::default());
-            for (slot, a) in self.all.iter_mut().enumerate() {
-                // each term carries its neuron's mean dB-SNR, summed in the first term only
-                if slot % terms == 0 {
-                    neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
-                } else {
-                    (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
-                }
-                if !a.is_zero() {
-                    emit(key(slot, None), std::mem::replace(a, Acc::zero()).into());
-                }
+        self.drain_table(0..self.table_slots(), &mut emit);
+        self.drain_rest(emit);
+    }
+
+    /// Hands on the table's non-zero sums in `slots` (a range starting at a neuron's first
+    /// term) and zeroes them.
+    fn drain_table(
+        &mut self,
+        slots: std::ops::Range<usize>,
+        mut emit: impl FnMut(ScoreKey, Update),
+    ) {
+        let terms = self.terms;
+        let mut neuron = (0, Fixed::default(), Fixed::default());
+        for slot in slots {
+            let a = &mut self.all[slot];
+            // each term carries its neuron's mean dB-SNR, summed in the first term only
+            if slot % terms == 0 {
+                neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
+            } else {
+                (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
+            }
+            if !a.is_zero() {
+                let sum = std::mem::replace(a, Acc::zero());
+                emit(self.key(slot, None), sum.into());
             }
         }
+    }
+
+    /// Hands on the sums of the kept images (all images', unless they are in the table, and
+    /// each label's) and leaves the chunk empty; the table's must have been handed on.
+    fn drain_rest(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
+        let slots = self.slots();
+        let kept = std::mem::take(&mut self.kept);
+        let folded = std::mem::replace(&mut self.folded, false);
         // one group's kept images: one image's scores, or their sums
         let mut values = [None; N_SCORES];
         let mut group = |images: &[&Vec<f64>], label: Option<i64>| {
@@ -315,7 +354,7 @@ impl ChunkSums {
                     acc.into()
                 };
                 if !update.is_zero() {
-                    emit(key(slot, label), update);
+                    emit(self.key(slot, label), update);
                 }
             }
         };
@@ -407,26 +446,17 @@ impl ChunkState {
         self.partial.add_images(&images, pool);
     }
 
-    /// Commits the chunk: its parts (renamed into place), then its sums when `output.neurons`
-    /// is off (a [`crate::resume::SumsFile`], streamed to disk as the sums are handed on),
-    /// then its manifest line. Hands every sum to `emit`, a resumed run's seeds included, and returns
-    /// the chunk's sums table (emptied, for the next chunk). A part or sums file that cannot be
-    /// written leaves the segment uncommitted, so that a resumed run does its images again; the
-    /// error, naming the file, fails the run, so the sums already handed on are never final.
-    fn commit(
-        self,
-        ctx: &WorkerCtx,
-        time: u64,
-        pool: &mut Tables,
-        mut emit: impl FnMut(ScoreKey, Update),
-    ) {
+    /// Starts committing the chunk: its parts (renamed into place) and, when `output.neurons`
+    /// is off, its sums file (a [`crate::resume::SumsFile`], streamed to disk as the sums are
+    /// handed on). [`Committing::step`] hands the sums on and writes the manifest line.
+    fn start_commit(self, ctx: &WorkerCtx, time: u64) -> Committing {
         let ChunkState {
-            mut partial,
+            cap,
+            partial,
             tables,
             images,
             skipped,
             seeds,
-            ..
         } = self;
         let name = ctx.work.part_name(ctx.index, time);
         let mut ok = true;
@@ -441,46 +471,107 @@ impl ChunkState {
             },
             None => String::new(),
         };
+        let mut file = None;
         if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
-            let mut file = match crate::resume::SumsFile::create(&ctx.work, &name) {
-                Ok(f) => Some(f),
+            match crate::resume::SumsFile::create(&ctx.work, &name) {
+                Ok(f) => file = Some(f),
                 Err(e) => {
                     ctx.errors.borrow_mut().push(e.to_string());
                     ok = false;
-                    None
-                }
-            };
-            partial.drain(|k, update| {
-                if let Some(f) = file.as_mut() {
-                    f.push(&k, &update.to_acc());
-                }
-                emit(k, update);
-            });
-            if let (true, Some(f)) = (ok, file) {
-                if let Err(e) = f.finish() {
-                    ctx.errors.borrow_mut().push(e.to_string());
-                    ok = false;
                 }
             }
-        } else {
-            partial.drain(&mut emit);
         }
-        if ok && (!images.is_empty() || !skipped.is_empty()) {
-            let seg = Segment {
+        Committing {
+            time,
+            cap,
+            partial,
+            next: 0,
+            file,
+            ok,
+            segment: Segment {
                 part,
                 images,
                 skipped,
-            };
-            if let Err(e) = ctx.work.commit_segment(ctx.index, &seg) {
+            },
+            seeds,
+        }
+    }
+}
+
+/// Table slots a chunk hands on per activation of `WriteImages` (7.7 MB of sums): between two
+/// slices this worker's aggregation takes in its share, so that a commit does not put a whole
+/// table's sums in flight at once (96 MB for MobileNetV2, on every worker at the same time, as
+/// chunks commit together once the slowest worker's is done).
+const SLICE: usize = 8192;
+
+/// A chunk whose parts are committed and whose sums are being handed on, a slice at a time.
+struct Committing {
+    time: u64,
+    cap: Capability<u64>,
+    partial: ChunkSums,
+    /// The next table slot to hand on.
+    next: usize,
+    file: Option<crate::resume::SumsFile>,
+    /// Whether the parts and the sums file so far were written.
+    ok: bool,
+    segment: Segment,
+    /// Sums of the images committed by an earlier attempt (a resumed run's first chunk).
+    seeds: Vec<(ScoreKey, Update)>,
+}
+
+impl Committing {
+    /// Hands the next slice of sums to `emit` (and the sums file); after the last, the rest of
+    /// the sums, a resumed run's seeds, the sums file and the manifest line, and gives the
+    /// dense table, if the chunk has one, back to `pool` (zero, for the next chunk). Returns
+    /// whether the chunk is done. A part or sums file that cannot be written leaves the
+    /// segment uncommitted, so that a resumed run does its images again; the error, naming the
+    /// file, fails the run, so the sums already handed on are never final.
+    fn step(
+        &mut self,
+        ctx: &WorkerCtx,
+        pool: &mut Tables,
+        mut emit: impl FnMut(ScoreKey, Update),
+    ) -> bool {
+        let file = &mut self.file;
+        // into the sums file too
+        let mut hand_on = |k: ScoreKey, update: Update| {
+            if let Some(f) = file.as_mut() {
+                f.push(&k, &update.to_acc());
+            }
+            emit(k, update);
+        };
+        let slots = self.partial.table_slots();
+        // whole neurons per slice (the mean dB-SNR is copied from a neuron's first term)
+        let slice = (SLICE / self.partial.terms).max(1) * self.partial.terms;
+        let end = (self.next + slice).min(slots);
+        self.partial.drain_table(self.next..end, &mut hand_on);
+        self.next = end;
+        if self.next < slots {
+            return false;
+        }
+        self.partial.drain_rest(&mut hand_on);
+        // an earlier attempt's sums: handed on, not part of this chunk's file
+        for (k, update) in self.seeds.drain(..) {
+            emit(k, update);
+        }
+        if let Some(f) = self.file.take() {
+            if self.ok {
+                if let Err(e) = f.finish() {
+                    ctx.errors.borrow_mut().push(e.to_string());
+                    self.ok = false;
+                }
+            }
+        }
+        let seg = &self.segment;
+        if self.ok && (!seg.images.is_empty() || !seg.skipped.is_empty()) {
+            if let Err(e) = ctx.work.commit_segment(ctx.index, seg) {
                 ctx.errors.borrow_mut().push(e.to_string());
             }
         }
-        for (k, acc) in seeds {
-            emit(k, acc);
+        if !self.partial.all.is_empty() {
+            pool.spare.push(std::mem::take(&mut self.partial.all));
         }
-        if !partial.all.is_empty() {
-            pool.spare.push(std::mem::take(&mut partial.all));
-        }
+        true
     }
 }
 
@@ -842,9 +933,12 @@ pub(crate) fn run_worker(
             .map(|t| plan.arch.tap_channels(t).unwrap_or(0))
             .collect();
         let terms = plan.terms.terms.len();
-        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, _| {
+        let scope = analysed.scope();
+        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, info| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
+            let mut committing: std::collections::VecDeque<Committing> = Default::default();
             let mut pool = Tables::default();
+            let again = scope.worker().activator_for(info.address.clone());
             if let Some(seeds) = seeds {
                 let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
                 state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone().into())).collect();
@@ -861,13 +955,21 @@ pub(crate) fn run_worker(
                     .collect();
                 for time in finished {
                     if let Some(state) = stash.remove(&time) {
-                        let cap = state.cap.clone();
-                        let mut session = output.session(&cap);
-                        state.commit(&c, time, &mut pool, |k, acc| {
-                            session.give((k, time, acc))
-                        });
+                        committing.push_back(state.start_commit(&c, time));
                     }
                 }
+                // one slice of the oldest commit's sums; the next when activated again
+                if let Some(chunk) = committing.front_mut() {
+                    let (cap, time) = (chunk.cap.clone(), chunk.time);
+                    let mut session = output.session(&cap);
+                    if chunk.step(&c, &mut pool, |k, acc| session.give((k, time, acc))) {
+                        committing.pop_front();
+                    }
+                }
+                if !committing.is_empty() {
+                    again.activate();
+                }
+                c.committing.set(committing.len());
                 input.for_each(|cap, data| {
                     let Some(time) = cap.least().copied() else {
                         return;
@@ -931,6 +1033,11 @@ pub(crate) fn run_worker(
         // steps would hold all their recordings (16 MB each for MobileNetV2) at once
         input.flush();
         worker.step();
+        // a commit in progress hands its sums on a slice a step, and this worker's share is
+        // taken in between: finish it before the next image's passes
+        while ctx.committing.get() > 0 {
+            worker.step();
+        }
         if n.is_multiple_of(chunk) {
             let c = n / chunk;
             input.advance_to(c);
