@@ -159,7 +159,7 @@ fn check_writable(out: &Path) -> Result<()> {
 
 /// Images per worker in a chunk when `--chunk` is not given: 16 on the CPU. On a GPU, enough
 /// images to fill a pass (`model.device_batch`), and at least one per 512 KiB of the chunk's
-/// table of sums: a commit encodes, compresses and hands on the whole table (96 MB for
+/// table of sums: a commit compresses and hands on the whole table (96 MB for
 /// MobileNetV2's 17 056 neurons and 6 terms, 0.3 s of one core here: 105-130 ms of zstd,
 /// 85-115 ms handing on 102 000 sums), which is 1.6 ms an image at the 182 images this gives
 /// against 6.7 ms at the 45 of one per 2 MB. Labelled images with `output.per_class` keep every
