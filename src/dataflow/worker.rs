@@ -136,18 +136,19 @@ struct Tables {
 /// over all images go into a dense table of one [`Acc`] per (neuron, term) in forward order (96
 /// MB for MobileNetV2), so that an image's updates walk memory in order (in a hash map of
 /// 936-byte sums each of an image's updates, about 14 000 for the paper pipeline, missed the
-/// cache); the table is kept for the next chunk once built. Sums per label are built only when
-/// the chunk is drained, from the kept scores of its labelled images: a dense table per label
-/// seen cost a chunk of ten classes 85 MB of fresh pages for the paper pipeline. In the table
-/// the neuron's own score (the authors' mean dB-SNR, the same for all its terms) is summed in
-/// its first term's sum only and copied into the others' when the chunk is drained.
+/// cache); after the commit the table goes back to the worker's [`Tables`] for a later chunk.
+/// Sums per label are built only when the chunk is drained, from the kept scores of its
+/// labelled images: a dense table per label seen cost a chunk of ten classes 85 MB of fresh
+/// pages for the paper pipeline. In the table the neuron's own score (the authors' mean
+/// dB-SNR, the same for all its terms) is summed in its first term's sum only and copied into
+/// the others' when the chunk is drained.
 struct ChunkSums {
     terms: usize,
     /// First neuron of each tap (plan order), then the total.
     offsets: Vec<usize>,
     /// Images kept as scores before the table takes over ([`KEEP`]; tests set others).
     keep: usize,
-    /// The dense table (empty until a chunk first has more than `keep` images).
+    /// The dense table (empty until the chunk has more than `keep` images and a table to use).
     all: Vec<Acc>,
     /// Whether this chunk's all-images sums are in `all` (else every image is in `kept`).
     folded: bool,
