@@ -410,17 +410,9 @@ mod tests {
     /// box where it copies one sum into another.
     #[test]
     fn clone_from_equals_clone() {
-        let a = Update::one(&[
-            Some(1.5),
-            None,
-            Some(-3.0),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        ]);
+        let mut scores = [None; N_SCORES];
+        (scores[0], scores[2]) = (Some(1.5), Some(-3.0));
+        let a = Update::one(&scores);
         let b = Update::from(Acc::of(&[Some(2.0), Some(1e-9)]));
         let c = Update::from(Acc::of(&[None, Some(-7.0), Some(4e20)]));
         for source in [&a, &b, &c] {
