@@ -26,7 +26,7 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, Update, N_SCORES};
+use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, SumTable, Update, N_SCORES};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -111,7 +111,7 @@ impl WorkerCtx {
 }
 
 /// Images a chunk keeps as their scores before its all-images sums go into the dense table. A
-/// kept image is 72 bytes per (neuron, term) against the table's 936. With one, a worker with one
+/// kept image is 72 bytes per (neuron, term) against the table's 360. With one, a worker with one
 /// image in a chunk (a short run on many workers: the quickstart's 5 photos on 16 cores) hands
 /// on its scores and builds no table (16 workers: 1 284 -> 760 MB peak); with more, the kept
 /// images and the new table were held together at the fold, and the peak grew (4 kept: 644
@@ -123,20 +123,21 @@ const KEEP: usize = 1;
 /// the slowest worker's before it commits, so the next one starts while the last still holds
 /// its table; the next one keeps its images as scores while the pool is empty and a table has
 /// been built (up to a table's worth of them), and takes the table back at the commit, rather
-/// than build a second one (96 MB for MobileNetV2: two of them were a third of a worker's peak).
+/// than build a second one (two of them, 96 MB each for MobileNetV2 before [`SumTable`], were a
+/// third of a worker's peak).
 #[derive(Default)]
 struct Tables {
-    spare: Vec<Vec<Acc>>,
+    spare: Vec<SumTable>,
     built: usize,
 }
 
 /// A chunk's partial sums. Up to [`KEEP`] images are kept as their scores (72 bytes per
 /// neuron and term, NaN where absent); at drain their sums are built per key, or handed on as
 /// the one image's scores ([`Update::One`]) where the chunk has one image. Past that, the sums
-/// over all images go into a dense table of one [`Acc`] per (neuron, term) in forward order (96
-/// MB for MobileNetV2), so that an image's updates walk memory in order (in a hash map of
-/// 936-byte sums each of an image's updates, about 14 000 for the paper pipeline, missed the
-/// cache); after the commit the table goes back to the worker's [`Tables`] for a later chunk.
+/// over all images go into a dense table of exact sums per (neuron, term) in forward order (a
+/// [`SumTable`], 36 MB for MobileNetV2), so that an image's updates walk memory in order (in a
+/// hash map of 936-byte [`Acc`]s each of an image's updates, about 14 000 for the paper
+/// pipeline, missed the cache); after the commit the table goes back to the worker's [`Tables`] for a later chunk.
 /// Sums per label are built only when the chunk is drained, from the kept scores of its
 /// labelled images: a dense table per label seen cost a chunk of ten classes 85 MB of fresh
 /// pages for the paper pipeline. In the table the neuron's own score (the authors' mean
@@ -149,7 +150,7 @@ struct ChunkSums {
     /// Images kept as scores before the table takes over ([`KEEP`]; tests set others).
     keep: usize,
     /// The dense table (empty until the chunk has more than `keep` images and a table to use).
-    all: Vec<Acc>,
+    all: SumTable,
     /// Whether this chunk's all-images sums are in `all` (else every image is in `kept`).
     folded: bool,
     /// Images' scores with their labels, [`N_SCORES`] per (neuron, term) slot, NaN where
@@ -167,7 +168,7 @@ impl ChunkSums {
             terms,
             offsets,
             keep: KEEP,
-            all: Vec::new(),
+            all: SumTable::default(),
             folded: false,
             kept: Vec::new(),
         }
@@ -200,7 +201,7 @@ impl ChunkSums {
     /// for its label's. Until the chunk has more than `keep` images they are only kept; then
     /// the kept ones are folded into the table. Into the table, the images' updates are
     /// interleaved, neuron by neuron: a neuron's sums (5.6 KB for 6 terms) are loaded once for
-    /// all of them rather than once per image, as the whole table (96 MB for MobileNetV2) does
+    /// all of them rather than once per image, as the whole table (36 MB for MobileNetV2) does
     /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
     /// image, microbenchmark). Exact sums: the order changes nothing.
     fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)], pool: &mut Tables) {
@@ -218,7 +219,7 @@ impl ChunkSums {
                 // a table at hand, none built yet, or as much kept as a table takes
                 // (bytes per slot)
                 let kept = self.kept.len() * N_SCORES * std::mem::size_of::<f64>();
-                if !self.all.is_empty() || pool.built == 0 || kept >= std::mem::size_of::<Acc>() {
+                if !self.all.is_empty() || pool.built == 0 || kept >= SumTable::SLOT_BYTES {
                     self.fold(pool);
                 }
             }
@@ -236,7 +237,7 @@ impl ChunkSums {
                     if ti > 0 {
                         values[MEAN_SNR] = None;
                     }
-                    self.all[base + ti].add_values(&values);
+                    self.all.add(base + ti, &values);
                 }
             }
         }
@@ -254,11 +255,11 @@ impl ChunkSums {
         if self.all.is_empty() {
             self.all = pool.spare.pop().unwrap_or_else(|| {
                 pool.built += 1;
-                vec![Acc::zero(); self.slots()]
+                SumTable::new(self.slots())
             });
         }
         let mut values = [None; N_SCORES];
-        for (slot, acc) in self.all.iter_mut().enumerate() {
+        for slot in 0..self.all.len() {
             for (_, kept) in &self.kept {
                 let kept = &kept[slot * N_SCORES..][..N_SCORES];
                 for (v, k) in values.iter_mut().zip(kept) {
@@ -268,7 +269,7 @@ impl ChunkSums {
                 if slot % self.terms > 0 {
                     values[MEAN_SNR] = None;
                 }
-                acc.add_values(&values);
+                self.all.add(slot, &values);
             }
         }
         self.kept.retain(|(label, _)| label.is_some());
@@ -317,7 +318,7 @@ impl ChunkSums {
         let terms = self.terms;
         let mut neuron = (0, Fixed::default(), Fixed::default());
         for slot in slots {
-            let a = &mut self.all[slot];
+            let mut a = self.all.take(slot);
             // each term carries its neuron's mean dB-SNR, summed in the first term only
             if slot % terms == 0 {
                 neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
@@ -325,8 +326,7 @@ impl ChunkSums {
                 (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
             }
             if !a.is_zero() {
-                let sum = std::mem::replace(a, Acc::zero());
-                emit(self.key(slot, None), sum.into());
+                emit(self.key(slot, None), a.into());
             }
         }
     }

@@ -295,6 +295,181 @@ impl differential_dataflow::difference::Multiply<isize> for Acc {
     }
 }
 
+/// `|v|` in fixed point as `m * 2^s` (units of 2^-128, truncated below as [`Fixed`] does),
+/// `m < 2^53`; `None` where nothing is left.
+fn parts(v: f64) -> Option<(u64, u32)> {
+    let bits = v.abs().to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    let frac = bits & ((1u64 << 52) - 1);
+    let (mant, e) = if exp == 0 {
+        (frac, -1074)
+    } else {
+        (frac | (1u64 << 52), exp - 1075)
+    };
+    let shift = e + FRAC_BITS;
+    let (m, s) = if shift >= 0 {
+        (mant, shift as u32)
+    } else if shift > -64 {
+        (mant >> (-shift), 0)
+    } else {
+        (0, 0)
+    };
+    (m != 0).then_some((m, s))
+}
+
+/// The [`Fixed`] of `win * 2^base` (units of 2^-128).
+fn window_fixed(win: i128, base: u32) -> Fixed {
+    let ext = if win < 0 { u64::MAX } else { 0 };
+    let mut wide = [ext; LIMBS + 1];
+    (wide[0], wide[1]) = (win as u64, ((win as u128) >> 64) as u64);
+    let (words, bits) = ((base / 64) as usize, base % 64);
+    let mut limbs = [0u64; LIMBS];
+    for (i, l) in limbs.iter_mut().enumerate() {
+        let Some(j) = i.checked_sub(words) else {
+            continue;
+        };
+        let below = if bits > 0 && j > 0 {
+            wide[j - 1] >> (64 - bits)
+        } else {
+            0
+        };
+        *l = (wide[j] << bits) | below;
+    }
+    Fixed::from_limbs(limbs)
+}
+
+/// A window not yet used.
+const EMPTY: u16 = u16::MAX;
+/// A window whose sum moved to the table's spills.
+const SPILLED: u16 = u16::MAX - 1;
+/// Bits below a window's first value left for smaller values to come.
+const MARGIN: u32 = 24;
+
+/// Exact sums ([`Acc`]) of many slots, held in 360 bytes a slot instead of 936: each sum and
+/// sum of squares is a 128-bit window of the [`Fixed`] number, `win * 2^base`, placed by the
+/// first value added and moved down when a smaller one comes. The values of one neuron's score
+/// over a chunk's images span far fewer than the 128 bits, so a window nearly always holds the
+/// exact sum; one that cannot (a value too small to move the window down to, or a sum that
+/// would pass 2^127) moves to a full [`Fixed`] in a side map. [`SumTable::take`] gives the same
+/// [`Acc`] as [`Acc::add_values`] of the same values, bit for bit (tested).
+#[derive(Default)]
+pub struct SumTable {
+    count: Vec<[u32; N_SCORES]>,
+    /// Sums, then sums of squares.
+    win: Vec<[i128; 2 * N_SCORES]>,
+    base: Vec<[u16; 2 * N_SCORES]>,
+    spills: std::collections::HashMap<(u32, u8), Fixed>,
+}
+
+impl SumTable {
+    /// Bytes a slot takes.
+    pub const SLOT_BYTES: usize = std::mem::size_of::<[u32; N_SCORES]>()
+        + std::mem::size_of::<[i128; 2 * N_SCORES]>()
+        + std::mem::size_of::<[u16; 2 * N_SCORES]>();
+
+    /// `slots` zero sums.
+    pub fn new(slots: usize) -> SumTable {
+        SumTable {
+            count: vec![[0; N_SCORES]; slots],
+            win: vec![[0; 2 * N_SCORES]; slots],
+            base: vec![[EMPTY; 2 * N_SCORES]; slots],
+            spills: Default::default(),
+        }
+    }
+
+    /// Slots.
+    pub fn len(&self) -> usize {
+        self.count.len()
+    }
+
+    /// Whether the table has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.count.is_empty()
+    }
+
+    /// Adds one observation to `slot`: as [`Acc::add_values`].
+    pub fn add(&mut self, slot: usize, values: &[Option<f64>]) {
+        for (i, v) in values.iter().enumerate().take(N_SCORES) {
+            let Some(v) = *v else { continue };
+            let q = v * v;
+            if representable(v) && representable(q) {
+                self.count[slot][i] += 1;
+                self.add_one(slot, i, v);
+                self.add_one(slot, N_SCORES + i, q);
+            }
+        }
+    }
+
+    /// Adds representable `v` to window `k` of `slot`.
+    #[inline]
+    fn add_one(&mut self, slot: usize, k: usize, v: f64) {
+        let Some((m, s)) = parts(v) else {
+            return;
+        };
+        let (win, base) = (&mut self.win[slot][k], &mut self.base[slot][k]);
+        if *base == EMPTY {
+            (*win, *base) = (0, s.saturating_sub(MARGIN) as u16);
+        }
+        if *base != SPILLED {
+            let b = *base as u32;
+            if s < b && *win == 0 {
+                *base = s.saturating_sub(MARGIN) as u16;
+            } else if s < b {
+                // move the window down, if its sum leaves room above
+                let k = b - s;
+                if k < 127 && win.unsigned_abs().leading_zeros() > k + 1 {
+                    *win <<= k;
+                    *base = s as u16;
+                }
+            }
+            let b = *base as u32;
+            if s >= b && s - b + 64 - m.leading_zeros() <= 125 {
+                let x = (m as i128) << (s - b);
+                let sum = if v < 0.0 {
+                    win.checked_sub(x)
+                } else {
+                    win.checked_add(x)
+                };
+                if let Some(sum) = sum {
+                    *win = sum;
+                    return;
+                }
+            }
+            // spill: the window's sum as a full number, from now on in the map
+            let f = window_fixed(*win, b);
+            (*win, *base) = (0, SPILLED);
+            self.spills.insert((slot as u32, k as u8), f);
+        }
+        if let Some(f) = self.spills.get_mut(&(slot as u32, k as u8)) {
+            f.add_representable(v);
+        }
+    }
+
+    /// The sums of `slot`, which is left zero.
+    pub fn take(&mut self, slot: usize) -> Acc {
+        let mut acc = Acc::zero();
+        acc.count = std::mem::take(&mut self.count[slot]).map(|c| c as i64);
+        for k in 0..2 * N_SCORES {
+            let base = std::mem::replace(&mut self.base[slot][k], EMPTY);
+            let win = std::mem::take(&mut self.win[slot][k]);
+            let f = match base {
+                EMPTY => Fixed::default(),
+                SPILLED => self
+                    .spills
+                    .remove(&(slot as u32, k as u8))
+                    .unwrap_or_default(),
+                b => window_fixed(win, b as u32),
+            };
+            if k < N_SCORES {
+                acc.sum[k] = f;
+            } else {
+                acc.sumsq[k - N_SCORES] = f;
+            }
+        }
+        acc
+    }
+}
+
 /// A difference of the score aggregation: one image's scores as they are, or an exact sum.
 ///
 /// A chunk's sums per class are mostly of one image (a chunk of ten images of ten classes, as
@@ -405,6 +580,50 @@ impl Monoid for Update {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A [`SumTable`]'s sums are [`Acc::add_values`]' bit for bit: values of one magnitude and
+    /// of magnitudes 2^300 apart, smaller ones after larger (the window moves down), ones too
+    /// small or too large for the window (it spills to a full number), cancellations to zero,
+    /// tiny values truncated away, negative zero, values not counted; a slot taken is zero.
+    #[test]
+    fn sum_table_sums_are_exact() {
+        let mut rng = 12345u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            rng >> 11
+        };
+        let kinds: [fn(u64) -> f64; 8] = [
+            |r| (r % 1000) as f64 * 1e-3 - 0.3,
+            |r| ((r % 2000) as f64 - 1000.0) * 2f64.powi((r % 200) as i32 - 120),
+            |r| if r % 2 == 0 { 1e20 } else { -3e-30 },
+            |r| [1.5, -1.5, 0.0, -0.0][(r % 4) as usize],
+            |r| (r % 7) as f64 * 1e-45,
+            |r| [f64::NAN, f64::INFINITY, 2e27, 1e-200][(r % 4) as usize],
+            |r| 1.2e27 * ((r % 3) as f64 - 1.0),
+            |r| f64::from_bits(r) % 1e6,
+        ];
+        let slots = 64;
+        let mut table = SumTable::new(slots);
+        let mut want = vec![Acc::zero(); slots];
+        for round in 0..40 {
+            for (slot, w) in want.iter_mut().enumerate() {
+                let kind = kinds[(slot + round / 20) % kinds.len()];
+                let values: Vec<Option<f64>> = (0..N_SCORES)
+                    .map(|i| (next() % 9 != 0).then(|| kind(next()) * (1 + i) as f64))
+                    .collect();
+                table.add(slot, &values);
+                w.add_values(&values);
+            }
+        }
+        assert!(!table.spills.is_empty(), "no window spilled");
+        for (slot, w) in want.iter().enumerate() {
+            assert_eq!(&table.take(slot), w, "slot {slot}");
+            assert_eq!(table.take(slot), Acc::zero(), "slot {slot} left non-zero");
+        }
+        assert!(table.spills.is_empty());
+    }
 
     /// `clone_from` gives what `clone` gives, between every pair of kinds, and keeps a sum's
     /// box where it copies one sum into another.
