@@ -3,7 +3,8 @@
 //! frames of 49 distinct values: amplitude spectra (of the whole series, and gathered from the
 //! distinct values as the pipeline does), the scores one neuron at a time
 //! (`score_terms` + `authors_mean_snr_db`) against [`BlockScorer`] (checked to give the same
-//! bits), and the exact sums of a chunk (`Acc::add_values`); and, before all of them, the
+//! bits), and the exact sums of a chunk (`Acc::add_values`, and in the compact `SumTable`, checked
+//! to give the same bits); and, before all of them, the
 //! decoding of the 20 ImageNet photos shipped in `data/imagenet-foolbox-20` (JPEG, 512x512)
 //! to the quickstart's input (short side 256, centre crop 224). Best of 15 rounds.
 //!
@@ -149,16 +150,29 @@ fn main() {
             }
         });
         std::hint::black_box(&accs);
+        // the same sums in the chunk's compact table, which must end with the same bits
+        let mut table = SumTable::new(neurons * nt);
+        let compact = best_of(15, || {
+            for (i, (s, m)) in scores.iter().enumerate() {
+                for (t, ts) in s.iter().enumerate() {
+                    table.add(i * nt + t, &ts.as_array(*m));
+                }
+            }
+        });
+        for (slot, acc) in accs.iter().enumerate() {
+            assert_eq!(&table.take(slot), acc, "slot {slot}");
+        }
         println!(
             "{name} ({neurons} neurons, {frames} frames), ms per image: spectra {:.2} (from the \
              distinct values {:.2}), scores one at a time {:.2}, in blocks of {LANES} {:.2} \
-             ({:.2}x), exact sums {:.2}",
+             ({:.2}x), exact sums {:.2} (in the compact table {:.2})",
             fft * 1e3,
             gather * 1e3,
             one * 1e3,
             block * 1e3,
             one / block,
-            sums * 1e3
+            sums * 1e3,
+            compact * 1e3
         );
     }
 }

@@ -345,6 +345,76 @@ const SPILLED: u16 = u16::MAX - 1;
 /// Bits below a window's first value left for smaller values to come.
 const MARGIN: u32 = 24;
 
+/// Adds representable `v` to the window `(win, base)`; `false`, adding nothing, where the
+/// window cannot hold it (or has spilled).
+#[inline(always)]
+fn window_add(win: &mut i128, base: &mut u16, v: f64) -> bool {
+    let Some((m, s)) = parts(v) else {
+        return true;
+    };
+    // EMPTY and SPILLED lie above every value's place: the common case is the first test
+    if s < *base as u32 {
+        if *base == SPILLED {
+            return false;
+        }
+        if *win == 0 {
+            // empty (or back to zero): placed by this value
+            *base = s.saturating_sub(MARGIN) as u16;
+        } else {
+            // moved down, if its sum leaves room above
+            let k = *base as u32 - s;
+            if k >= 127 || win.unsigned_abs().leading_zeros() <= k + 1 {
+                return false;
+            }
+            *win <<= k;
+            *base = s as u16;
+        }
+    }
+    let d = s - *base as u32;
+    if d + 64 - m.leading_zeros() > 125 {
+        return false;
+    }
+    let x = (m as i128) << d;
+    let sum = if v < 0.0 {
+        win.checked_sub(x)
+    } else {
+        win.checked_add(x)
+    };
+    match sum {
+        Some(sum) => {
+            *win = sum;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Adds representable `v` to window `k` of `slot` as a full [`Fixed`] in `spills`, moving the
+/// window's sum there first if it has not spilled before.
+#[cold]
+fn spill(
+    spills: &mut std::collections::HashMap<(u32, u8), Fixed>,
+    slot: usize,
+    k: usize,
+    win: &mut i128,
+    base: &mut u16,
+    v: f64,
+) {
+    let key = (slot as u32, k as u8);
+    if *base != SPILLED {
+        let f = if *base == EMPTY {
+            Fixed::default()
+        } else {
+            window_fixed(*win, *base as u32)
+        };
+        (*win, *base) = (0, SPILLED);
+        spills.insert(key, f);
+    }
+    if let Some(f) = spills.get_mut(&key) {
+        f.add_representable(v);
+    }
+}
+
 /// Exact sums ([`Acc`]) of many slots, held in 360 bytes a slot instead of 936: each sum and
 /// sum of squares is a 128-bit window of the [`Fixed`] number, `win * 2^base`, placed by the
 /// first value added and moved down when a smaller one comes. The values of one neuron's score
@@ -389,59 +459,22 @@ impl SumTable {
 
     /// Adds one observation to `slot`: as [`Acc::add_values`].
     pub fn add(&mut self, slot: usize, values: &[Option<f64>]) {
+        let (count, win, base) = (
+            &mut self.count[slot],
+            &mut self.win[slot],
+            &mut self.base[slot],
+        );
         for (i, v) in values.iter().enumerate().take(N_SCORES) {
             let Some(v) = *v else { continue };
             let q = v * v;
             if representable(v) && representable(q) {
-                self.count[slot][i] += 1;
-                self.add_one(slot, i, v);
-                self.add_one(slot, N_SCORES + i, q);
-            }
-        }
-    }
-
-    /// Adds representable `v` to window `k` of `slot`.
-    #[inline]
-    fn add_one(&mut self, slot: usize, k: usize, v: f64) {
-        let Some((m, s)) = parts(v) else {
-            return;
-        };
-        let (win, base) = (&mut self.win[slot][k], &mut self.base[slot][k]);
-        if *base == EMPTY {
-            (*win, *base) = (0, s.saturating_sub(MARGIN) as u16);
-        }
-        if *base != SPILLED {
-            let b = *base as u32;
-            if s < b && *win == 0 {
-                *base = s.saturating_sub(MARGIN) as u16;
-            } else if s < b {
-                // move the window down, if its sum leaves room above
-                let k = b - s;
-                if k < 127 && win.unsigned_abs().leading_zeros() > k + 1 {
-                    *win <<= k;
-                    *base = s as u16;
+                count[i] += 1;
+                for (k, x) in [(i, v), (N_SCORES + i, q)] {
+                    if !window_add(&mut win[k], &mut base[k], x) {
+                        spill(&mut self.spills, slot, k, &mut win[k], &mut base[k], x);
+                    }
                 }
             }
-            let b = *base as u32;
-            if s >= b && s - b + 64 - m.leading_zeros() <= 125 {
-                let x = (m as i128) << (s - b);
-                let sum = if v < 0.0 {
-                    win.checked_sub(x)
-                } else {
-                    win.checked_add(x)
-                };
-                if let Some(sum) = sum {
-                    *win = sum;
-                    return;
-                }
-            }
-            // spill: the window's sum as a full number, from now on in the map
-            let f = window_fixed(*win, b);
-            (*win, *base) = (0, SPILLED);
-            self.spills.insert((slot as u32, k as u8), f);
-        }
-        if let Some(f) = self.spills.get_mut(&(slot as u32, k as u8)) {
-            f.add_representable(v);
         }
     }
 
