@@ -36,9 +36,9 @@ fn representable(v: f64) -> bool {
     v.is_finite() && v.abs() < MAX_ABS
 }
 
-/// `|v|` in fixed point, truncated below 2^-128: `(word, lo, hi)`, its (at most) two non-zero
-/// limbs at `word` and `word + 1`; `None` where nothing is left above 2^-128.
-fn magnitude(v: f64) -> Option<(usize, u64, u64)> {
+/// `|v|` in fixed point as `m * 2^s` (units of 2^-128, truncated below 2^-128),
+/// `m < 2^53`; `None` where nothing is left.
+fn parts(v: f64) -> Option<(u64, u32)> {
     let bits = v.abs().to_bits();
     let exp = ((bits >> 52) & 0x7ff) as i32;
     let frac = bits & ((1u64 << 52) - 1);
@@ -48,15 +48,23 @@ fn magnitude(v: f64) -> Option<(usize, u64, u64)> {
         (frac | (1u64 << 52), exp - 1075)
     };
     let shift = e + FRAC_BITS;
-    if shift >= 0 {
-        let (word, bit) = ((shift / 64) as usize, (shift % 64) as u32);
-        let wide = (mant as u128) << bit;
-        Some((word, wide as u64, (wide >> 64) as u64))
+    let (m, s) = if shift >= 0 {
+        (mant, shift as u32)
     } else if shift > -64 {
-        Some((0, mant >> (-shift), 0))
+        (mant >> (-shift), 0)
     } else {
-        None
-    }
+        (0, 0)
+    };
+    (m != 0).then_some((m, s))
+}
+
+/// `|v|` in fixed point, truncated below 2^-128: `(word, lo, hi)`, its (at most) two non-zero
+/// limbs at `word` and `word + 1`; `None` where nothing is left above 2^-128.
+fn magnitude(v: f64) -> Option<(usize, u64, u64)> {
+    let (m, s) = parts(v)?;
+    let (word, bit) = ((s / 64) as usize, s % 64);
+    let wide = (m as u128) << bit;
+    Some((word, wide as u64, (wide >> 64) as u64))
 }
 
 /// A signed 384-bit fixed-point number, `limbs` little-endian two's complement.
@@ -293,28 +301,6 @@ impl differential_dataflow::difference::Multiply<isize> for Acc {
         }
         out
     }
-}
-
-/// `|v|` in fixed point as `m * 2^s` (units of 2^-128, truncated below as [`Fixed`] does),
-/// `m < 2^53`; `None` where nothing is left.
-fn parts(v: f64) -> Option<(u64, u32)> {
-    let bits = v.abs().to_bits();
-    let exp = ((bits >> 52) & 0x7ff) as i32;
-    let frac = bits & ((1u64 << 52) - 1);
-    let (mant, e) = if exp == 0 {
-        (frac, -1074)
-    } else {
-        (frac | (1u64 << 52), exp - 1075)
-    };
-    let shift = e + FRAC_BITS;
-    let (m, s) = if shift >= 0 {
-        (mant, shift as u32)
-    } else if shift > -64 {
-        (mant >> (-shift), 0)
-    } else {
-        (0, 0)
-    };
-    (m != 0).then_some((m, s))
 }
 
 /// The [`Fixed`] of `win * 2^base` (units of 2^-128).
