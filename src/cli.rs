@@ -369,14 +369,14 @@ fn cmd_bench(
         return Ok(0);
     }
     println!(
-        "{:<11} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/forward/spectrum/write/aggregate)",
+        "{:<11} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/stimulus/forward/spectrum/write/aggregate)",
         "pipeline", "workers", "threads", "images", "seconds", "images/s", "peak MB"
     );
     for r in &results {
         let st = &r["stage_seconds"];
         let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<11} {:>7} {:>7} {:>6} {:>8.2} {:>9.2} {:>9.0}   {:.1}/{:.1}/{:.1}/{:.1}/{:.1}",
+            "{:<11} {:>7} {:>7} {:>6} {:>8.2} {:>9.2} {:>9.0}   {:.2}/{:.2}/{:.2}/{:.2}/{:.2}/{:.2}",
             r["name"].as_str().unwrap_or(""),
             r["workers"].as_u64().unwrap_or(0),
             r["threads_per_worker"].as_u64().unwrap_or(0),
@@ -385,6 +385,7 @@ fn cmd_bench(
             r["images_per_s"].as_f64().unwrap_or(0.0),
             r["peak_rss_mb"].as_f64().unwrap_or(0.0),
             f("decode"),
+            f("stimulus"),
             f("forward"),
             f("spectrum"),
             f("write"),
@@ -556,8 +557,8 @@ fn cmd_run(
     );
     let st = &summary.stage_seconds;
     println!(
-        "stage seconds (all workers): decode {:.1}, forward {:.1}, spectrum {:.1}, write {:.1}, aggregate {:.1}",
-        st.decode, st.forward, st.spectrum, st.write, st.aggregate
+        "stage seconds (all workers): decode {:.2}, stimulus {:.2}, forward {:.2}, spectrum {:.2}, write {:.2}, aggregate {:.2}",
+        st.decode, st.stimulus, st.forward, st.spectrum, st.write, st.aggregate
     );
     for s in &summary.skipped {
         println!("  skipped {}: {}", s.id, s.reason);

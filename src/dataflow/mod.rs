@@ -104,7 +104,12 @@ pub(crate) struct WorkerReport {
 pub struct StageTimes {
     /// Reading, decoding and preprocessing images.
     pub decode: f64,
-    /// Building frames and running the forward passes.
+    /// Building the stimulus frames of each image from its pixels (on a GPU: the host's share,
+    /// interleaving the image's channels, uploading it and queueing the kernels that build its
+    /// frames there).
+    pub stimulus: f64,
+    /// The forward passes: running the frames through the network and reading back each tap's
+    /// spatial means (on a GPU: the device thread's time, waiting for the card included).
     pub forward: f64,
     /// FFTs and term scores.
     pub spectrum: f64,
@@ -117,6 +122,7 @@ pub struct StageTimes {
 impl StageTimes {
     pub(crate) fn add(&mut self, o: &StageTimes) {
         self.decode += o.decode;
+        self.stimulus += o.stimulus;
         self.forward += o.forward;
         self.spectrum += o.spectrum;
         self.write += o.write;

@@ -813,7 +813,16 @@ pub(crate) fn run_worker(
                         match feed.done.try_recv() {
                             Ok(done) => {
                                 feed.in_flight -= 1;
-                                c.times.borrow_mut().forward += done.seconds;
+                                let stimulus: f64 = done
+                                    .recorded
+                                    .iter()
+                                    .filter_map(|(_, rec)| rec.as_ref().ok())
+                                    .map(|rec| rec.stimulus_seconds)
+                                    .sum();
+                                let mut times = c.times.borrow_mut();
+                                times.stimulus += stimulus;
+                                times.forward += done.seconds - stimulus;
+                                drop(times);
                                 if let Some(held) = stash.get_mut(&done.time) {
                                     held.in_flight -= 1;
                                     let mut session = output.session(&held.cap);
@@ -864,8 +873,13 @@ pub(crate) fn run_worker(
                             let batch = p.pipeline.model.batch_size;
                             let run = || record(&n, &p.taps, &p.stimulus, pre, &rgb, &r.id, batch);
                             let pool = pool.as_ref().map_err(|e| e.clone())?;
-                            timed(&c.times, |t| &mut t.forward, || pool.install(run))
-                                .map_err(|e| format!("inference failed: {e}"))
+                            let rec = timed(&c.times, |t| &mut t.forward, || pool.install(run))
+                                .map_err(|e| format!("inference failed: {e}"))?;
+                            // building the frames is a stage of its own
+                            let mut times = c.times.borrow_mut();
+                            times.forward -= rec.stimulus_seconds;
+                            times.stimulus += rec.stimulus_seconds;
+                            Ok(rec)
                         });
                         session.give((r, rec));
                     }

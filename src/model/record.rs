@@ -103,6 +103,9 @@ pub struct Recording {
     pub prob: f32,
     /// Forward passes run (distinct frames).
     pub distinct_frames: usize,
+    /// Seconds spent building this image's frames (part of the time of its forward passes,
+    /// reported as a stage of its own).
+    pub stimulus_seconds: f64,
     /// Per recorded tap.
     pub taps: Vec<TapSeries>,
 }
@@ -144,8 +147,10 @@ pub fn record(
     let ones = vec![1f32; stim.regions.count()];
     let mut probs = Vec::new();
     let mut start = 0;
+    let mut stimulus_seconds = 0.0;
     for (pass, &b) in sizes.iter().enumerate() {
         let last = pass + 1 == sizes.len();
+        let started = std::time::Instant::now();
         for (i, tuple) in distinct[start..start + b].iter().enumerate() {
             stim.write_frame(
                 rgb,
@@ -165,6 +170,7 @@ pub fn record(
             stim.write_frame(rgb, pre.mean, pre.std, &ones, None, plain);
         }
         let x = Tensor::from_slice(&buf[..frames * frame_len], (frames, 3, s, s), &Device::Cpu)?;
+        stimulus_seconds += started.elapsed().as_secs_f64();
         let mut rec = Recorder::new(taps);
         let logits = net.forward(&x, &mut rec)?;
         for (t, v) in rec.finish()?.into_iter().enumerate() {
@@ -191,6 +197,7 @@ pub fn record(
         pred: pred as i64,
         prob,
         distinct_frames: distinct.len(),
+        stimulus_seconds,
         taps,
     })
 }
@@ -355,10 +362,13 @@ pub fn record_many(
         table.extend_from_slice(&flat);
         Ok(())
     };
+    let mut stimulus_seconds = Vec::with_capacity(images.len());
     for (i, (rgb, id)) in images.iter().enumerate() {
+        let started = std::time::Instant::now();
         pending.push(super::profile::op("frames", &ds.tuples, || {
             ds.frames(stim, pre, rgb, id)
         })?);
+        stimulus_seconds.push(started.elapsed().as_secs_f64());
         pending_frames += per_image;
         let last = i + 1 == images.len();
         while pending_frames >= batch || (last && pending_frames > 0) {
@@ -393,6 +403,7 @@ pub fn record_many(
             pred,
             prob,
             distinct_frames: ds.distinct,
+            stimulus_seconds: stimulus_seconds[i],
             taps,
         });
     }

@@ -183,7 +183,14 @@ fn bench_command_reports_figures_per_worker_count() {
         assert_eq!(r["images"], 2);
         assert!(r["images_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
-        assert!(r["stage_seconds"]["forward"].as_f64().unwrap() > 0.0, "{r}");
+        // the stages, each timed: decode, stimulus, forward, spectrum and scores, write
+        let st = &r["stage_seconds"];
+        for stage in ["decode", "stimulus", "forward", "spectrum", "write"] {
+            assert!(st[stage].as_f64().unwrap() > 0.0, "{stage}: {r}");
+        }
+        // building 49 frames of 32x32 is a small part of running them through ResNet-32
+        let stimulus = st["stimulus"].as_f64().unwrap();
+        assert!(stimulus < st["forward"].as_f64().unwrap(), "{r}");
     }
 }
 
@@ -221,6 +228,15 @@ fn gpu_code_path_run_matches_the_cpu_run() {
         .filter(|l| l.contains("one group on the device"))
         .count();
     assert!((3..=6).contains(&groups), "{groups} groups:\n{}", show(&o));
+    // the frames built as tensors are timed as a stage of their own, apart from the passes
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gpu.join("run.json")).unwrap()).unwrap();
+    let st = &run["stage_seconds"];
+    let (stimulus, forward) = (st["stimulus"].as_f64(), st["forward"].as_f64());
+    assert!(
+        stimulus.is_some_and(|s| s > 0.0) && forward.is_some_and(|f| f > 0.0),
+        "{st}"
+    );
     let (c, g) = (cpu.display().to_string(), gpu.display().to_string());
     run_python("python/check_outputs.py", &[&g, "7"]);
     run_python(
