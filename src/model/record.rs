@@ -31,7 +31,7 @@ pub struct TapSeries {
 impl TapSeries {
     /// Tap `tap`'s series from its values per distinct frame (`distinct x channels`,
     /// frame-major, as the network gives them): frame `f` reads distinct frame `map[f]`.
-    fn new(tap: usize, channels: usize, per_distinct: &[f32], map: Arc<[usize]>) -> Self {
+    pub fn new(tap: usize, channels: usize, per_distinct: &[f32], map: Arc<[usize]>) -> Self {
         let distinct = per_distinct.len() / channels.max(1);
         Self::from_rows(tap, channels, per_distinct, channels, 0, distinct, map)
     }
