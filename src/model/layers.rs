@@ -1108,7 +1108,10 @@ fn scale_shift_act(
 
 /// `act(o * scale + shift)`, or `act((o * scale + shift) + r)` with the residual `r` of the
 /// same length, in place on channels-last values `o`: the one loop of batch norm on the CPU,
-/// for [`scale_shift_act`] and for a convolution's row epilogue, compiled once per activation.
+/// for [`scale_shift_act`] and for a convolution's row epilogue, compiled once per activation
+/// and for the vector instructions the direct kernel runs with ([`super::direct::isa`]), else
+/// AVX2 where the CPU has it: on SSE2's four floats a step it took 7 % of the quickstart's
+/// time on one thread. Per value a product then an add, never fused: the same bits with each.
 fn scale_shift_act_in_place(
     o: &mut [f32],
     r: Option<&[f32]>,
@@ -1116,6 +1119,31 @@ fn scale_shift_act_in_place(
     shift: &[f32],
     act: Act,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(o: &mut [f32], r: Option<&[f32]>, s: &[f32], t: &[f32], act: Act) {
+            scale_shift_act_plain(o, r, s, t, act)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(o: &mut [f32], r: Option<&[f32]>, s: &[f32], t: &[f32], act: Act) {
+            scale_shift_act_plain(o, r, s, t, act)
+        }
+        if super::direct::isa() == Some(super::direct::Isa::Avx512) {
+            // SAFETY: `isa` gives AVX-512 only where the CPU has AVX-512F
+            return unsafe { avx512(o, r, scale, shift, act) };
+        }
+        if crate::spectrum::avx2() {
+            // SAFETY: the CPU has AVX2
+            return unsafe { avx2(o, r, scale, shift, act) };
+        }
+    }
+    scale_shift_act_plain(o, r, scale, shift, act)
+}
+
+#[inline(always)]
+fn scale_shift_act_plain(o: &mut [f32], r: Option<&[f32]>, scale: &[f32], shift: &[f32], act: Act) {
+    #[inline(always)]
     fn run(o: &mut [f32], r: Option<&[f32]>, scale: &[f32], shift: &[f32], f: impl Fn(f32) -> f32) {
         let c = scale.len();
         match r {
