@@ -282,7 +282,7 @@ fn run(
         // SAFETY: the tiles above wrote all wo * n outputs of this row
         let o: &mut [f32] = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
         if let Some(sums) = sums {
-            add_row_sums(isa, sums, o);
+            add_row_sums(Some(isa), sums, o);
         }
         if let Some(epilogue) = epilogue {
             epilogue(row, o);
@@ -307,10 +307,10 @@ fn run(
 }
 
 /// Adds each pixel of the output row `o` (`sums.len()` channels a pixel), in f64, to `sums`, in
-/// pixel order, compiled for `isa`: the closure around the tiles is not, and this loop on
+/// pixel order, compiled for `isa` (plain without one): the closure around the tiles is not, and this loop on
 /// SSE2's two doubles a step took 8 % of the quickstart's time on one thread. Each channel's
 /// sum is the same chain of additions in any width, so the same bits.
-fn add_row_sums(isa: Isa, sums: &mut [f64], o: &[f32]) {
+pub(crate) fn add_row_sums(isa: Option<Isa>, sums: &mut [f64], o: &[f32]) {
     #[inline(always)]
     fn plain(sums: &mut [f64], o: &[f32]) {
         for px in o.chunks_exact(sums.len()) {
@@ -330,11 +330,12 @@ fn add_row_sums(isa: Isa, sums: &mut [f64], o: &[f32]) {
         plain(sums, o)
     }
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `run` asserted that the CPU supports `isa`
-        Isa::Avx512 => unsafe { avx512(sums, o) },
+    match isa.filter(|isa| isa.supported()) {
+        // SAFETY: the CPU supports AVX-512F (checked just above)
+        Some(Isa::Avx512) => unsafe { avx512(sums, o) },
         // SAFETY: as above; AVX2 is part of `Isa::Avx2`
-        Isa::Avx2 => unsafe { avx2(sums, o) },
+        Some(Isa::Avx2) => unsafe { avx2(sums, o) },
+        None => plain(sums, o),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -711,7 +712,11 @@ mod tests {
                 "{s:?}"
             );
             // the spatial means too: each row's sums are added 8 or 2 doubles at a time
-            let mean = |isa| conv_mean_then_with(isa, &x, &weight, s, true, None).1.unwrap();
+            let mean = |isa| {
+                conv_mean_then_with(isa, &x, &weight, s, true, None)
+                    .1
+                    .unwrap()
+            };
             let (wide, narrow) = (mean(Isa::Avx512), mean(Isa::Avx2));
             assert!(
                 wide.iter()

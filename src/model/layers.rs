@@ -825,11 +825,8 @@ impl DepthwiseRow {
                     for (oy, o) in frame.chunks_mut(wo * c).enumerate() {
                         let row = bi * ho + oy;
                         let o = finish(row, o);
-                        for px in o.chunks_exact(c) {
-                            for (a, v) in acc.iter_mut().zip(px) {
-                                *a += *v as f64;
-                            }
-                        }
+                        // in vector registers as wide as the kernel's (the same bits)
+                        super::direct::add_row_sums(super::direct::isa(), &mut acc, o);
                         if let Some(epilogue) = epilogue {
                             epilogue(row, o);
                         }
