@@ -143,7 +143,10 @@ pub fn record(
     let mut per_frame: Vec<Vec<f32>> = vec![Vec::new(); taps.len()];
     let mut channels = vec![0usize; taps.len()];
     let sizes = pass_sizes(distinct.len(), batch);
+    // frames channels last, as the layers take them (interleaved here from each planar
+    // frame: candle's permuted copy of a pass's frames took 2 % of the quickstart's time)
     let mut buf = vec![0f32; (sizes[0] + 1) * frame_len];
+    let mut plane = vec![0f32; frame_len];
     let ones = vec![1f32; stim.regions.count()];
     let mut probs = Vec::new();
     let mut start = 0;
@@ -152,27 +155,21 @@ pub fn record(
         let last = pass + 1 == sizes.len();
         let started = std::time::Instant::now();
         for (i, tuple) in distinct[start..start + b].iter().enumerate() {
-            stim.write_frame(
-                rgb,
-                pre.mean,
-                pre.std,
-                tuple,
-                noise.as_mut(),
-                &mut buf[i * frame_len..(i + 1) * frame_len],
-            );
+            stim.write_frame(rgb, pre.mean, pre.std, tuple, noise.as_mut(), &mut plane);
+            interleave(&plane, &mut buf[i * frame_len..(i + 1) * frame_len]);
         }
         start += b;
         // the plain image after the last pass's frames; no noise stream, whatever
         // stimulus.noise_std says
         let frames = b + usize::from(last);
         if last {
-            let plain = &mut buf[b * frame_len..(b + 1) * frame_len];
-            stim.write_frame(rgb, pre.mean, pre.std, &ones, None, plain);
+            stim.write_frame(rgb, pre.mean, pre.std, &ones, None, &mut plane);
+            interleave(&plane, &mut buf[b * frame_len..(b + 1) * frame_len]);
         }
-        let x = Tensor::from_slice(&buf[..frames * frame_len], (frames, 3, s, s), &Device::Cpu)?;
+        let x = Tensor::from_slice(&buf[..frames * frame_len], (frames, s, s, 3), &Device::Cpu)?;
         stimulus_seconds += started.elapsed().as_secs_f64();
         let mut rec = Recorder::new(taps);
-        let logits = net.forward(&x, &mut rec)?;
+        let logits = net.forward_nhwc(&x, &mut rec)?;
         for (t, v) in rec.finish()?.into_iter().enumerate() {
             channels[t] = v.dim(1)?;
             per_frame[t].extend(v.narrow(0, 0, b)?.flatten_all()?.to_vec1::<f32>()?);
@@ -273,13 +270,7 @@ impl DeviceStimulus {
             for (i, tuple) in tuples.enumerate() {
                 let n = (i < self.distinct).then_some(&mut noise);
                 stim.write_frame(rgb, pre.mean, pre.std, tuple, n, &mut frame);
-                // channel planes to interleaved channels
-                let out = &mut buf[i * 3 * hw..(i + 1) * 3 * hw];
-                for (c, plane) in frame.chunks_exact(hw).enumerate() {
-                    for (p, v) in plane.iter().enumerate() {
-                        out[p * 3 + c] = *v;
-                    }
-                }
+                interleave(&frame, &mut buf[i * 3 * hw..(i + 1) * 3 * hw]);
             }
             return Tensor::from_vec(buf, (d, s, s, 3), dev);
         }
@@ -408,6 +399,16 @@ pub fn record_many(
         });
     }
     Ok(out)
+}
+
+/// A frame's three channel planes `[3, H*W]` into interleaved channels `[H*W, 3]`.
+fn interleave(planes: &[f32], out: &mut [f32]) {
+    let hw = planes.len() / 3;
+    let (r, rest) = planes.split_at(hw);
+    let (g, b) = rest.split_at(hw);
+    for (((px, r), g), b) in out.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+        px.copy_from_slice(&[*r, *g, *b]);
+    }
 }
 
 /// The class with the largest logit and its softmax probability (computed in f64).
