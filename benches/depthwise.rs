@@ -4,6 +4,7 @@
 //! checked to give the same bits. Best of 40 rounds.
 //!
 //!     cargo bench --bench depthwise
+//!     FRAMES=1 cargo bench --bench depthwise    # frames a pass (default 4, the quickstart's)
 //!
 //! Not a test: timings on a shared machine vary; compare the figures of one run.
 use candle_core::{Device, Tensor};
@@ -22,6 +23,11 @@ fn main() {
             .build_global()
             .expect("the global thread pool");
     }
+    let frames: usize = std::env::var("FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    println!("{frames} frames a pass; times per frame");
     let dev = Device::Cpu;
     let (mut tn, mut to) = (0.0, 0.0);
     for (h, c, s) in [
@@ -34,7 +40,7 @@ fn main() {
         (14, 576, 1),
         (7, 960, 1),
     ] {
-        let x = Tensor::randn(0f32, 1.0, (4, h, h, c), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (frames, h, h, c), &dev).unwrap();
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let wt: Vec<f32> = Tensor::randn(0f32, 1.0, 9 * c, &dev)
             .unwrap()
@@ -53,7 +59,7 @@ fn main() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let want = depthwise_reference(&xs, &wt, (4, h, h, c), 3, s, 1);
+        let want = depthwise_reference(&xs, &wt, (frames, h, h, c), 3, s, 1);
         assert!(
             got.iter()
                 .zip(&want)
@@ -66,9 +72,10 @@ fn main() {
             std::hint::black_box(x.apply_op1_no_bwd(&op).unwrap());
             bn = bn.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            std::hint::black_box(depthwise_reference(&xs, &wt, (4, h, h, c), 3, s, 1));
+            std::hint::black_box(depthwise_reference(&xs, &wt, (frames, h, h, c), 3, s, 1));
             bo = bo.min(t.elapsed().as_secs_f64());
         }
+        let (bn, bo) = (bn / frames as f64, bo / frames as f64);
         tn += bn;
         to += bo;
         println!(
