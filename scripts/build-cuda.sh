@@ -31,6 +31,9 @@ for l in cudart:13 nvrtc:13 curand:10 cublas:13 cublasLt:13; do
     ln -sf "$CU/lib/lib${l%%:*}.so.${l##*:}" "$LINK/lib${l%%:*}.so"
 done
 # the driver stub: every cu* function cudarc's driver bindings name, returning an error
+# (cudarc's sources come with `cargo fetch`: a fresh machine that only built without CUDA
+# does not have them yet)
+cargo fetch --quiet
 CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)
 grep -ohE 'pub unsafe fn cu[A-Za-z0-9_]+\(' "$CUDARC/src/driver/sys/mod.rs" |
     sed -E 's/pub unsafe fn (cu[A-Za-z0-9_]+)\(/int \1(void) { return 999; }/' | sort -u >"$LINK/cuda_stub.c"
