@@ -332,16 +332,8 @@ impl Conv {
                     weight.len()
                 )
             }
-            let geom = DepthwiseRow {
-                h,
-                w,
-                c,
-                ho,
-                wo,
-                k,
-                stride: self.stride,
-                pad: self.pad,
-            };
+            let geom = DepthwiseRow::new((h, w, c), k, self.stride, self.pad);
+            debug_assert_eq!((geom.ho, geom.wo), (ho, wo));
             Ok(geom.conv(x, weight, b, mean, epilogue))
         })
     }
@@ -753,22 +745,16 @@ impl CustomOp1 for Depthwise<'_> {
                 self.weight.len()
             )
         }
-        let (ho, wo) = (
-            (h + 2 * self.pad - k) / s + 1,
-            (w + 2 * self.pad - k) / s + 1,
-        );
-        let geom = DepthwiseRow {
-            h,
-            w,
-            c,
-            ho,
-            wo,
-            k,
-            stride: s,
-            pad: self.pad,
-        };
+        if h + 2 * self.pad < k || w + 2 * self.pad < k || s == 0 {
+            candle_core::bail!(
+                "{}: a {k}x{k} window, stride {s}, on {h}x{w} padded by {}",
+                self.name(),
+                self.pad
+            )
+        }
+        let geom = DepthwiseRow::new((h, w, c), k, s, self.pad);
         let (out, _) = geom.conv(x, self.weight, b, false, None);
-        Ok((CpuStorage::F32(out), Shape::from((b, ho, wo, c))))
+        Ok((CpuStorage::F32(out), Shape::from((b, geom.ho, geom.wo, c))))
     }
 }
 
@@ -788,9 +774,36 @@ struct DepthwiseRow {
     k: usize,
     stride: usize,
     pad: usize,
+    /// The vector instructions it is compiled for: the direct kernel's ([`super::direct::isa`]:
+    /// AVX-512 unless `FREQTAG_NO_AVX512` is set), else AVX2 where the CPU has it, else none.
+    /// The bits are the same with each: a product then an add, never fused.
+    isa: Option<super::direct::Isa>,
 }
 
 impl DepthwiseRow {
+    /// The geometry of a k x k window, `stride` and zero padding `pad` on every side over
+    /// `(h, w, c)` (the window must fit the padded input), run with the instructions this CPU
+    /// has.
+    fn new((h, w, c): (usize, usize, usize), k: usize, stride: usize, pad: usize) -> Self {
+        use super::direct::Isa;
+        let isa = match super::direct::isa() {
+            Some(isa) => Some(isa),
+            None if crate::spectrum::avx2() => Some(Isa::Avx2),
+            None => None,
+        };
+        DepthwiseRow {
+            h,
+            w,
+            c,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (w + 2 * pad - k) / stride + 1,
+            k,
+            stride,
+            pad,
+            isa,
+        }
+    }
+
     /// The convolution of `b` frames `x`; with `mean`, also the spatial mean `[b, c]` of its
     /// output, summed as [`SpatialMean`] sums it (each channel's pixels in order, in f64) while
     /// each row is in cache, frame by frame; then `epilogue` on each output row (after the
@@ -853,21 +866,17 @@ impl DepthwiseRow {
         (out, means)
     }
 
-    /// Writes output row `row` (of `[b * ho]`) into `o` (`wo * c`), compiled for the vector
-    /// instructions the direct kernel runs with ([`super::direct::isa`]: AVX-512 unless
-    /// `FREQTAG_NO_AVX512` is set), else AVX2 where the CPU has it. The bits are the same with
-    /// each: a product then an add, never fused.
+    /// Writes output row `row` (of `[b * ho]`) into `o` (`wo * c`), compiled for `self.isa`.
     fn run(&self, x: &[f32], weight: &[f32], row: usize, o: &mut [MaybeUninitF32]) {
         #[cfg(target_arch = "x86_64")]
         {
             use super::direct::Isa;
-            if super::direct::isa() == Some(Isa::Avx512) {
-                // SAFETY: `isa` gives AVX-512 only where the CPU has AVX-512F
-                return unsafe { self.run_avx512(x, weight, row, o) };
-            }
-            if crate::spectrum::avx2() {
-                // SAFETY: the CPU has AVX2
-                return unsafe { self.run_avx2(x, weight, row, o) };
+            match self.isa {
+                // SAFETY: `isa` is AVX-512 or AVX2 only where the CPU has it (`new`, or a test
+                // that checked)
+                Some(Isa::Avx512) => return unsafe { self.run_avx512(x, weight, row, o) },
+                Some(Isa::Avx2) => return unsafe { self.run_avx2(x, weight, row, o) },
+                None => {}
             }
         }
         self.run_plain(x, weight, row, o)
@@ -896,6 +905,7 @@ impl DepthwiseRow {
             k,
             stride,
             pad,
+            isa: _,
         } = *self;
         let (bi, oy) = (row / ho, row % ho);
         // the window rows inside the input: (ky, that input row)
@@ -905,13 +915,28 @@ impl DepthwiseRow {
                 Some((ky, &x[(bi * h + iy) * w * c..][..w * c]))
             })
             .collect();
+        // the pixels whose window lies whole inside the input, on a row with all k window rows:
+        // their first `covered` channels by the register kernel, where there is one
+        let inner = match (w + pad).checked_sub(k) {
+            Some(last) if rows.len() == k => pad.div_ceil(stride)..(last / stride + 1).min(wo),
+            _ => 0..0,
+        };
+        let covered = if inner.is_empty() {
+            0
+        } else {
+            self.interior(&rows, weight, inner.clone(), o)
+        };
         for ox in 0..wo {
+            let first = if inner.contains(&ox) { covered } else { 0 };
+            if first == c {
+                continue;
+            }
             // the window columns inside the input: kx from kx0 to kx1
             let left = ox * stride;
             let kx0 = pad.saturating_sub(left);
             let kx1 = k.min((w + pad).saturating_sub(left));
             let px = &mut o[ox * c..][..c];
-            let mut cb = 0;
+            let mut cb = first;
             while cb + 16 <= c {
                 self.block::<16>(&rows, weight, left, kx0, kx1, cb, &mut px[cb..cb + 16]);
                 cb += 16;
@@ -924,6 +949,72 @@ impl DepthwiseRow {
                 self.block::<1>(&rows, weight, left, kx0, kx1, cb, &mut px[cb..cb + 1]);
                 cb += 1;
             }
+        }
+    }
+
+    /// Output pixels `ox` of a row whose k window rows (`rows`) are all inside the input and
+    /// whose windows lie whole inside them, their channels in blocks as wide as a vector
+    /// register, each block's k x k weight vectors held in registers while the row's pixels go
+    /// by (rather than loaded again for every pixel); returns how many channels it covered (0
+    /// where no such kernel runs here: the caller does the rest). The same terms in the same
+    /// order as [`Self::block`]: the same bits.
+    fn interior(
+        &self,
+        rows: &[(usize, &[f32])],
+        weight: &[f32],
+        ox: std::ops::Range<usize>,
+        o: &mut [MaybeUninitF32],
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::direct::Isa;
+            let (c, k, stride, pad, isa) = (self.c, self.k, self.stride, self.pad, self.isa);
+            // what the kernels read and write without checks
+            assert!(rows.len() == k && rows.iter().all(|(_, r)| r.len() == self.w * c));
+            assert!(weight.len() == k * k * c && o.len() == self.wo * c);
+            assert!(ox.start * stride >= pad && ox.end <= self.wo);
+            assert!(ox.is_empty() || (ox.end - 1) * stride + k <= self.w + pad);
+            let out = o.as_mut_ptr() as *mut f32;
+            let (wp, r) = (weight.as_ptr(), |i: usize| rows[i].1.as_ptr());
+            // SAFETY: the CPU has the instructions (`self.isa`); by the checks above every
+            // read (input pixels `ox * stride - pad + kx` < w of the k rows, channels < c, and
+            // the weights) and every write (pixels < wo, channels < c) is in bounds
+            unsafe {
+                match (isa, k, stride) {
+                    (Some(Isa::Avx512), 3, 1) => {
+                        dw_interior_avx512::<3, 4, 1>([r(0), r(1), r(2)], wp, (c, pad), ox, out)
+                    }
+                    (Some(Isa::Avx512), 3, 2) => {
+                        dw_interior_avx512::<3, 4, 2>([r(0), r(1), r(2)], wp, (c, pad), ox, out)
+                    }
+                    (Some(Isa::Avx512), 5, 1) => dw_interior_avx512::<5, 1, 1>(
+                        [r(0), r(1), r(2), r(3), r(4)],
+                        wp,
+                        (c, pad),
+                        ox,
+                        out,
+                    ),
+                    (Some(Isa::Avx512), 5, 2) => dw_interior_avx512::<5, 1, 2>(
+                        [r(0), r(1), r(2), r(3), r(4)],
+                        wp,
+                        (c, pad),
+                        ox,
+                        out,
+                    ),
+                    (Some(Isa::Avx2), 3, 1) => {
+                        dw_interior_avx2::<3, 2, 1>([r(0), r(1), r(2)], wp, (c, pad), ox, out)
+                    }
+                    (Some(Isa::Avx2), 3, 2) => {
+                        dw_interior_avx2::<3, 2, 2>([r(0), r(1), r(2)], wp, (c, pad), ox, out)
+                    }
+                    _ => 0,
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (rows, weight, ox, o);
+            0
         }
     }
 
@@ -961,6 +1052,135 @@ impl DepthwiseRow {
 }
 
 type MaybeUninitF32 = std::mem::MaybeUninit<f32>;
+
+/// The register kernel of [`DepthwiseRow::interior`] for one vector width: for each block of
+/// channels, the K x K weight vectors loaded once; then R neighbouring pixels at a time (stride
+/// S), each input vector of their windows loaded once and added, times its weight, into every
+/// pixel whose window holds it; each pixel summed from zero over its window in order (ky, then
+/// kx), a product then an add (never fused: the bits of the plain loop); the pixels left over
+/// one at a time. Returns the channels covered, a multiple of the width.
+macro_rules! depthwise_interior {
+    ($name:ident, $pixels:ident, $feature:literal, $vec:ty, $lanes:literal, $zero:ident,
+     $load:ident, $mul:ident, $add:ident, $store:ident) => {
+        /// # Safety
+        /// The CPU has the instructions; `rows` are the K window rows, each `w * c` values,
+        /// `weight` `K * K * c` values and `out` a row of `wo * c`, with every pixel of `ox`
+        /// inside `wo` and its window inside the rows (`ox * S - pad + K <= w`).
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name<const K: usize, const R: usize, const S: usize>(
+            rows: [*const f32; K],
+            weight: *const f32,
+            (c, pad): (usize, usize),
+            ox: std::ops::Range<usize>,
+            out: *mut f32,
+        ) -> usize {
+            let mut cb = 0;
+            while cb + $lanes <= c {
+                let mut wr = [[$zero(); K]; K];
+                for (ky, wrow) in wr.iter_mut().enumerate() {
+                    for (kx, wv) in wrow.iter_mut().enumerate() {
+                        // SAFETY: in bounds by the function's contract
+                        *wv = unsafe { $load(weight.add((ky * K + kx) * c + cb)) };
+                    }
+                }
+                let mut x = ox.start;
+                while x + R <= ox.end {
+                    // SAFETY: pixels x..x + R are in `ox`
+                    unsafe {
+                        $pixels::<K, R, S>(
+                            &rows,
+                            &wr,
+                            (x * S - pad) * c + cb,
+                            c,
+                            out.add(x * c + cb),
+                        )
+                    };
+                    x += R;
+                }
+                for x in x..ox.end {
+                    // SAFETY: pixel x is in `ox`
+                    unsafe {
+                        $pixels::<K, 1, S>(
+                            &rows,
+                            &wr,
+                            (x * S - pad) * c + cb,
+                            c,
+                            out.add(x * c + cb),
+                        )
+                    };
+                }
+                cb += $lanes;
+            }
+            cb
+        }
+
+        /// R pixels of one channel block, the first one's window at `at` in each row, stored
+        /// from `out` (`c` apart).
+        ///
+        /// # Safety
+        /// As [`$name`]'s, for these pixels.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $pixels<const K: usize, const R: usize, const S: usize>(
+            rows: &[*const f32; K],
+            wr: &[[$vec; K]; K],
+            at: usize,
+            c: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [$zero(); R];
+            for (src, wrow) in rows.iter().zip(wr) {
+                // the inputs of the R windows on this row, each loaded once
+                for j in 0..(R - 1) * S + K {
+                    // SAFETY: in the last pixel's window at most
+                    let v = unsafe { $load(src.add(at + j * c)) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        if j >= r * S && j - r * S < K {
+                            *a = $add(*a, $mul(v, wrow[j - r * S]));
+                        }
+                    }
+                }
+            }
+            for (r, a) in acc.into_iter().enumerate() {
+                // SAFETY: pixel r of the R
+                unsafe { $store(out.add(r * c), a) };
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{
+    __m256, __m512, _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps,
+    _mm256_storeu_ps, _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_setzero_ps,
+    _mm512_storeu_ps,
+};
+depthwise_interior!(
+    dw_interior_avx512,
+    dw_pixels_avx512,
+    "avx512f",
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_mul_ps,
+    _mm512_add_ps,
+    _mm512_storeu_ps
+);
+depthwise_interior!(
+    dw_interior_avx2,
+    dw_pixels_avx2,
+    "avx2",
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_mul_ps,
+    _mm256_add_ps,
+    _mm256_storeu_ps
+);
 
 /// The depthwise convolution of contiguous channels-last `x` `[b, h, w, c]` with weights
 /// `[k*k, c]` as the plain loop [`Depthwise`]'s kernel replaced: each window position's
@@ -1415,6 +1635,11 @@ mod tests {
             (16, 3, 2, 0, 7, 7),
             (8, 3, 1, 1, 1, 1),
             (24, 3, 2, 1, 6, 30),
+            // whole windows inside (the register kernels), channels of every block size
+            (57, 3, 1, 1, 6, 21),
+            (40, 5, 1, 2, 9, 10),
+            (32, 3, 2, 1, 9, 17),
+            (16, 3, 1, 0, 3, 3),
         ] {
             let x = Tensor::randn(0f32, 1.0, (2, h, w, c), &dev).unwrap();
             let wt: Vec<f32> = Tensor::randn(0f32, 1.0, k * k * c, &dev)
@@ -1436,11 +1661,29 @@ mod tests {
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let want = depthwise_reference(&xs, &wt, (2, h, w, c), k, s, pad);
             assert_eq!(got.len(), want.len());
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "c {c}, k {k}, stride {s}, pad {pad}, {h}x{w}");
+            let same = |got: &[f32]| {
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            };
+            assert!(same(&got), "c {c}, k {k}, stride {s}, pad {pad}, {h}x{w}");
+            // and compiled for each instruction set this CPU has, and for none
+            use crate::model::direct::Isa;
+            for isa in [Some(Isa::Avx512), Some(Isa::Avx2), None] {
+                if isa.is_some_and(|isa| !isa.supported()) {
+                    eprintln!("{isa:?} not tried: this CPU lacks it");
+                    continue;
+                }
+                let geom = DepthwiseRow {
+                    isa,
+                    ..DepthwiseRow::new((h, w, c), k, s, pad)
+                };
+                let (got, _) = geom.conv(&xs, &wt, 2, false, None);
+                assert!(
+                    same(&got),
+                    "{isa:?}: c {c}, k {k}, stride {s}, pad {pad}, {h}x{w}"
+                );
+            }
         }
     }
 
