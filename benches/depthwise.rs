@@ -1,10 +1,10 @@
 //! The CPU depthwise kernel ([`Depthwise`]) against the plain loop it replaced (each window
 //! position's products added to the whole output row in turn), on the shapes of MobileNetV2's
-//! depthwise layers at the quickstart's 4 frames a pass, one thread, the two timed in turn and
+//! depthwise layers at the quickstart's 2 frames a pass, one thread, the two timed in turn and
 //! checked to give the same bits. Best of 40 rounds.
 //!
 //!     cargo bench --bench depthwise
-//!     FRAMES=1 cargo bench --bench depthwise    # frames a pass (default 4, the quickstart's)
+//!     FRAMES=1 cargo bench --bench depthwise    # frames a pass (default 2, the quickstart's)
 //!
 //! Not a test: timings on a shared machine vary; compare the figures of one run.
 use candle_core::{Device, Tensor};
@@ -26,7 +26,7 @@ fn main() {
     let frames: usize = std::env::var("FRAMES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(2);
     println!("{frames} frames a pass; times per frame");
     let dev = Device::Cpu;
     let (mut tn, mut to) = (0.0, 0.0);

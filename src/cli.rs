@@ -118,10 +118,16 @@ pub enum Command {
     /// quickstart (MobileNetV2) on fixed images, each run in its own process; prints
     /// images/s, peak memory and seconds per stage for each worker count.
     Bench {
-        /// Images per pipeline, the first N of each set [default: all: 20 CIFAR-10 images, 20
-        /// ImageNet photos (data/imagenet-foolbox-20)].
+        /// Images per pipeline: the first N of its set, or the set over and over (as links of
+        /// other names) where N is larger [default: 100 for the paper pipeline, its 20 CIFAR-10
+        /// images 5 times; 20 for the quickstart, the photos of data/imagenet-foolbox-20].
         #[arg(long)]
         images: Option<usize>,
+        /// Runs of each configuration, taken in turn (one of each, then again), so that a slow
+        /// spell of the machine touches them all alike; the median run is reported, with the
+        /// range.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
         /// Worker counts measured (repeatable) [default: 1 and the number of cores].
         #[arg(long = "workers")]
         workers: Vec<usize>,
@@ -231,12 +237,20 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Models { arch } => cmd_models(arch),
         Command::Bench {
             images,
+            repeat,
             workers,
             only,
             json,
             device,
             sets,
-        } => cmd_bench(images, workers, only, json, &with_device(sets, device)),
+        } => cmd_bench(
+            images,
+            repeat as usize,
+            workers,
+            only,
+            json,
+            &with_device(sets, device),
+        ),
     }
 }
 
@@ -250,8 +264,48 @@ fn project_file(rel: &str) -> PathBuf {
     }
 }
 
+/// The folder of `n` images for a bench run from `dir`'s images: `dir` itself where it holds
+/// `n` or more (the run takes its first `n`), else a folder under `tmp` of links to them, each
+/// image as often as it takes, named `r{round}_{name}` (a label at the end of a name stays).
+fn bench_images(dir: &std::path::Path, n: usize, tmp: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("bench: reading the images of {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    anyhow::ensure!(!names.is_empty(), "bench: no images in {}", dir.display());
+    if n <= names.len() {
+        return Ok(dir.to_path_buf());
+    }
+    let name = dir
+        .file_name()
+        .map_or("images".into(), |s| s.to_os_string());
+    let to = tmp.join(name);
+    std::fs::create_dir_all(&to).with_context(|| format!("bench: creating {}", to.display()))?;
+    for i in 0..n {
+        let f = &names[i % names.len()];
+        let link = to.join(format!("r{:03}_{}", i / names.len(), f.to_string_lossy()));
+        #[cfg(unix)]
+        let made = std::os::unix::fs::symlink(dir.join(f), &link);
+        #[cfg(not(unix))]
+        let made = std::fs::copy(dir.join(f), &link).map(|_| ());
+        made.with_context(|| format!("bench: linking {}", link.display()))?;
+    }
+    Ok(to)
+}
+
+/// The median of `v` (the lower middle one of an even count), by value.
+fn median_index(v: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    order[(v.len() - 1) / 2]
+}
+
 fn cmd_bench(
     images: Option<usize>,
+    repeat: usize,
     workers: Vec<usize>,
     only: Option<String>,
     json: bool,
@@ -276,90 +330,124 @@ fn cmd_bench(
             configs.push((most, Some(1)));
         }
     }
-    // the pipelines and, where not their own, the images: the quickstart runs on the 20 shipped
-    // ImageNet photos rather than its 5, which two workers split 3 and 2 (capping the scaling
-    // at 1.67x)
+    // the pipelines, their images and how many: the paper pipeline runs on its 20 CIFAR-10
+    // images 5 times over, since 20 take about a second, start-up included, and the figures
+    // moved by a third from run to run; the quickstart on the 20 shipped ImageNet photos
+    // rather than its 5, which two workers split 3 and 2 (capping the scaling at 1.67x)
     let all = [
-        ("paper", "pipelines/paper-resnet32-cifar10.toml", None),
+        (
+            "paper",
+            "pipelines/paper-resnet32-cifar10.toml",
+            "data/cifar10-foolbox-20",
+            100,
+        ),
         (
             "quickstart",
             "pipelines/quickstart.toml",
-            Some("data/imagenet-foolbox-20"),
+            "data/imagenet-foolbox-20",
+            20,
         ),
     ];
     if let Some(o) = &only {
         anyhow::ensure!(
-            all.iter().any(|(n, _, _)| n == o),
+            all.iter().any(|(n, ..)| n == o),
             "--only {o}: choose paper or quickstart"
         );
     }
     let exe = std::env::current_exe().context("locating the freqtag binary")?;
     let tmp = std::env::temp_dir().join(format!("freqtag-bench-{}", std::process::id()));
-    let mut results = Vec::new();
-    for (name, file, images_dir) in all {
+    let mut runs: Vec<Vec<serde_json::Value>> = Vec::new();
+    let mut plan = Vec::new();
+    for (name, file, images_dir, default_n) in all {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
         let pipeline = project_file(file);
-        let images_dir = images_dir.map(|d| {
-            let d = project_file(d);
-            std::fs::canonicalize(&d).unwrap_or(d)
-        });
+        let n = images.unwrap_or(default_n);
+        let dir = project_file(images_dir);
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let dir = bench_images(&dir, n, &tmp.join("images"))?;
         for &(w, threads) in &configs {
-            let out = tmp.join(format!("{name}-{w}-{}", threads.unwrap_or(0)));
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("run")
-                .arg(&pipeline)
-                .arg("--out")
-                .arg(&out)
-                .arg("--workers")
-                .arg(w.to_string())
-                .args(["--log-level", "warn"])
-                .env_remove("RAYON_NUM_THREADS");
-            if let Some(t) = threads {
-                cmd.args(["--threads", &t.to_string()]);
-            }
-            if let Some(d) = &images_dir {
-                cmd.args(["--set", &format!("source.path={}", d.display())]);
-            }
-            if let Some(n) = images {
-                cmd.args(["--set", &format!("source.limit={n}")]);
-            }
-            for kv in sets {
-                cmd.args(["--set", kv]);
-            }
-            match threads {
-                Some(t) => eprintln!("bench: {name}, {w} worker(s) of {t} thread(s)..."),
-                None => eprintln!("bench: {name}, {w} worker(s)..."),
-            }
-            let o = cmd.output().context("running freqtag run")?;
-            if !o.status.success() {
-                let _ = std::fs::remove_dir_all(&tmp);
-                anyhow::bail!(
+            plan.push((name, pipeline.clone(), dir.clone(), n, w, threads));
+            runs.push(Vec::new());
+        }
+    }
+    let result = (|| -> anyhow::Result<()> {
+        for round in 0..repeat {
+            for (i, (name, pipeline, dir, n, w, threads)) in plan.iter().enumerate() {
+                let out = tmp.join(format!("{name}-{w}-{}", threads.unwrap_or(0)));
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg("run")
+                    .arg(pipeline)
+                    .arg("--out")
+                    .arg(&out)
+                    .arg("--workers")
+                    .arg(w.to_string())
+                    .args(["--log-level", "warn"])
+                    .args(["--set", &format!("source.path={}", dir.display())])
+                    .args(["--set", &format!("source.limit={n}")])
+                    .env_remove("RAYON_NUM_THREADS");
+                if let Some(t) = threads {
+                    cmd.args(["--threads", &t.to_string()]);
+                }
+                for kv in sets {
+                    cmd.args(["--set", kv]);
+                }
+                let of = if repeat > 1 {
+                    format!(" (run {} of {repeat})", round + 1)
+                } else {
+                    String::new()
+                };
+                match threads {
+                    Some(t) => eprintln!("bench: {name}, {w} worker(s) of {t} thread(s){of}..."),
+                    None => eprintln!("bench: {name}, {w} worker(s){of}..."),
+                }
+                let o = cmd.output().context("running freqtag run")?;
+                anyhow::ensure!(
+                    o.status.success(),
                     "bench: the {name} pipeline failed ({}):\n{}",
                     pipeline.display(),
                     String::from_utf8_lossy(&o.stderr)
                 );
+                let run: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
+                runs[i].push(serde_json::json!({
+                    "name": name,
+                    "workers": w,
+                    "threads_per_worker": run["threads_per_worker"],
+                    "threads_default": threads.is_none(),
+                    "images": run["counts"]["images_processed"],
+                    "seconds": run["wall_s"],
+                    "images_per_s": run["images_per_s"],
+                    "peak_rss_mb": run["peak_rss_mb"],
+                    "stage_seconds": run["stage_seconds"],
+                    "distinct_frames": run["resolved"]["distinct_frames"],
+                    "device": run["pipeline"]["model"]["device"],
+                    "dtype": run["pipeline"]["model"]["dtype"],
+                }));
+                let _ = std::fs::remove_dir_all(&out);
             }
-            let run: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
-            results.push(serde_json::json!({
-                "name": name,
-                "workers": w,
-                "threads_per_worker": run["threads_per_worker"],
-                "threads_default": threads.is_none(),
-                "images": run["counts"]["images_processed"],
-                "seconds": run["wall_s"],
-                "images_per_s": run["images_per_s"],
-                "peak_rss_mb": run["peak_rss_mb"],
-                "stage_seconds": run["stage_seconds"],
-                "distinct_frames": run["resolved"]["distinct_frames"],
-                "device": run["pipeline"]["model"]["device"],
-                "dtype": run["pipeline"]["model"]["dtype"],
-            }));
-            let _ = std::fs::remove_dir_all(&out);
         }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
+    // each configuration's median run, with every run's images/s
+    let results: Vec<serde_json::Value> = runs
+        .into_iter()
+        .map(|rs| {
+            let rates: Vec<f64> = rs
+                .iter()
+                .map(|r| r["images_per_s"].as_f64().unwrap_or(0.0))
+                .collect();
+            let mut r = rs[median_index(&rates)].clone();
+            r["runs"] = rs.len().into();
+            r["images_per_s_runs"] = rates.into();
+            r
+        })
+        .collect();
     let _ = std::fs::remove_dir_all(&tmp);
     if json {
         println!(
@@ -372,6 +460,9 @@ fn cmd_bench(
         "{:<11} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9}   stage seconds, all workers (decode/stimulus/forward/spectrum/write/aggregate)",
         "pipeline", "workers", "threads", "images", "seconds", "images/s", "peak MB"
     );
+    if repeat > 1 {
+        println!("(each row the median of {repeat} runs by images/s; every run's images/s below)");
+    }
     for r in &results {
         let st = &r["stage_seconds"];
         let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
@@ -392,9 +483,27 @@ fn cmd_bench(
             f("aggregate")
         );
     }
+    let rates = |r: &serde_json::Value| -> Vec<f64> {
+        r["images_per_s_runs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    if repeat > 1 {
+        for r in &results {
+            let each: Vec<String> = rates(r).iter().map(|v| format!("{v:.2}")).collect();
+            println!(
+                "{:<11} {:>7} {:>7}   images/s of each run: {}",
+                r["name"].as_str().unwrap_or(""),
+                r["workers"].as_u64().unwrap_or(0),
+                r["threads_per_worker"].as_u64().unwrap_or(0),
+                each.join(", ")
+            );
+        }
+    }
     // worker scaling, per pipeline: the most workers against one, with the default threads
-    // and with one thread per worker
-    let rate = |name: &str, w: usize, threads: Option<usize>| {
+    // and with one thread per worker; each run against the other's run of the same round
+    let runs_of = |name: &str, w: usize, threads: Option<usize>| {
         results
             .iter()
             .find(|r| {
@@ -405,22 +514,37 @@ fn cmd_bench(
                         Some(t) => r["threads_per_worker"] == t,
                     }
             })
-            .and_then(|r| r["images_per_s"].as_f64())
+            .map(rates)
     };
-    for (name, _, _) in all {
+    let ratio = |one: Vec<f64>, m: Vec<f64>| {
+        let each: Vec<f64> = one.iter().zip(&m).map(|(a, b)| b / a).collect();
+        let mid = each[median_index(&each)];
+        if each.len() > 1 {
+            let (lo, hi) = each
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            format!(
+                "{mid:.2}x (median of {} rounds; {lo:.2}-{hi:.2}x)",
+                each.len()
+            )
+        } else {
+            format!("{mid:.2}x")
+        }
+    };
+    for (name, ..) in all {
         if counts.len() < 2 {
             break;
         }
-        if let (Some(one), Some(m)) = (rate(name, 1, None), rate(name, most, None)) {
+        if let (Some(one), Some(m)) = (runs_of(name, 1, None), runs_of(name, most, None)) {
             println!(
-                "{name}: {most} workers run {:.2}x one worker of {cores} threads",
-                m / one
+                "{name}: {most} workers run {} one worker of {cores} threads",
+                ratio(one, m)
             );
         }
-        if let (Some(one), Some(m)) = (rate(name, 1, Some(1)), rate(name, most, Some(1))) {
+        if let (Some(one), Some(m)) = (runs_of(name, 1, Some(1)), runs_of(name, most, Some(1))) {
             println!(
-                "{name}: with one thread per worker, {most} workers run {:.2}x one",
-                m / one
+                "{name}: with one thread per worker, {most} workers run {} one",
+                ratio(one, m)
             );
         }
     }

@@ -160,6 +160,8 @@ fn bench_command_reports_figures_per_worker_count() {
         "1",
         "--workers",
         "2",
+        "--repeat",
+        "1",
         "--json",
     ]);
     assert!(o.status.success(), "{}", show(&o));
@@ -192,6 +194,55 @@ fn bench_command_reports_figures_per_worker_count() {
         let stimulus = st["stimulus"].as_f64().unwrap();
         assert!(stimulus < st["forward"].as_f64().unwrap(), "{r}");
     }
+}
+
+/// `freqtag bench --images N` beyond a set's 20 images runs the set over again (as links of
+/// other names, labels kept), and `--repeat` runs each configuration several times, reporting
+/// the median run with every run's images/s.
+#[test]
+fn bench_cycles_its_images_and_repeats_runs() {
+    if shared_data("bench_cycles_its_images_and_repeats_runs").is_none() {
+        return;
+    }
+    let o = crate::common::freqtag(&[
+        "bench",
+        "--only",
+        "paper",
+        "--images",
+        "23",
+        "--workers",
+        "1",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
+    let runs = v["runs"].as_array().unwrap();
+    // one worker count: no one-thread runs besides
+    assert_eq!(runs.len(), 1, "{v}");
+    let r = &runs[0];
+    assert_eq!(r["images"], 23, "{r}");
+    assert_eq!(r["runs"], 2, "{r}");
+    let each: Vec<f64> = r["images_per_s_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(each.len(), 2, "{r}");
+    assert!(each.iter().all(|&x| x > 0.0), "{r}");
+    // the lower of two is the median reported
+    let low = each.iter().cloned().fold(f64::MAX, f64::min);
+    assert_eq!(r["images_per_s"].as_f64().unwrap(), low, "{r}");
+    // bad values are refused by name
+    let o = crate::common::freqtag(&["bench", "--repeat", "0"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--repeat"),
+        "{}",
+        show(&o)
+    );
 }
 
 /// The GPU's code path end to end, run here on the CPU (`FREQTAG_GPU_PATH_ON_CPU`): images held
