@@ -121,8 +121,8 @@ pub enum Command {
         /// Images per pipeline: the first N of its set, or the set over and over (as links of
         /// other names) where N is larger [default: 100 for the paper pipeline, its 20 CIFAR-10
         /// images 5 times; 20 for the quickstart, the photos of data/imagenet-foolbox-20].
-        #[arg(long)]
-        images: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        images: Option<u64>,
         /// Runs of each configuration, taken in turn (one of each, then again), so that a slow
         /// spell of the machine touches them all alike; the median run is reported, with the
         /// range.
@@ -244,7 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             device,
             sets,
         } => cmd_bench(
-            images,
+            images.map(|n| n as usize),
             repeat as usize,
             workers,
             only,
