@@ -236,13 +236,15 @@ fn bench_cycles_its_images_and_repeats_runs() {
     let low = each.iter().cloned().fold(f64::MAX, f64::min);
     assert_eq!(r["images_per_s"].as_f64().unwrap(), low, "{r}");
     // bad values are refused by name
-    let o = crate::common::freqtag(&["bench", "--repeat", "0"]);
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--repeat"),
-        "{}",
-        show(&o)
-    );
+    for flag in ["--repeat", "--images"] {
+        let o = crate::common::freqtag(&["bench", flag, "0"]);
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(flag),
+            "{}",
+            show(&o)
+        );
+    }
 }
 
 /// The GPU's code path end to end, run here on the CPU (`FREQTAG_GPU_PATH_ON_CPU`): images held
