@@ -366,7 +366,13 @@ fn cmd_bench(
         let n = images.unwrap_or(default_n);
         let dir = project_file(images_dir);
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        let dir = bench_images(&dir, n, &tmp.join("images"))?;
+        let dir = match bench_images(&dir, n, &tmp.join("images")) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
         for &(w, threads) in &configs {
             plan.push((name, pipeline.clone(), dir.clone(), n, w, threads));
             runs.push(Vec::new());
