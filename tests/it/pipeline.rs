@@ -143,6 +143,15 @@ fn float16_spectra_are_half_the_precision_and_read_back() {
     run_python("python/check_outputs.py", &[&b, "2"]);
 }
 
+/// `freqtag bench --only paper --json` with `args`, its figures.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["bench", "--only", "paper", "--json"];
+    all.extend(args);
+    let o = crate::common::freqtag(&all);
+    assert!(o.status.success(), "{}", show(&o));
+    serde_json::from_slice(&o.stdout).expect("bench --json prints JSON")
+}
+
 /// `freqtag bench` runs the paper pipeline in its own process per worker count and reports its
 /// figures (a smoke test of the command, not a timing: speed is judged by running it).
 #[test]
@@ -150,10 +159,7 @@ fn bench_command_reports_figures_per_worker_count() {
     if shared_data("bench_command_reports_figures_per_worker_count").is_none() {
         return;
     }
-    let o = crate::common::freqtag(&[
-        "bench",
-        "--only",
-        "paper",
+    let v = bench_json(&[
         "--images",
         "2",
         "--workers",
@@ -162,10 +168,7 @@ fn bench_command_reports_figures_per_worker_count() {
         "2",
         "--repeat",
         "1",
-        "--json",
     ]);
-    assert!(o.status.success(), "{}", show(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
     let runs = v["runs"].as_array().unwrap();
     // 1 and 2 workers with their default threads (cores / workers), then, on a machine of
     // several cores, one thread per worker for the dataflow's own scaling
@@ -204,20 +207,7 @@ fn bench_cycles_its_images_and_repeats_runs() {
     if shared_data("bench_cycles_its_images_and_repeats_runs").is_none() {
         return;
     }
-    let o = crate::common::freqtag(&[
-        "bench",
-        "--only",
-        "paper",
-        "--images",
-        "23",
-        "--workers",
-        "1",
-        "--repeat",
-        "2",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", show(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
+    let v = bench_json(&["--images", "23", "--workers", "1", "--repeat", "2"]);
     let runs = v["runs"].as_array().unwrap();
     // one worker count: no one-thread runs besides
     assert_eq!(runs.len(), 1, "{v}");
