@@ -103,21 +103,37 @@ impl WorkDir {
 
     /// Starts a fresh run in `out`. An unfinished run there is never thrown away silently: the
     /// user continues it with `--resume` or removes its work folder.
+    ///
+    /// The work folder appears whole: it is set up under another name, stamped, then renamed
+    /// into place, so a run killed while starting leaves no half work folder that would be
+    /// taken for an unfinished run.
     pub fn fresh(out: &Path, plan: &Plan) -> Result<WorkDir> {
         let root = out.join(WORK);
         if root.exists() {
-            return Err(Error::Output {
-                file: out.to_path_buf(),
-                msg: format!(
-                    "an unfinished run is in {}: continue it with --resume, or remove that folder to start over",
-                    root.display()
-                ),
-            });
+            if root.join("stamp.json").exists() {
+                return Err(Error::Output {
+                    file: out.to_path_buf(),
+                    msg: format!(
+                        "an unfinished run is in {}: continue it with --resume, or remove that folder to start over",
+                        root.display()
+                    ),
+                });
+            }
+            // no stamp: nothing to resume (a run of an earlier version killed while it set
+            // up its work folder, or while it removed it after its tables were published)
+            tracing::warn!(folder = %root.display(), "removing a work folder without its stamp.json: it holds no run to resume");
+            std::fs::remove_dir_all(&root).map_err(io(&root))?;
         }
-        std::fs::create_dir_all(root.join("tables")).map_err(io(&root))?;
-        let w = WorkDir { root, attempt: 0 };
-        w.write_stamp(plan, 1)?;
-        Ok(w)
+        clear_leftovers(out);
+        let new = out.join(format!("{WORK}-new-{}", std::process::id()));
+        std::fs::create_dir_all(new.join("tables")).map_err(io(&new))?;
+        WorkDir {
+            root: new.clone(),
+            attempt: 0,
+        }
+        .write_stamp(plan, 1)?;
+        std::fs::rename(&new, &root).map_err(io(&root))?;
+        Ok(WorkDir { root, attempt: 0 })
     }
 
     fn write_stamp(&self, plan: &Plan, attempts: u32) -> Result<()> {
@@ -134,6 +150,7 @@ impl WorkDir {
     /// Opens the unfinished run in `out` for `--resume`: refuses if a setting changed (naming
     /// it), keeps committed segments, deletes orphan parts.
     pub fn resume(out: &Path, plan: &Plan) -> Result<(WorkDir, Resumed)> {
+        clear_leftovers(out);
         let root = out.join(WORK);
         let stamp_path = root.join("stamp.json");
         let fail = |msg: String| Error::Output {
@@ -258,9 +275,33 @@ impl WorkDir {
         f.sync_all().map_err(io(&path))
     }
 
-    /// Removes the work folder after the tables were committed.
+    /// Removes the work folder after the tables were committed: renamed out of the way first,
+    /// so that a run killed while the files go never leaves a work folder without its stamp
+    /// (which neither a new run nor `--resume` would take).
     pub fn remove(&self) -> Result<()> {
-        std::fs::remove_dir_all(&self.root).map_err(io(&self.root))
+        let done = self
+            .root
+            .with_file_name(format!("{WORK}-done-{}", std::process::id()));
+        std::fs::rename(&self.root, &done).map_err(io(&self.root))?;
+        std::fs::remove_dir_all(&done).map_err(io(&done))
+    }
+}
+
+/// Removes what a killed run left of a work folder it was setting up or removing
+/// (`.freqtag-new-*`, `.freqtag-done-*`): never a run to resume.
+fn clear_leftovers(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let leftover = [format!("{WORK}-new-"), format!("{WORK}-done-")]
+            .iter()
+            .any(|p| name.starts_with(p.as_str()));
+        if leftover && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

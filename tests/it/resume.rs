@@ -153,27 +153,82 @@ fn resume_with_a_changed_pipeline_refuses_naming_the_setting() {
     let w = resnet32(&shared);
     let dir = tmp();
     let out = dir.path().join("out");
-    // an unfinished run: its work folder exists
+    let forty = ["--set", "source.limit=40"];
+    // an unfinished run: killed as soon as its work folder is in place (not after a fixed
+    // time, which a fast machine finished the run in, and a busy one had not yet started it)
     let mut child = Command::new(env!("CARGO_BIN_EXE_freqtag"))
-        .args(args(&out, &w, &[]))
+        .args(args(&out, &w, &forty))
         .current_dir(root())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    let stamp = out.join(".freqtag").join("stamp.json");
+    let waited = std::time::Instant::now();
+    while !stamp.exists() && waited.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let _ = child.kill();
     let _ = child.wait();
+    assert!(stamp.exists(), "the run never set up its work folder");
+    assert!(
+        !out.join("scores").exists(),
+        "the run finished before it was killed"
+    );
     // starting over without --resume would throw the committed work away: refused
-    let o = freqtag_args(&args(&out, &w, &[]));
+    let o = freqtag_args(&args(&out, &w, &forty));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("continue it with --resume"),
         "{}",
         show(&o)
     );
-    let o = freqtag_args(&args(&out, &w, &["--resume", "--set", "stimulus.smin=0.2"]));
+    let changed = [&forty[..], &["--resume", "--set", "stimulus.smin=0.2"]].concat();
+    let o = freqtag_args(&args(&out, &w, &changed));
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("stimulus.smin (was 0.5, now 0.2)"), "{err}");
+}
+
+/// A run killed while it removed its work folder after publishing its tables (as earlier
+/// versions could leave it: the folder without its stamp), or while it set one up or removed
+/// it (`.freqtag-new-*`, `.freqtag-done-*`), leaves nothing that stops the next run: a new run
+/// starts and clears the leftovers; `--resume` says there is nothing to resume.
+#[test]
+fn a_work_folder_without_its_stamp_does_not_block_the_next_run() {
+    let Some(shared) = shared_data("work folder leftovers") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let out = dir.path().join("out");
+    let small = ["--set", "source.limit=4"];
+    let o = freqtag_args(&args(&out, &w, &small));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!out.join(".freqtag").exists());
+    for leftover in [
+        ".freqtag/tables/neurons",
+        ".freqtag-new-1/tables",
+        ".freqtag-done-2/sums",
+    ] {
+        std::fs::create_dir_all(out.join(leftover)).unwrap();
+    }
+    let mut resume = small.to_vec();
+    resume.push("--resume");
+    let o = freqtag_args(&args(&out, &w, &resume));
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no unfinished run here"),
+        "{}",
+        show(&o)
+    );
+    let o = freqtag_args(&args(&out, &w, &small));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".freqtag"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(out.join("scores").exists());
 }
