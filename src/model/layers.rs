@@ -838,8 +838,8 @@ impl DepthwiseRow {
                     for (oy, o) in frame.chunks_mut(wo * c).enumerate() {
                         let row = bi * ho + oy;
                         let o = finish(row, o);
-                        // in vector registers as wide as the kernel's (the same bits)
-                        super::direct::add_row_sums(super::direct::isa(), &mut acc, o);
+                        // in vector registers as wide as the kernel's (`self.isa`; the same bits)
+                        super::direct::add_row_sums(self.isa, &mut acc, o);
                         if let Some(epilogue) = epilogue {
                             epilogue(row, o);
                         }
