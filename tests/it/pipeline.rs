@@ -10,6 +10,9 @@ fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, e
     more.extend_from_slice(extra);
     let o = freqtag_args(&paper_args(out, workers, weights, &more));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    // the log goes to a pipe here: plain text, no terminal colour codes
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("INFO") && !log.contains('\u{1b}'), "{}", show(&o));
 }
 
 #[test]
