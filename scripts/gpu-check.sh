@@ -115,6 +115,9 @@ check() {
         kill "$dm" 2>/dev/null
     }
     if [ -n "${ONLY_TRIES:-}" ]; then
+        # a fresh machine's first run takes 20-30 s longer (the driver compiling the kernels'
+        # PTX, kept in its cache for later runs): a short run first, so the tries compare
+        run warm-up $paper $wp $off $cifar --set source.limit=200 --workers 2 --device $dev
         tries
         echo "== done"
         return

@@ -425,7 +425,12 @@ impl Network {
         device: &Device,
         dtype: DType,
     ) -> Result<Network> {
-        Network::build(weights::Params::new(path, tensors).on(device, dtype), arch)
+        let net = Network::build(weights::Params::new(path, tensors).on(device, dtype), arch)?;
+        // On a GPU the weights were written on this thread's stream (CUDA's per-thread default
+        // stream), and each worker's GPU thread reads them on its own: with cudarc's event
+        // tracking off (`model::device`), this wait is what orders the two.
+        net.device().synchronize()?;
+        Ok(net)
     }
 
     /// The network a GPU runs (its layers as tensor ops), built on the CPU: for tests of that

@@ -12,7 +12,11 @@ fn run_paper(out: &std::path::Path, workers: usize, weights: &std::path::Path, e
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     // the log goes to a pipe here: plain text, no terminal colour codes
     let log = String::from_utf8_lossy(&o.stderr);
-    assert!(log.contains("INFO") && !log.contains('\u{1b}'), "{}", show(&o));
+    assert!(
+        log.contains("INFO") && !log.contains('\u{1b}'),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
