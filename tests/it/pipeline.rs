@@ -295,6 +295,46 @@ fn gpu_code_path_run_matches_the_cpu_run() {
     );
 }
 
+/// On a GPU the Record stage holds decoded images until a pass takes them, and the worker
+/// feeds no more while two passes' worth wait: chunks far larger than a pass (MobileNetV2's
+/// 182 images against passes of 3) no longer keep hundreds of decoded images a worker. Here
+/// passes of 2 images (100 frames) and chunks of 8 on one worker: at most 4 images wait (16,
+/// two chunks, without the bound), and every image is written.
+#[test]
+fn gpu_code_path_holds_at_most_two_passes_of_decoded_images() {
+    let Some(shared) = shared_data("GPU code path holding decoded images") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let out = dir.path().join("gpu");
+    let extra = [
+        "--set",
+        "source.limit=16",
+        "--chunk",
+        "8",
+        "--set",
+        "model.device_batch=100",
+        "--log-level",
+        "freqtag=debug",
+    ];
+    let args = paper_args(&out, 1, &w, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = freqtag_env(&args, &[("FREQTAG_GPU_PATH_ON_CPU", "1")]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let held: Vec<usize> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.contains("decoded images waiting for a pass"))
+        .filter_map(|l| l.split("held=").nth(1)?.trim().parse().ok())
+        .collect();
+    let most = held.iter().copied().max().unwrap_or(0);
+    assert!((2..=4).contains(&most), "held {held:?}:\n{}", show(&o));
+    run_python(
+        "python/check_outputs.py",
+        &[&out.display().to_string(), "16"],
+    );
+}
+
 /// With pixel noise the GPU path builds frames on the CPU (the noise stream is sequential) and
 /// uploads them: the same spectra and predictions as the CPU path.
 #[test]
