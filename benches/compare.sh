@@ -7,17 +7,21 @@
 #
 #   benches/compare.sh [N_IMAGES]      # default: every image of each folder
 #
-# Needs target/release/freqtag (or FREQTAG=path) and benches/.venv (benches/setup.sh).
+# Needs target/release/freqtag (or FREQTAG=path) and benches/.venv (benches/setup.sh), or
+# PYTHON=path to a Python that has torch, torchvision, numpy, pandas, pyarrow and Pillow.
 # Optional: WORKERS (freqtag --workers; default its own), THREADS (torch threads; default torch's),
-# KEEP=1 to keep the temporary outputs, PAPER_IMAGES=DIR for the paper pipeline's images.
+# KEEP=1 to keep the temporary outputs, PAPER_IMAGES=DIR and QUICK_IMAGES=DIR for the two
+# pipelines' images (folders searched recursively), PAPER_WEIGHTS=FILE and QUICK_WEIGHTS=FILE, DEVICE=cuda (or cuda:N) to run both on a GPU
+# (freqtag built with scripts/build-cuda.sh; the baseline then takes an image's 240 frames in
+# one batch).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 n="${1:-}"
 freqtag="${FREQTAG:-$repo/target/release/freqtag}"
-py="$repo/benches/.venv/bin/python"
+py="${PYTHON:-$repo/benches/.venv/bin/python}"
 [ -x "$freqtag" ] || { echo "no freqtag binary at $freqtag (cargo build --release, or set FREQTAG)" >&2; exit 2; }
-[ -x "$py" ] || { echo "no benches/.venv: run benches/setup.sh first" >&2; exit 2; }
+[ -x "$py" ] || command -v "$py" >/dev/null || { echo "no Python at $py: run benches/setup.sh first, or set PYTHON" >&2; exit 2; }
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/freqtag-compare.XXXXXX")"
 if [ "${KEEP:-0}" = 1 ]; then echo "outputs kept in $tmp"; else trap 'rm -rf "$tmp"' EXIT; fi
@@ -27,18 +31,20 @@ pt_args=()
 if [ -n "$n" ]; then ft_args+=(--set "source.limit=$n"); pt_args+=(--limit "$n"); fi
 [ -n "${WORKERS:-}" ] && ft_args+=(--workers "$WORKERS")
 [ -n "${THREADS:-}" ] && pt_args+=(--threads "$THREADS")
+if [ -n "${DEVICE:-}" ]; then ft_args+=(--device "$DEVICE"); pt_args+=(--device "$DEVICE"); fi
 
-run_pair() { # name pipeline-file image-folder [baseline args...]
+run_pair() { # name pipeline-file image-folder [args of the baseline's first run...]
+    # pt_more: arguments of both baseline runs (the weights)
     local name="$1" toml="$2" images="$3"; shift 3
     echo "== $name: freqtag" >&2
     "$freqtag" run "$toml" --out "$tmp/ft-$name" "${ft_args[@]}" >"$tmp/ft-$name.log" 2>&1 \
         || { echo "freqtag failed on $name:" >&2; tail -20 "$tmp/ft-$name.log" >&2; exit 1; }
     echo "== $name: PyTorch baseline" >&2
     "$py" benches/pytorch_baseline.py --pipeline "$name" --images "$images" --json \
-        "${pt_args[@]}" "$@" >"$tmp/pt-$name.json"
+        "${pt_args[@]}" ${pt_more[@]+"${pt_more[@]}"} "$@" >"$tmp/pt-$name.json"
     echo "== $name: PyTorch baseline, channels-last" >&2
     "$py" benches/pytorch_baseline.py --pipeline "$name" --images "$images" --json \
-        --channels-last "${pt_args[@]}" >"$tmp/pt-$name-cl.json"
+        --channels-last "${pt_args[@]}" ${pt_more[@]+"${pt_more[@]}"} >"$tmp/pt-$name-cl.json"
 }
 
 # PAPER_IMAGES=DIR: another folder of 32x32 images for the paper pipeline (e.g. a class folder of
@@ -49,11 +55,25 @@ if [ -n "${PAPER_IMAGES:-}" ]; then
 else
     ft_paper=()
 fi
+# PAPER_WEIGHTS / QUICK_WEIGHTS=FILE: the checkpoints, for both sides (default: ResNet-32 from
+# ../shared/data, MobileNetV2 from freqtag's download cache)
+pt_more=()
+if [ -n "${PAPER_WEIGHTS:-}" ]; then
+    w="$(cd "$(dirname "$PAPER_WEIGHTS")" && pwd)/$(basename "$PAPER_WEIGHTS")"
+    ft_paper+=(--set "model.weights=$w"); pt_more=(--weights "$w")
+fi
 ft_args_base=("${ft_args[@]}")
 ft_args=("${ft_args_base[@]}" "${ft_paper[@]}")
 run_pair paper pipelines/paper-resnet32-cifar10.toml "$paper_images" --dump "$tmp/dump-paper"
+quick_images="${QUICK_IMAGES:-data/photos}"
 ft_args=("${ft_args_base[@]}")
-run_pair quickstart pipelines/quickstart.toml data/photos
+[ -n "${QUICK_IMAGES:-}" ] && ft_args+=(--set "source.path=$(cd "$quick_images" && pwd)")
+pt_more=()
+if [ -n "${QUICK_WEIGHTS:-}" ]; then
+    w="$(cd "$(dirname "$QUICK_WEIGHTS")" && pwd)/$(basename "$QUICK_WEIGHTS")"
+    ft_args+=(--set "model.weights=$w"); pt_more=(--weights "$w")
+fi
+run_pair quickstart pipelines/quickstart.toml "$quick_images"
 
 echo "== paper: spectra agreement" >&2
 set +e
@@ -89,6 +109,6 @@ for name, ft, pt, _, _ in rows:
     fs = ", ".join(f"{k} {v:.2f}" for k, v in ft["stage_seconds"].items())
     ps = ", ".join(f"{k} {v:.2f}" for k, v in pt["stage_seconds"].items())
     print(f"{name} stage seconds: freqtag ({ft['workers']} workers, summed) {fs}; "
-          f"PyTorch ({pt['threads']} threads) {ps}")
+          f"PyTorch ({pt['threads']} threads, {pt.get('device', 'cpu')}) {ps}")
 EOF
 exit "$agree"

@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     worst = (0.0, None)  # (error relative to the neuron's peak, where)
     worst_abs = 0.0
     failures = 0
+    errors = []
+    failing = []  # (error, peak, image, layer)
     seen_images = set()
     for r in range(len(ids)):
         img, layer, ch = ids[r], layers[r], channels[r]
@@ -96,8 +98,10 @@ def main(argv=None) -> int:
         worst_abs = max(worst_abs, err_abs)
         if err > worst[0]:
             worst = (err, f"{img} {layer}[{ch}]")
+        errors.append(err)
         if err > args.tol:
             failures += 1
+            failing.append((err, peak, img, layer))
 
     only_baseline = sorted(set(base) - seen_images)
     print(
@@ -105,6 +109,17 @@ def main(argv=None) -> int:
         f"max error {worst[0]:.3e} of the neuron's peak (at {worst[1]}), max absolute {worst_abs:.3e}; "
         f"tolerance {args.tol:g}"
     )
+    if failing:
+        # how loud the failing neurons are: their peak against the median peak of their layer
+        # in that image (near-silent channels hold little but rounding)
+        ratios = []
+        for err, peak, img, layer in failing:
+            peaks = np.abs(base[img]["amplitude"][layer]).max(axis=1)
+            ratios.append(peak / max(float(np.median(peaks)), 1e-30))
+        print(
+            f"99th percentile of the error {np.percentile(errors, 99):.3e}; the {len(failing)} neurons "
+            f"above the tolerance peak at {min(ratios):.1e} to {max(ratios):.1e} of their layer's median peak"
+        )
     if only_baseline:
         print(f"note: {len(only_baseline)} baseline images not in freqtag's output (e.g. {only_baseline[0]})")
 

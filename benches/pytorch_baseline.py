@@ -7,10 +7,15 @@ stimulus (all 240, no de-duplication) goes through the network in batches, forwa
 series gives the amplitude spectrum ``|rfft(x)| / N`` and the authors' mean dB-SNR.
 
     python benches/pytorch_baseline.py --pipeline paper|quickstart --images DIR \
-        [--limit N] [--batch B] [--threads T] [--dump DIR] [--weights W] --json
+        [--limit N] [--batch B] [--threads T] [--device cpu|cuda] [--dump DIR] [--weights W] --json
+
+On a GPU (--device cuda) the frames are built there and an image's 240 frames go through in one
+batch unless --batch says otherwise; the hooks' spatial means come back to the host once per
+image, and the FFTs and scores run on the host with numpy, as on the CPU. Stage times on a GPU
+synchronise with it at each stage's end.
 
 paper: ResNet-32 for CIFAR-10 (He et al. 2016, option-A shortcut, akamaster's layout), 32x32
-inputs. quickstart: torchvision MobileNetV2, short side resized to 256 (bilinear), centre crop 224.
+inputs. quickstart: torchvision MobileNetV2, torchvision's Resize(256) (bilinear) and CenterCrop(224).
 Both: ImageNet mean/std; left half (columns < W/2) at 6 Hz, right half at 7.5 Hz, 120 fps,
 240 frames, contrast in [0.5, 1.0] multiplying the normalised image.
 
@@ -166,21 +171,15 @@ def list_images(root: Path, limit: int | None) -> list[tuple[str, Path]]:
 
 
 def prepare(path: Path, resize: int, crop: int) -> torch.Tensor:
-    """RGB in [0,1] as [3, crop, crop]: short side to `resize` (bilinear), centre crop."""
+    """RGB in [0,1] as [3, crop, crop]: torchvision's standard transforms on the PIL image,
+    Resize(resize) (bilinear, Pillow's), CenterCrop(crop), ToTensor."""
+    import torchvision.transforms as T
+
     img = Image.open(path).convert("RGB")
-    w, h = img.size
-    if min(w, h) != resize:
-        # freqtag's rounding of the long side: (long * resize + short/2) // short
-        if w <= h:
-            size = (resize, max(1, (h * resize + w // 2) // w))
-        else:
-            size = (max(1, (w * resize + h // 2) // h), resize)
-        img = img.resize(size, Image.BILINEAR)
-        w, h = img.size
-    x0, y0 = max(0, w - crop) // 2, max(0, h - crop) // 2
-    img = img.crop((x0, y0, x0 + crop, y0 + crop))
-    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    resize_crop = T.Compose(
+        [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(crop), T.ToTensor()]
+    )
+    return resize_crop(img)
 
 
 def contrast(freq: float, phase: float, frame: int) -> float:
@@ -227,8 +226,8 @@ class ConvRecorder:
         return hook
 
     def take(self) -> dict[str, np.ndarray]:
-        """Each layer's [FRAMES, channels] series, and clears the store."""
-        out = {n: torch.cat(self.store[n]).numpy() for n in self.names}
+        """Each layer's [FRAMES, channels] series (on the host), and clears the store."""
+        out = {n: torch.cat(self.store[n]).cpu().numpy() for n in self.names}
         for n in self.names:
             self.store[n] = []
         return out
@@ -274,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="the first N images in sorted order")
     ap.add_argument("--batch", type=int, help="frames per forward pass (default: the pipeline's)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--weights", type=Path, help="checkpoint (default: the pipeline's)")
     ap.add_argument("--dump", type=Path, help="write one .npz of spectra per image here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -289,7 +289,20 @@ def main(argv=None) -> int:
     cfg = PIPELINES[args.pipeline]
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch = args.batch or cfg["batch"]
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this PyTorch sees no CUDA GPU")
+    except RuntimeError as e:
+        print(f"--device {args.device}: {e}", file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
+    batch = args.batch or (FRAMES if on_gpu else cfg["batch"])
     root = args.images or cfg["images"]
     weights = args.weights or default_weights(args.pipeline)
     if not weights.is_file():
@@ -304,26 +317,29 @@ def main(argv=None) -> int:
 
     model = build_model(args.pipeline, weights)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device=device, memory_format=fmt)
     recorder = ConvRecorder(model)
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
-    maps = scalar_maps(cfg["crop"])
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    maps = scalar_maps(cfg["crop"]).to(device)
     stages = {"decode": 0.0, "stimulus": 0.0, "forward": 0.0, "spectrum": 0.0, "write": 0.0}
     snr_sum, snr_count = 0.0, 0
 
     with torch.no_grad():
         for image_id, path in images:
             t0 = time.perf_counter()
-            rgb = prepare(path, cfg["resize"], cfg["crop"])
+            rgb = prepare(path, cfg["resize"], cfg["crop"]).to(device)
             norm = (rgb - mean) / std
+            sync()
             t1 = time.perf_counter()
             stages["decode"] += t1 - t0
             for start in range(0, FRAMES, batch):
                 t1 = time.perf_counter()
                 frames = (norm.unsqueeze(0) * maps[start : start + batch]).contiguous(memory_format=fmt)
+                sync()
                 t2 = time.perf_counter()
                 model(frames)
+                sync()
                 t3 = time.perf_counter()
                 stages["stimulus"] += t2 - t1
                 stages["forward"] += t3 - t2
@@ -355,6 +371,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "batch": batch,
         "channels_last": args.channels_last,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""),
         "frames_per_image": FRAMES,
         "neurons_per_image": sum(a.shape[0] for a in amps.values()),
         "mean_snr_db_overall": snr_sum / max(snr_count, 1),

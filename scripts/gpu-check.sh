@@ -13,7 +13,10 @@
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
 #                                  TRIES adds benchmark runs with other settings and
-#                                  environment variables (ONLY_TRIES=1: those alone).
+#                                  environment variables (ONLY_TRIES=1: those alone);
+#                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
+#                                  and the PyTorch baseline side by side on the packed
+#                                  images (COMPARE_IMAGES=N: the first N of each).
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -114,11 +117,22 @@ check() {
         RUN_ENV=()
         kill "$dm" 2>/dev/null
     }
+    # freqtag and the PyTorch baseline (the machine's python3 with torch) side by side
+    compare() {
+        [ -n "${COMPARE:-}" ] || return 0
+        echo "== 8. side by side with the PyTorch baseline on the GPU (benches/compare.sh)"
+        FREQTAG=$bin PYTHON=$py DEVICE=$dev WORKERS=${QUICK_WORKERS:-16} \
+            PAPER_IMAGES=$G/cifar QUICK_IMAGES=$G/inet PAPER_WEIGHTS=$G/resnet32.th \
+            QUICK_WEIGHTS=$G/mobilenet_v2.pth timeout "${COMPARE_TIMEOUT:-300}" \
+            bash benches/compare.sh ${COMPARE_IMAGES:-}
+        echo "compare: exit $?"
+    }
     if [ -n "${ONLY_TRIES:-}" ]; then
         # a fresh machine's first run takes 20-30 s longer (the driver compiling the kernels'
         # PTX, kept in its cache for later runs): a short run first, so the tries compare
         run warm-up $paper $wp $off $cifar --set source.limit=200 --workers 2 --device $dev
         tries
+        compare
         echo "== done"
         return
     fi
@@ -173,6 +187,7 @@ check() {
         timeout 90 $py benches/cudnn_probe.py 4096
     fi
     tries
+    compare
     echo "== done"
 }
 

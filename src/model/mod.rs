@@ -124,7 +124,7 @@ pub enum ConvRole {
 /// How images are brought to the model's input.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Preprocess {
-    /// Short side resized to this before the centre crop (none when equal to `crop`).
+    /// Short side resized to this before the centre crop (not resampled when it already is).
     pub resize: u32,
     /// Square centre crop = model input side.
     pub crop: u32,

@@ -318,126 +318,161 @@ pub fn prepare_bytes(bytes: &[u8], pre: Preprocess) -> Result<Vec<f32>, String> 
     if w == 0 || h == 0 {
         return Err("empty image".into());
     }
-    let (nw, nh) = if w.min(h) == pre.resize {
-        (w, h)
-    } else if w <= h {
-        (
-            pre.resize,
-            ((h as u64 * pre.resize as u64 + w as u64 / 2) / w as u64).max(1) as u32,
-        )
-    } else {
-        (
-            ((w as u64 * pre.resize as u64 + h as u64 / 2) / h as u64).max(1) as u32,
-            pre.resize,
-        )
-    };
+    let (nw, nh) = resized_size(w, h, pre.resize);
     Ok(resize_crop(&img, nw, nh, pre.crop))
 }
 
-/// The weights of a triangle filter (bilinear with antialiasing) resampling `len` pixels to
-/// `new_len`, for the output pixels `range`: each one's first input pixel and its normalised
-/// weights. The same f32 operations in the same order as the `image` crate's `resize` with
-/// `FilterType::Triangle`, so that the results are its bits.
-fn triangle_weights(len: u32, new_len: u32, range: std::ops::Range<u32>) -> Vec<(u32, Vec<f32>)> {
-    let ratio = len as f32 / new_len as f32;
-    let sratio = if ratio < 1.0 { 1.0 } else { ratio };
-    let support = sratio;
+/// The size of a `w x h` image whose short side is resized to `short`, as torchvision's
+/// `Resize(short)` computes it: the long side scaled and truncated (`int(short * long / s)`).
+fn resized_size(w: u32, h: u32, short: u32) -> (u32, u32) {
+    let scaled = |long: u32, s: u32| ((long as u64 * short as u64) / s as u64).max(1) as u32;
+    if w <= h {
+        (short, scaled(h, w))
+    } else {
+        (scaled(w, h), short)
+    }
+}
+
+/// Where a centre crop of `crop` starts in `len` pixels, as torchvision's `CenterCrop` puts it:
+/// `round((len - crop) / 2)` with Python's rounding (half to even); negative where the image
+/// is smaller than the crop, which torchvision pads with zeros, `(crop - len) // 2` before it.
+fn centre_offset(len: u32, crop: u32) -> i64 {
+    if len >= crop {
+        let d = (len - crop) as i64;
+        let k = d / 2;
+        if d % 2 == 1 && k % 2 == 1 {
+            k + 1
+        } else {
+            k
+        }
+    } else {
+        -(((crop - len) / 2) as i64)
+    }
+}
+
+/// Fixed-point fraction bits of the resampling weights, as Pillow has them (32 - 8 - 2).
+const WEIGHT_BITS: u32 = 22;
+
+/// The weights of Pillow's bilinear resampling (a triangle filter widened by the scale when
+/// shrinking, so antialiased) of `len` pixels to `new_len`, for the output pixels `range`:
+/// each one's first input pixel and its weights in fixed point. Computed as Pillow computes
+/// them (float64 weights normalised to sum 1, then rounded to `WEIGHT_BITS`), so that the
+/// resized pixels are Pillow's to the bit.
+fn bilinear_weights(len: u32, new_len: u32, range: std::ops::Range<u32>) -> Vec<(u32, Vec<i32>)> {
+    let scale = len as f64 / new_len as f64;
+    let widen = scale.max(1.0);
     range
         .map(|o| {
-            let centre = (o as f32 + 0.5) * ratio;
-            let left = ((centre - support).floor() as i64).clamp(0, len as i64 - 1) as u32;
-            let right =
-                ((centre + support).ceil() as i64).clamp(left as i64 + 1, len as i64) as u32;
-            let centre = centre - 0.5;
-            let mut ws: Vec<f32> = (left..right)
+            let centre = (o as f64 + 0.5) * scale;
+            // truncation toward zero, then clamped, as Pillow's C casts do
+            let first = ((centre - widen + 0.5) as i64).max(0);
+            let end = ((centre + widen + 0.5) as i64).min(len as i64);
+            let mut ws: Vec<f64> = (first..end)
                 .map(|i| {
-                    let x = (i as f32 - centre) / sratio;
-                    if x.abs() < 1.0 {
-                        1.0 - x.abs()
+                    let x = ((i as f64 - centre + 0.5) / widen).abs();
+                    if x < 1.0 {
+                        1.0 - x
                     } else {
                         0.0
                     }
                 })
                 .collect();
-            let sum = ws.iter().fold(0.0f32, |s, w| s + w);
-            for w in &mut ws {
-                *w /= sum;
+            let sum = ws.iter().fold(0.0f64, |s, w| s + w);
+            if sum != 0.0 {
+                for w in &mut ws {
+                    *w /= sum;
+                }
             }
-            (left, ws)
+            let one = (1u64 << WEIGHT_BITS) as f64;
+            let fixed = ws
+                .iter()
+                .map(|&w| (w * one + if w < 0.0 { -0.5 } else { 0.5 }) as i32)
+                .collect();
+            (first as u32, fixed)
         })
         .collect()
 }
 
-/// `img` resized to `nw x nh` with a triangle filter, then its centre `crop x crop` (pixels past
-/// a smaller image repeat its last row or column), as RGB in [0,1] `[3, crop, crop]`. Only the
-/// pixels inside the crop are resampled, and only from the input rows and columns they need:
-/// the same values as the `image` crate's `resize` (its two passes, vertical then horizontal,
-/// with its f32 weights, sums, clamping and rounding) followed by the crop, at a fraction of
-/// the work (an ImageNet photo resized to 256 and cropped to 224: about a third).
+/// One resampled value: the fixed-point sum rounded and clamped to a byte, as Pillow does.
+fn to_byte(sum: i64) -> u8 {
+    (sum >> WEIGHT_BITS).clamp(0, 255) as u8
+}
+
+/// `img` resized to `nw x nh` with Pillow's bilinear filter, then its centre `crop x crop` as
+/// torchvision's `CenterCrop` takes it (zeros where the image is smaller than the crop), as
+/// RGB in [0,1] `[3, crop, crop]`: the tensor of torchvision's `Resize` + `CenterCrop` +
+/// `ToTensor` on a PIL image, to the bit. Like Pillow, a horizontal pass into bytes, then a
+/// vertical one; an axis whose size does not change is not resampled. Only the pixels inside
+/// the crop are computed, from the input rows and columns they need (an ImageNet photo resized
+/// to 256 and cropped to 224: about a third of the work of resizing it whole).
 fn resize_crop(img: &image::RgbImage, nw: u32, nh: u32, crop: u32) -> Vec<f32> {
     let (w, h) = img.dimensions();
-    let c = crop;
-    let n = (c * c) as usize;
+    let c = crop as usize;
+    let n = c * c;
     let mut out = vec![0f32; 3 * n];
-    let (x0, y0) = ((nw.saturating_sub(c)) / 2, (nh.saturating_sub(c)) / 2);
-    // the resized rows and columns the crop reads
-    let (x1, y1) = ((x0 + c).min(nw), (y0 + c).min(nh));
-    let px = img.as_raw();
-    // (resized pixel's row, column) -> 3 values, for the crop's rows and columns only
-    let resized: Vec<[u8; 3]> = if (nw, nh) == (w, h) {
-        (y0..y1)
-            .flat_map(|y| (x0..x1).map(move |x| (y, x)))
-            .map(|(y, x)| {
-                let i = 3 * (y as usize * w as usize + x as usize);
-                [px[i], px[i + 1], px[i + 2]]
-            })
-            .collect()
-    } else {
-        let cols = triangle_weights(w, nw, x0..x1);
-        let rows = triangle_weights(h, nh, y0..y1);
-        // the input columns the crop's columns read
-        let lo = cols.iter().map(|(l, _)| *l).min().unwrap_or(0);
-        let hi = cols
-            .iter()
-            .map(|(l, ws)| l + ws.len() as u32)
-            .max()
-            .unwrap_or(0);
-        let span = (hi - lo) as usize;
-        // vertical pass: f32 sums of u8 inputs, per resized row and input column
-        let mut tmp = vec![0f32; rows.len() * span * 3];
-        for ((top, ws), t) in rows.iter().zip(tmp.chunks_exact_mut(span * 3)) {
-            for (k, wt) in ws.iter().enumerate() {
-                let row = &px[3 * ((*top as usize + k) * w as usize + lo as usize)..][..span * 3];
-                for (t, p) in t.iter_mut().zip(row) {
-                    *t += *p as f32 * wt;
-                }
-            }
+    let (left, top) = (centre_offset(nw, crop), centre_offset(nh, crop));
+    // the resized columns and rows inside the crop
+    let cols = left.max(0) as u32..(left + crop as i64).min(nw as i64) as u32;
+    let rows = top.max(0) as u32..(top + crop as i64).min(nh as i64) as u32;
+    let across = (nw != w).then(|| bilinear_weights(w, nw, cols.clone()));
+    let down = (nh != h).then(|| bilinear_weights(h, nh, rows.clone()));
+    // the input rows the vertical pass reads
+    let needed = match &down {
+        None => rows.clone(),
+        Some(ws) => {
+            let lo = ws.iter().map(|(f, _)| *f).min().unwrap_or(0);
+            let hi = ws
+                .iter()
+                .map(|(f, k)| f + k.len() as u32)
+                .max()
+                .unwrap_or(0);
+            lo..hi
         }
-        // horizontal pass, clamped and rounded to u8 as the `image` crate does
-        let mut res = Vec::with_capacity(rows.len() * cols.len());
-        for t in tmp.chunks_exact(span * 3) {
-            for (left, ws) in &cols {
-                let mut s = [0f32; 3];
-                for (k, wt) in ws.iter().enumerate() {
-                    let p = &t[3 * (*left - lo) as usize + 3 * k..][..3];
+    };
+    let px = img.as_raw();
+    let span = cols.len();
+    // horizontal pass: the crop's columns of every needed row, in bytes
+    let mut wide: Vec<[u8; 3]> = Vec::with_capacity(needed.len() * span);
+    for y in needed.clone() {
+        let row = &px[3 * y as usize * w as usize..][..3 * w as usize];
+        match &across {
+            None => wide.extend(cols.clone().map(|x| {
+                let i = 3 * x as usize;
+                [row[i], row[i + 1], row[i + 2]]
+            })),
+            Some(ws) => wide.extend(ws.iter().map(|(first, ks)| {
+                let mut s = [1i64 << (WEIGHT_BITS - 1); 3];
+                for (k, p) in ks.iter().zip(row[3 * *first as usize..].chunks_exact(3)) {
                     for (s, p) in s.iter_mut().zip(p) {
-                        *s += p * wt;
+                        *s += *p as i64 * *k as i64;
                     }
                 }
-                res.push(s.map(|v| v.clamp(0.0, 255.0).round() as u8));
-            }
+                s.map(to_byte)
+            })),
         }
-        res
-    };
-    let rw = (x1 - x0) as usize;
-    for y in 0..c {
-        let ry = ((y0 + y).min(nh - 1) - y0) as usize;
-        for x in 0..c {
-            let rx = ((x0 + x).min(nw - 1) - x0) as usize;
-            let p = resized[ry * rw + rx];
-            let i = (y * c + x) as usize;
-            for ch in 0..3 {
-                out[ch * n + i] = p[ch] as f32 / 255.0;
+    }
+    // vertical pass, into the crop
+    for (r, y) in rows.clone().enumerate() {
+        let oy = (y as i64 - top) as usize;
+        for j in 0..span {
+            let p = match &down {
+                None => wide[(y - needed.start) as usize * span + j],
+                Some(ws) => {
+                    let (first, ks) = &ws[r];
+                    let mut s = [1i64 << (WEIGHT_BITS - 1); 3];
+                    for (i, k) in ks.iter().enumerate() {
+                        let q = wide[(first + i as u32 - needed.start) as usize * span + j];
+                        for (s, q) in s.iter_mut().zip(q) {
+                            *s += q as i64 * *k as i64;
+                        }
+                    }
+                    s.map(to_byte)
+                }
+            };
+            let ox = (cols.start as i64 + j as i64 - left) as usize;
+            let i = oy * c + ox;
+            for (ch, v) in p.iter().enumerate() {
+                out[ch * n + i] = *v as f32 / 255.0;
             }
         }
     }
@@ -448,69 +483,27 @@ fn resize_crop(img: &image::RgbImage, nw: u32, nh: u32, crop: u32) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// The crop-aware resize gives the bits of the `image` crate's triangle `resize` followed by
-    /// the centre crop (the way it was done before), on random pixels: down- and upsampling,
-    /// portrait and landscape, odd sizes, single rows and columns, no resize at all, and crops
-    /// larger than the resized image.
+    /// Sizes and crop offsets as torchvision computes them: the long side truncated, the crop
+    /// centred with Python's half-to-even rounding, negative (zero padding) where the image is
+    /// smaller than the crop. The pixels themselves are checked against Pillow in the
+    /// integration tests (`preprocessing_gives_torchvision_s_tensors`).
     #[test]
-    fn resize_crop_gives_the_image_crate_bits() {
-        fn reference(img: &image::RgbImage, nw: u32, nh: u32, c: u32) -> Vec<f32> {
-            let img = if (nw, nh) == img.dimensions() {
-                img.clone()
-            } else {
-                image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle)
-            };
-            let (w, h) = img.dimensions();
-            let (x0, y0) = ((w.saturating_sub(c)) / 2, (h.saturating_sub(c)) / 2);
-            let n = (c * c) as usize;
-            let mut out = vec![0f32; 3 * n];
-            for y in 0..c {
-                for x in 0..c {
-                    let p = img.get_pixel((x0 + x).min(w - 1), (y0 + y).min(h - 1)).0;
-                    for ch in 0..3 {
-                        out[ch * n + (y * c + x) as usize] = p[ch] as f32 / 255.0;
-                    }
-                }
-            }
-            out
-        }
-        let mut seed = 11u64;
-        let cases: [(u32, u32, u32, u32, u32); 14] = [
-            // (w, h, nw, nh, crop)
-            (500, 375, 341, 256, 224),
-            (375, 500, 256, 341, 224),
-            (640, 427, 384, 256, 224),
-            (512, 512, 256, 256, 224),
-            (256, 300, 256, 300, 224),
-            (100, 80, 320, 256, 224),
-            (33, 31, 36, 34, 32),
-            (1, 1, 256, 256, 224),
-            (1, 300, 256, 76800, 224),
-            (300, 1, 76800, 256, 224),
-            (32, 32, 32, 32, 32),
-            (40, 30, 34, 25, 32),
-            (301, 257, 299, 256, 300),
-            (7, 5, 3, 2, 4),
-        ];
-        for (w, h, nw, nh, c) in cases {
-            let img = image::RgbImage::from_fn(w, h, |_, _| {
-                let mut b = [0u8; 3];
-                for v in &mut b {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    *v = (seed >> 56) as u8;
-                }
-                image::Rgb(b)
-            });
-            let got = resize_crop(&img, nw, nh, c);
-            let want = reference(&img, nw, nh, c);
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{w}x{h} -> {nw}x{nh}, crop {c}");
-        }
+    fn sizes_and_crops_follow_torchvision() {
+        // int(256 * 500 / 375) = 341; int(32 * 64 / 41) = 49 (rounding would give 50)
+        assert_eq!(resized_size(500, 375, 256), (341, 256));
+        assert_eq!(resized_size(375, 500, 256), (256, 341));
+        assert_eq!(resized_size(41, 64, 32), (32, 49));
+        assert_eq!(resized_size(256, 256, 256), (256, 256));
+        assert_eq!(resized_size(1, 1000, 2), (2, 2000));
+        // round(117 / 2) = 58, round(3 / 2) = 2, round(5 / 2) = 2, round(7 / 2) = 4
+        assert_eq!(centre_offset(341, 224), 58);
+        assert_eq!(centre_offset(49, 46), 2);
+        assert_eq!(centre_offset(51, 46), 2);
+        assert_eq!(centre_offset(53, 46), 4);
+        assert_eq!(centre_offset(224, 224), 0);
+        // smaller than the crop: (46 - 32) // 2 = 7 columns of zeros before it
+        assert_eq!(centre_offset(32, 46), -7);
+        assert_eq!(centre_offset(33, 46), -6);
     }
 
     #[test]

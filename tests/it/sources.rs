@@ -89,3 +89,67 @@ fn list_tar_and_parquet_sources_equal_the_folder() {
         "{reasons}"
     );
 }
+
+/// Images prepared for the network are torchvision's tensors to the bit, on random pixels:
+/// `Resize` (Pillow's bilinear) then `CenterCrop`, as `tests/python/torchvision_preprocess.py`
+/// computes them with Pillow. Shrinking and enlarging, portrait and landscape, a long side that
+/// truncation and rounding size differently, crop offsets where half-to-even rounding and
+/// flooring differ, an image whose short side needs no resize, and crops larger than the image
+/// (zero padding). PNG files, so that both sides read the same pixels: JPEGs decode a little
+/// differently in freqtag's decoder and Pillow's (README, "Inputs").
+#[test]
+fn preprocessing_gives_torchvision_s_tensors() {
+    use freqtag::model::Preprocess;
+    let dir = tmp();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 56) as u8
+    };
+    // (width, height, short side, crop)
+    let cases = [
+        (97, 73, 64, 56),
+        (73, 97, 64, 56),
+        (23, 31, 64, 56),
+        (64, 80, 64, 56),
+        (41, 64, 32, 46),
+        (50, 30, 32, 40),
+        (300, 7, 16, 12),
+        (32, 32, 32, 32),
+    ];
+    for (w, h, short, crop) in cases {
+        let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb([next(), next(), next()]));
+        let png = dir.path().join(format!("{w}x{h}.png"));
+        img.save(&png).unwrap();
+        let pre = Preprocess {
+            resize: short,
+            crop,
+            ..freqtag::model::Arch::MobileNetV2.preprocess()
+        };
+        let ours = freqtag::source::prepare_bytes(&std::fs::read(&png).unwrap(), pre).unwrap();
+        let out = dir.path().join(format!("{w}x{h}.bytes"));
+        let (s, c) = (short.to_string(), crop.to_string());
+        run_python(
+            "python/torchvision_preprocess.py",
+            &[
+                &png.display().to_string(),
+                &s,
+                &c,
+                &out.display().to_string(),
+            ],
+        );
+        let theirs = std::fs::read(&out).unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{w}x{h}");
+        let differ = ours
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| **a != **b as f32 / 255.0)
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{w}x{h} -> {short}, crop {crop}: {differ} values differ"
+        );
+    }
+}
