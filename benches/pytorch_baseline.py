@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,8 +174,6 @@ def list_images(root: Path, limit: int | None) -> list[tuple[str, Path]]:
 def prepare(path: Path, resize: int, crop: int) -> torch.Tensor:
     """RGB in [0,1] as [3, crop, crop]: torchvision's standard transforms on the PIL image,
     Resize(resize) (bilinear, Pillow's), CenterCrop(crop), ToTensor."""
-    import torchvision.transforms as T
-
     img = Image.open(path).convert("RGB")
     resize_crop = T.Compose(
         [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(crop), T.ToTensor()]

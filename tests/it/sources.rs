@@ -95,8 +95,9 @@ fn list_tar_and_parquet_sources_equal_the_folder() {
 /// computes them with Pillow. Shrinking and enlarging, portrait and landscape, a long side that
 /// truncation and rounding size differently, crop offsets where half-to-even rounding and
 /// flooring differ, an image whose short side needs no resize, and crops larger than the image
-/// (zero padding). PNG files, so that both sides read the same pixels: JPEGs decode a little
-/// differently in freqtag's decoder and Pillow's (README, "Inputs").
+/// (zero padding). Each as a PNG and as a JPEG (the `image` crate's encoder, quality 90), and
+/// a photo that ships in `data/photos` (a 4:2:0 JPEG): JPEGs decode through libjpeg-turbo's
+/// code as in Pillow, where the `image` crate's decoder differs by a few levels.
 #[test]
 fn preprocessing_gives_torchvision_s_tensors() {
     use freqtag::model::Preprocess;
@@ -119,29 +120,34 @@ fn preprocessing_gives_torchvision_s_tensors() {
         (300, 7, 16, 12),
         (32, 32, 32, 32),
     ];
+    let mut files = Vec::new();
     for (w, h, short, crop) in cases {
         let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb([next(), next(), next()]));
         let png = dir.path().join(format!("{w}x{h}.png"));
         img.save(&png).unwrap();
+        let jpg = dir.path().join(format!("{w}x{h}.jpg"));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+            .encode_image(&img)
+            .unwrap();
+        std::fs::write(&jpg, bytes).unwrap();
+        files.extend([(png, short, crop), (jpg, short, crop)]);
+    }
+    files.push((root().join("data/photos/mpl_grace_hopper.jpg"), 256, 224));
+    for (file, short, crop) in files {
         let pre = Preprocess {
             resize: short,
             crop,
             ..freqtag::model::Arch::MobileNetV2.preprocess()
         };
-        let ours = freqtag::source::prepare_bytes(&std::fs::read(&png).unwrap(), pre).unwrap();
-        let out = dir.path().join(format!("{w}x{h}.bytes"));
+        let ours = freqtag::source::prepare_bytes(&std::fs::read(&file).unwrap(), pre).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let out = dir.path().join(format!("{name}.bytes"));
         let (s, c) = (short.to_string(), crop.to_string());
-        run_python(
-            "python/torchvision_preprocess.py",
-            &[
-                &png.display().to_string(),
-                &s,
-                &c,
-                &out.display().to_string(),
-            ],
-        );
+        let (f, o) = (file.display().to_string(), out.display().to_string());
+        run_python("python/torchvision_preprocess.py", &[&f, &s, &c, &o]);
         let theirs = std::fs::read(&out).unwrap();
-        assert_eq!(ours.len(), theirs.len(), "{w}x{h}");
+        assert_eq!(ours.len(), theirs.len(), "{name}");
         let differ = ours
             .iter()
             .zip(&theirs)
@@ -149,7 +155,7 @@ fn preprocessing_gives_torchvision_s_tensors() {
             .count();
         assert_eq!(
             differ, 0,
-            "{w}x{h} -> {short}, crop {crop}: {differ} values differ"
+            "{name} -> {short}, crop {crop}: {differ} values differ"
         );
     }
 }
