@@ -410,6 +410,8 @@ const WEIGHT_BITS: u32 = 22;
 fn bilinear_weights(len: u32, new_len: u32, range: std::ops::Range<u32>) -> Vec<(u32, Vec<i32>)> {
     let scale = len as f64 / new_len as f64;
     let widen = scale.max(1.0);
+    // Pillow multiplies by the reciprocal, which can round apart from dividing
+    let narrow = 1.0 / widen;
     range
         .map(|o| {
             let centre = (o as f64 + 0.5) * scale;
@@ -418,7 +420,7 @@ fn bilinear_weights(len: u32, new_len: u32, range: std::ops::Range<u32>) -> Vec<
             let end = ((centre + widen + 0.5) as i64).min(len as i64);
             let mut ws: Vec<f64> = (first..end)
                 .map(|i| {
-                    let x = ((i as f64 - centre + 0.5) / widen).abs();
+                    let x = ((i as f64 - centre + 0.5) * narrow).abs();
                     if x < 1.0 {
                         1.0 - x
                     } else {

@@ -95,7 +95,7 @@ fn list_tar_and_parquet_sources_equal_the_folder() {
 /// computes them with Pillow. Shrinking and enlarging, portrait and landscape, a long side that
 /// truncation and rounding size differently, crop offsets where half-to-even rounding and
 /// flooring differ, an image whose short side needs no resize, and crops larger than the image
-/// (zero padding). Each as a PNG and as a JPEG (the `image` crate's encoder, quality 90), and
+/// (zero padding), and 24 random shapes. Each as a PNG (the random ones) and as a JPEG (the `image` crate's encoder, quality 90), and
 /// a photo that ships in `data/photos` (a 4:2:0 JPEG): JPEGs decode through libjpeg-turbo's
 /// code as in Pillow, where the `image` crate's decoder differs by a few levels.
 #[test]
@@ -132,6 +132,16 @@ fn preprocessing_gives_torchvision_s_tensors() {
             .unwrap();
         std::fs::write(&jpg, bytes).unwrap();
         files.extend([(png, short, crop), (jpg, short, crop)]);
+    }
+    // and 24 random shapes, short sides and crops (PNG)
+    for _ in 0..24 {
+        let mut pick = |lo: u32, span: u32| lo + (next() as u32 * 256 + next() as u32) % span;
+        let (w, h, short) = (pick(3, 200), pick(3, 200), pick(4, 96));
+        let crop = pick(2, short + 12);
+        let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb([next(), next(), next()]));
+        let png = dir.path().join(format!("r{w}x{h}-{short}-{crop}.png"));
+        img.save(&png).unwrap();
+        files.push((png, short, crop));
     }
     files.push((root().join("data/photos/mpl_grace_hopper.jpg"), 256, 224));
     for (file, short, crop) in files {

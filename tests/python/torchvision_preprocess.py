@@ -6,7 +6,8 @@ torchvision itself is not in the test environment; its two formulas are reproduc
 its source (torchvision.transforms.functional): the long side is `int(short * long / s)`, and
 the crop starts at `int(round((size - crop) / 2.0))`, Python's rounding, after padding an image
 smaller than the crop with zeros, `(crop - size) // 2` before it. The resampling is Pillow's
-own `Image.resize(..., BILINEAR)`, the component torchvision calls.
+own `Image.resize(..., BILINEAR)`, the component torchvision calls (the test venv pins Pillow
+12.3; 13.0 orders its two passes differently for some shapes, README "Inputs").
 
     python torchvision_preprocess.py IMAGE SHORT CROP OUT
 """
