@@ -277,8 +277,9 @@ pub fn prepare(loc: &Locator, pre: Preprocess) -> Result<Vec<f32>, String> {
     prepare_bytes(&loc.read()?, pre)
 }
 
-/// Decodes `bytes` and applies `pre`: short side resized to `pre.resize` (triangle filter, as
-/// bilinear with antialiasing), centre crop `pre.crop`; returns RGB in [0,1] as `[3, crop, crop]`.
+/// Decodes `bytes` (JPEGs through libjpeg-turbo's code, see `decode_jpeg`) and applies `pre`
+/// as torchvision's `Resize(pre.resize)` + `CenterCrop(pre.crop)` + `ToTensor` do on a PIL image
+/// (see `resize_crop`); returns RGB in [0,1] as `[3, crop, crop]`.
 pub fn prepare_bytes(bytes: &[u8], pre: Preprocess) -> Result<Vec<f32>, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
