@@ -50,13 +50,13 @@ export LIBRARY_PATH=$LINK${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="-L native=$LINK ${RUSTFLAGS:-}"
 # freqtag's own kernels are CUDA C that NVRTC compiles on the GPU machine at run time: compile
 # them here first with nvcc, so that an error in them shows now, not in the GPU's few minutes
-python3 - src/model/cuda_ops.rs "$LINK/kernels.cu" <<'PY'
+python3 - src/model/gpu_kernels.rs "$LINK/kernels.cu" <<'PY'
 import sys
 s = open(sys.argv[1]).read()
-start = s.index('r#"', s.index("const KERNELS")) + 3
+start = s.index('r#"', s.index("const SOURCE")) + 3
 open(sys.argv[2], "w").write(s[start:s.index('"#', start)])
 PY
 nvcc -ptx -arch="sm_$CUDA_COMPUTE_CAP" -o "$LINK/kernels.ptx" "$LINK/kernels.cu" ||
-    { echo "build-cuda: freqtag's GPU kernels (src/model/cuda_ops.rs, KERNELS) do not compile" >&2; exit 1; }
+    { echo "build-cuda: freqtag's GPU kernels (src/model/gpu_kernels.rs, SOURCE) do not compile" >&2; exit 1; }
 cargo build --release --features "${FREQTAG_FEATURES:-cudnn}" --target-dir target/cuda "$@"
 echo "build-cuda: target/cuda/release/freqtag (compute capability $CUDA_COMPUTE_CAP)" >&2

@@ -12,6 +12,9 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
+#                                  SWITCHES (default FREQTAG_GPU_FUSED_MEAN=1; "" for none) are
+#                                  environment settings under test, each checked against the
+#                                  CPU's outputs and benchmarked beside the defaults;
 #                                  TRIES adds benchmark runs with other settings and
 #                                  environment variables (ONLY_TRIES=1: those alone);
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
@@ -164,10 +167,30 @@ check() {
     done
     kill "$dmon" 2>/dev/null
 
+    echo "== 2b. switches under test (SWITCHES), each against the defaults above"
+    # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
+    local sw
+    for sw in ${SWITCHES-FREQTAG_GPU_FUSED_MEAN=1}; do
+        local tag=${sw%%=*}; tag=${tag#FREQTAG_}; tag=${tag#GPU_}; tag=$(echo "$tag" | tr 'A-Z_' 'a-z-')
+        RUN_ENV=("$sw")
+        run "paper-gpu-$tag" $paper $wp --workers 2 --device $dev && err paper-cpu "paper-gpu-$tag" 1e-4
+        run "quick-gpu-$tag" $quick $wq --workers 2 --device $dev && err quick-cpu "quick-gpu-$tag" 1e-4
+        run "bench-paper-gpu-$tag" $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
+        run "bench-quick-gpu-$tag" $quick $wq $off $inet $nq --workers "${QUICK_WORKERS:-8}" --device $dev
+        run "bench-paper-gpu-f16-$tag" $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev --set model.dtype=f16
+        RUN_ENV=()
+    done
+
     echo "== 3. where the GPU time goes (FREQTAG_GPU_PROFILE, one worker)"
     export FREQTAG_GPU_PROFILE=1 LOG_LEVEL=warn,freqtag::model::cuda_ops=debug
     run profile-paper $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
     run profile-quick $quick $wq $off $inet --set source.limit=40 --workers 1 --device $dev
+    for sw in ${SWITCHES-FREQTAG_GPU_FUSED_MEAN=1}; do
+        local tag=${sw%%=*}; tag=${tag#FREQTAG_}; tag=${tag#GPU_}; tag=$(echo "$tag" | tr 'A-Z_' 'a-z-')
+        RUN_ENV=("$sw")
+        run "profile-paper-$tag" $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
+        RUN_ENV=()
+    done
     unset FREQTAG_GPU_PROFILE LOG_LEVEL
 
     echo "== 4. half precision against f32 on the GPU"

@@ -8,6 +8,8 @@ mod bad_input;
 mod cluster;
 #[path = "it/common.rs"]
 mod common;
+#[path = "it/gpu_kernels.rs"]
+mod gpu_kernels;
 #[path = "it/models.rs"]
 mod models;
 #[path = "it/pipeline.rs"]

@@ -1,6 +1,6 @@
 //! freqtag's own GPU operations on channels-last activations, where candle's ops cost several
 //! passes over memory (built with the `cuda` feature; cuDNN with `cudnn`). Kernels are CUDA C in
-//! [`KERNELS`], compiled once per process with NVRTC, for f32, f16 and bf16 (computing in f32):
+//! [`super::gpu_kernels::SOURCE`], compiled once per process with NVRTC, for f32, f16 and bf16 (computing in f32):
 //!
 //! - [`ScaleShiftAct`]: batch norm as `x * scale + shift`, an optional residual added, then the
 //!   activation, in one pass (candle: a broadcast multiply, a broadcast add, the add and the
@@ -32,6 +32,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout};
 use candle_core::{Result, Shape};
 
+use super::gpu_kernels::{Launch, SOURCE};
 use super::layers::Act;
 
 /// Whether the fused GPU operations are on (`FREQTAG_NO_FUSED_GPU` unset or `0`).
@@ -40,110 +41,12 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("FREQTAG_NO_FUSED_GPU").is_none_or(|v| v == "0"))
 }
 
-const KERNELS: &str = r#"
-// f16 and bf16 as 16-bit words, converted with PTX and bit operations: NVRTC gets no headers
-struct h16 { unsigned short v; };
-struct b16 { unsigned short v; };
-__device__ __forceinline__ float ld(const float* p, unsigned long long i) { return p[i]; }
-__device__ __forceinline__ float ld(const h16* p, unsigned long long i) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].v)); return f;
-}
-__device__ __forceinline__ float ld(const b16* p, unsigned long long i) {
-    return __uint_as_float(((unsigned int)p[i].v) << 16);
-}
-__device__ __forceinline__ void st(float* p, unsigned long long i, float f) { p[i] = f; }
-__device__ __forceinline__ void st(h16* p, unsigned long long i, float f) {
-    unsigned short u; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f)); p[i].v = u;
-}
-__device__ __forceinline__ void st(b16* p, unsigned long long i, float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i].v = 0x7fc0; return; }
-    u += 0x7fffu + ((u >> 16) & 1u);   // round to nearest, ties to even
-    p[i].v = (unsigned short)(u >> 16);
-}
-
-// y = act(x * scale + shift [+ r]), channels last: ss holds c scales then c shifts
-template <typename T>
-__device__ void scale_shift_act(const T* x, const float* ss, const T* r, T* y,
-                                unsigned long long n, unsigned int c, int act) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
-    for (; i < n; i += step) {
-        // 32-bit remainder where the index fits: 64-bit division is emulated
-        unsigned int ch = n <= 0xffffffffULL ? (unsigned int)i % c : (unsigned int)(i % c);
-        float v = __fadd_rn(__fmul_rn(ld(x, i), ss[ch]), ss[c + ch]);
-        if (r != 0) v = __fadd_rn(v, ld(r, i));
-        if (act == 1) v = fmaxf(v, 0.0f);
-        else if (act == 2) v = fminf(fmaxf(v, 0.0f), 6.0f);
-        st(y, i, v);
-    }
-}
-
-// depthwise k x k, channels last: x [b, h, w, c], weight [c, k, k] (f32), y [b, ho, wo, c];
-// every index fits 32 bits (the host checks)
-template <typename T>
-__device__ void depthwise(const T* x, const float* wt, T* y, unsigned int b, unsigned int h,
-                          unsigned int w, unsigned int c, unsigned int ho, unsigned int wo,
-                          unsigned int k, unsigned int s, unsigned int p) {
-    unsigned int n = b * ho * wo * c;
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        unsigned int ch = i % c, pix = i / c;
-        unsigned int ox = pix % wo, t = pix / wo;
-        unsigned int oy = t % ho, bi = t / ho;
-        float acc = 0.0f;
-        for (unsigned int ky = 0; ky < k; ++ky) {
-            int iy = (int)(oy * s + ky) - (int)p;
-            if (iy < 0 || iy >= (int)h) continue;
-            for (unsigned int kx = 0; kx < k; ++kx) {
-                int ix = (int)(ox * s + kx) - (int)p;
-                if (ix < 0 || ix >= (int)w) continue;
-                acc = fmaf(ld(x, ((bi * h + (unsigned int)iy) * w + (unsigned int)ix) * c + ch),
-                           wt[(ch * k + ky) * k + kx], acc);
-            }
-        }
-        st(y, i, acc);
-    }
-}
-
-// mean over the hw pixels of x [b, hw, c] -> y [b, c] in f32, summed in f64 in a fixed order;
-// block (32 channels, 8 pixel lanes), grid (c / 32 rounded up, b)
-template <typename T>
-__device__ void spatial_mean(const T* x, float* y, unsigned int hw, unsigned int c) {
-    __shared__ double part[8][33];
-    unsigned int cl = threadIdx.x, g = threadIdx.y, ch = blockIdx.x * 32 + cl;
-    unsigned long long base = (unsigned long long)blockIdx.y * hw * c;
-    double sum = 0.0;
-    if (ch < c) {
-        for (unsigned int q = g; q < hw; q += 8) sum += (double)ld(x, base + (unsigned long long)q * c + ch);
-    }
-    part[g][cl] = sum;
-    __syncthreads();
-    if (g == 0 && ch < c) {
-        double t = 0.0;
-        for (int j = 0; j < 8; ++j) t += part[j][cl];
-        y[(unsigned long long)blockIdx.y * c + ch] = (float)(t / (double)hw);
-    }
-}
-
-#define INSTANCES(T, NAME) \
-extern "C" __global__ void scale_shift_act_##NAME(const T* x, const float* ss, const T* r, T* y, \
-        unsigned long long n, unsigned int c, int act) { scale_shift_act(x, ss, r, y, n, c, act); } \
-extern "C" __global__ void depthwise_##NAME(const T* x, const float* wt, T* y, unsigned int b, \
-        unsigned int h, unsigned int w, unsigned int c, unsigned int ho, unsigned int wo, \
-        unsigned int k, unsigned int s, unsigned int p) { depthwise(x, wt, y, b, h, w, c, ho, wo, k, s, p); } \
-extern "C" __global__ void spatial_mean_##NAME(const T* x, float* y, unsigned int hw, unsigned int c) { \
-        spatial_mean(x, y, hw, c); }
-INSTANCES(float, f32)
-INSTANCES(h16, f16)
-INSTANCES(b16, bf16)
-"#;
-
-/// The PTX of [`KERNELS`], compiled once per process.
+/// The PTX of [`SOURCE`], compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
     PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(KERNELS)
+        cudarc::nvrtc::compile_ptx(SOURCE)
             .map(|p| p.to_src())
             .map_err(|e| format!("compiling freqtag's GPU kernels with NVRTC: {e:?}"))
     })
@@ -152,7 +55,7 @@ fn ptx() -> Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-/// Kernel `{name}_{dtype}` of [`KERNELS`] on `dev`, and the stream to launch it on.
+/// Kernel `{name}_{dtype}` of [`SOURCE`] on `dev`, and the stream to launch it on.
 fn kernel(dev: &CudaDevice, name: &str, dt: DType) -> Result<(CudaFunction, Arc<CudaStream>)> {
     let suffix = match dt {
         DType::F32 => "f32",
@@ -164,14 +67,18 @@ fn kernel(dev: &CudaDevice, name: &str, dt: DType) -> Result<(CudaFunction, Arc<
     Ok((f.into_cuda_function(), dev.cuda_stream()))
 }
 
-/// One thread per element, at most 32 blocks of 256 per multiprocessor (grid-stride loops).
-fn flat(n: usize) -> LaunchConfig {
-    let threads = 256u32;
+/// A launch of [`super::gpu_kernels`]' shapes, without dynamic shared memory.
+fn config(l: Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: l.grid,
+        block_dim: l.block,
         shared_mem_bytes: 0,
     }
+}
+
+/// One thread per element ([`super::gpu_kernels::flat`]).
+fn flat(n: usize) -> LaunchConfig {
+    config(super::gpu_kernels::flat(n))
 }
 
 fn launched(r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
@@ -431,11 +338,7 @@ impl candle_core::CustomOp1 for SpatialMean {
         }
         let (func, stream) = kernel(&dev, "spatial_mean", x.dtype())?;
         let (hw, c32) = ((h * w) as u32, c as u32);
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(32) as u32, b as u32, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(super::gpu_kernels::spatial_mean(b, c));
         // SAFETY: every element of `y` is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<f32>(b * c)? };
         by_dtype!(x.dtype(), T => {
@@ -446,6 +349,136 @@ impl candle_core::CustomOp1 for SpatialMean {
             launched(unsafe { bld.launch(cfg) }.map(|_| ()))?;
         });
         Ok((f32::wrap_cuda_slice(y, dev), Shape::from((b, c))))
+    }
+}
+
+/// Whether batch norm also takes the spatial mean of its input where a tap records it
+/// ([`ScaleShiftActMean`]; `FREQTAG_GPU_FUSED_MEAN=1`). Off by default until measured on a GPU:
+/// the kernel is tested on the CPU (`gpu_kernels_on_the_cpu`), the rest of the op is not.
+pub fn fused_mean() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        enabled() && std::env::var_os("FREQTAG_GPU_FUSED_MEAN").is_some_and(|v| v != "0")
+    })
+}
+
+/// [`ScaleShiftAct`] and [`SpatialMean`] of its input in one pass: for a convolution whose output
+/// a tap records and batch norm reads next, that output is read once instead of twice.
+/// `x.apply_op3_no_bwd(&scale_shift, &r, op)` gives batch norm's output, as [`ScaleShiftAct`]
+/// does (pass `scale_shift` again as `r` when there is no residual, with `residual` false); the
+/// mean `[B, C]` (f32) is then [`ScaleShiftActMean::take_mean`].
+pub struct ScaleShiftActMean {
+    pub act: Act,
+    pub residual: bool,
+    mean: RefCell<Option<(CudaStorage, Shape)>>,
+}
+
+impl ScaleShiftActMean {
+    /// The op for `act`, with a residual or not.
+    pub fn new(act: Act, residual: bool) -> Self {
+        ScaleShiftActMean {
+            act,
+            residual,
+            mean: RefCell::new(None),
+        }
+    }
+
+    /// The spatial mean the op's last run took.
+    pub fn take_mean(&self) -> Result<candle_core::Tensor> {
+        let Some((storage, shape)) = self.mean.borrow_mut().take() else {
+            candle_core::bail!("scale-shift-act-mean: no mean taken (the op has not run)")
+        };
+        Ok(candle_core::Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+impl CustomOp3 for ScaleShiftActMean {
+    fn name(&self) -> &'static str {
+        "scale-shift-act-mean"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("scale-shift-act-mean: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let shape = xl.shape().clone();
+        let (b, h, w, c) = shape.dims4()?;
+        if b > 65_535 {
+            candle_core::bail!("scale-shift-act-mean: {b} frames in one pass, at most 65 535")
+        }
+        if sl.shape().elem_count() != 2 * c {
+            candle_core::bail!(
+                "scale-shift-act-mean: {c} channels but {:?} scale and shift",
+                sl.shape()
+            )
+        }
+        if self.residual && rl.shape() != &shape {
+            candle_core::bail!(
+                "scale-shift-act-mean: residual {:?} for {:?}",
+                rl.shape(),
+                shape
+            )
+        }
+        let sss = ss
+            .as_cuda_slice::<f32>()?
+            .slice(start(sl, "scale-shift-act-mean")?..);
+        let (func, stream) = kernel(&dev, "scale_shift_act_mean", x.dtype())?;
+        let act: i32 = match self.act {
+            Act::Identity => 0,
+            Act::Relu => 1,
+            Act::Relu6 => 2,
+        };
+        let (hw, c32) = ((h * w) as u32, c as u32);
+        let null: u64 = 0;
+        let cfg = config(super::gpu_kernels::scale_shift_act_mean(b, c));
+        // SAFETY: every element of `mean` is written by the kernel before it is read.
+        let mut mean = unsafe { dev.alloc::<f32>(b * c)? };
+        let y = by_dtype!(x.dtype(), T => {
+            let xs = x.as_cuda_slice::<T>()?.slice(start(xl, "scale-shift-act-mean")?..);
+            let rs = if self.residual {
+                Some(r.as_cuda_slice::<T>()?.slice(start(rl, "residual")?..))
+            } else {
+                None
+            };
+            // SAFETY: every element of `y` is written by the kernel before it is read.
+            let mut y = unsafe { dev.alloc::<T>(shape.elem_count())? };
+            let mut bld = stream.launch_builder(&func);
+            bld.arg(&xs).arg(&sss);
+            match &rs {
+                Some(rs) => bld.arg(rs),
+                None => bld.arg(&null),
+            };
+            bld.arg(&mut y).arg(&mut mean).arg(&hw).arg(&c32).arg(&act);
+            // SAFETY: the arguments match the kernel; x, r and y hold b*hw*c elements, ss 2c,
+            // mean b*c; the launch shape is the one the kernel is written for.
+            launched(unsafe { bld.launch(cfg) }.map(|_| ()))?;
+            T::wrap_cuda_slice(y, dev.clone())
+        });
+        *self.mean.borrow_mut() = Some((f32::wrap_cuda_slice(mean, dev), Shape::from((b, c))));
+        Ok((y, shape))
     }
 }
 

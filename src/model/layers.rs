@@ -260,6 +260,11 @@ impl Conv {
                 }
             }
         }
+        #[cfg(feature = "cuda")]
+        if mean && super::cuda_ops::fused_mean() && bn.fused.is_some() && x.device().is_cuda() {
+            let (y, m) = bn.forward_act_mean(&self.forward(x)?, residual, act)?;
+            return Ok((y, Some(m)));
+        }
         let (y, m) = if mean {
             let (y, m) = self.forward_mean(x)?;
             let m = match m {
@@ -1485,6 +1490,29 @@ impl BatchNorm {
             });
         }
         act.on_tensor((self.forward(x)? + residual)?)
+    }
+
+    /// On a CUDA device with the fused kernels: `act(bn(x) [+ residual])` and the spatial mean
+    /// `[B, C]` (f32) of `x` itself, in one pass over `x`
+    /// ([`super::cuda_ops::ScaleShiftActMean`]).
+    #[cfg(feature = "cuda")]
+    pub fn forward_act_mean(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Act,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(ss) = &self.fused else {
+            candle_core::bail!("batch norm with the spatial mean: not on a CUDA device")
+        };
+        super::profile::op("batch-norm+mean", x, || {
+            let op = super::cuda_ops::ScaleShiftActMean::new(act, residual.is_some());
+            let r = residual.map(|r| r.contiguous()).transpose()?;
+            let y = x
+                .contiguous()?
+                .apply_op3_no_bwd(ss, r.as_ref().unwrap_or(ss), &op)?;
+            Ok((y, op.take_mean()?))
+        })
     }
 
     /// Applies it, then `act`.

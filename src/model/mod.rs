@@ -11,6 +11,7 @@ pub mod device;
 pub mod direct;
 pub mod efficientnet_lite;
 pub mod fetch;
+pub mod gpu_kernels;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod profile;
