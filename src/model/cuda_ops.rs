@@ -1,6 +1,7 @@
 //! freqtag's own GPU operations on channels-last activations, where candle's ops cost several
 //! passes over memory (built with the `cuda` feature; cuDNN with `cudnn`). Kernels are CUDA C in
-//! [`super::gpu_kernels::SOURCE`], compiled once per process with NVRTC, for f32, f16 and bf16 (computing in f32):
+//! [`super::gpu_kernels::SOURCE`], compiled once per process with NVRTC, for f32, f16 and bf16
+//! (computing in f32):
 //!
 //! - [`ScaleShiftAct`]: batch norm as `x * scale + shift`, an optional residual added, then the
 //!   activation, in one pass (candle: a broadcast multiply, a broadcast add, the add and the
@@ -8,6 +9,8 @@
 //! - [`DepthwiseConv`]: a depthwise convolution, one thread per output element (candle runs a
 //!   grouped convolution as one convolution per group; cuDNN's NHWC depthwise was slow too);
 //! - [`SpatialMean`]: the mean per frame and channel, summed in f64;
+//! - [`ScaleShiftActMean`] (`FREQTAG_GPU_FUSED_MEAN=1`, off until measured): the two above in one
+//!   pass, for a tapped convolution's output that batch norm reads next;
 //! - [`CudnnConv`] (`cudnn` feature): a full convolution through cuDNN, read and written in NHWC
 //!   form, with cuDNN's algorithm for the shape (candle's CUDA convolution builds an im2col
 //!   matrix and copies its output twice to get back to channels-last). In f32 it computes in
@@ -15,9 +18,10 @@
 //!   round inputs to 10 bits of mantissa, far beyond the 1e-4 the spectra are held to. f16 and
 //!   bf16 use tensor cores, accumulating in f32.
 //!
-//! None of this runs on the CPU, so the tests cannot reach it: `scripts/gpu-check.sh` compares a
-//! GPU run's outputs with the CPU's. `FREQTAG_NO_FUSED_GPU=1` turns it all off (candle's ops run
-//! instead), for comparison.
+//! The kernels themselves run on the CPU in the test `gpu_kernels_on_the_cpu` (see
+//! [`super::gpu_kernels`]); the ops around them, cuDNN and the launches do not:
+//! `scripts/gpu-check.sh` compares a GPU run's outputs with the CPU's. `FREQTAG_NO_FUSED_GPU=1`
+//! turns it all off (candle's ops run instead), for comparison.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
