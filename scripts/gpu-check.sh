@@ -12,9 +12,10 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
-#                                  SWITCHES (default FREQTAG_GPU_FUSED_MEAN=1; "" for none) are
-#                                  environment settings under test, each checked against the
-#                                  CPU's outputs and benchmarked beside the defaults;
+#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=1, FREQTAG_GPU_NCHW=1
+#                                  and both, as "A=1,B=1"; "" for none) are environment settings
+#                                  under test, each checked against the CPU's outputs and
+#                                  benchmarked beside the defaults;
 #                                  TRIES adds benchmark runs with other settings and
 #                                  environment variables (ONLY_TRIES=1: those alone);
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
@@ -168,11 +169,14 @@ check() {
     kill "$dmon" 2>/dev/null
 
     echo "== 2b. switches under test (SWITCHES), each against the defaults above"
+    # an entry is VAR=VALUE or several joined by commas; its runs are named by the variables
+    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=1 FREQTAG_GPU_NCHW=1 FREQTAG_GPU_FUSED_MEAN=1,FREQTAG_GPU_NCHW=1"
+    switch_tag() { echo "$1" | sed -E 's/=[^,]*//g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
     # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
     local sw
-    for sw in ${SWITCHES-FREQTAG_GPU_FUSED_MEAN=1}; do
-        local tag=${sw%%=*}; tag=${tag#FREQTAG_}; tag=${tag#GPU_}; tag=$(echo "$tag" | tr 'A-Z_' 'a-z-')
-        RUN_ENV=("$sw")
+    for sw in ${SWITCHES-$DEFAULT_SWITCHES}; do
+        local tag; tag=$(switch_tag "$sw")
+        IFS=',' read -ra RUN_ENV <<<"$sw"
         run "paper-gpu-$tag" $paper $wp --workers 2 --device $dev && err paper-cpu "paper-gpu-$tag" 1e-4
         run "quick-gpu-$tag" $quick $wq --workers 2 --device $dev && err quick-cpu "quick-gpu-$tag" 1e-4
         run "bench-paper-gpu-$tag" $paper $wp $off $cifar $np --workers "${PAPER_WORKERS:-12}" --device $dev
@@ -185,9 +189,9 @@ check() {
     export FREQTAG_GPU_PROFILE=1 LOG_LEVEL=warn,freqtag::model::cuda_ops=debug
     run profile-paper $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
     run profile-quick $quick $wq $off $inet --set source.limit=40 --workers 1 --device $dev
-    for sw in ${SWITCHES-FREQTAG_GPU_FUSED_MEAN=1}; do
-        local tag=${sw%%=*}; tag=${tag#FREQTAG_}; tag=${tag#GPU_}; tag=$(echo "$tag" | tr 'A-Z_' 'a-z-')
-        RUN_ENV=("$sw")
+    for sw in ${SWITCHES-$DEFAULT_SWITCHES}; do
+        local tag; tag=$(switch_tag "$sw")
+        IFS=',' read -ra RUN_ENV <<<"$sw"
         run "profile-paper-$tag" $paper $wp $off $cifar --set source.limit=500 --workers 1 --device $dev
         RUN_ENV=()
     done

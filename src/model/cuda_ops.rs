@@ -489,11 +489,26 @@ impl CustomOp3 for ScaleShiftActMean {
 /// A convolution through cuDNN on channels-last input `[B, H, W, Cin]` with weight
 /// `[Cout, k, k, Cin/groups]` (cuDNN's NHWC filter layout), zero padding `pad`, giving
 /// `[B, Ho, Wo, Cout]`; `groups` is 1 or `Cin` (depthwise; freqtag uses [`DepthwiseConv`]).
+/// With `nchw` the weight is `[Cout, Cin, k, k]` (PyTorch's layout) and cuDNN runs on channels-first
+/// copies: the input transposed to `[B, Cin, H, W]`, the output back from `[B, Cout, Ho, Wo]`
+/// ([`nchw_f32`]).
 #[cfg(feature = "cudnn")]
 pub struct CudnnConv {
     pub stride: usize,
     pub pad: usize,
     pub groups: usize,
+    pub nchw: bool,
+}
+
+/// Whether f32 convolutions through cuDNN run channels-first (`FREQTAG_GPU_NCHW=1`; off by
+/// default until measured). cuDNN's NCHW f32 kernels did ResNet-32's 31 convolutions in 26 ms a
+/// pass of 4 096 frames through PyTorch on an H100, against 46-48 ms in NHWC (session 7's probe,
+/// `benches/cudnn_probe.py`); the transposes around each call cost memory bandwidth, an estimated
+/// 8 ms a pass. The transpose kernel is tested on the CPU (`gpu_kernels_on_the_cpu`), the rest has
+/// not run on a GPU.
+pub fn nchw_f32() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FREQTAG_GPU_NCHW").is_some_and(|v| v != "0"))
 }
 
 #[cfg(feature = "cudnn")]
@@ -507,7 +522,7 @@ mod cudnn_conv {
     use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
     type Algo = sys::cudnnConvolutionFwdAlgo_t;
-    type Key = (DType, [usize; 10]);
+    type Key = (DType, [usize; 11]);
 
     /// What one convolution shape needs, made once per worker thread: the descriptors, the
     /// algorithm that ran and the workspace it takes. Made per call, the descriptors and the
@@ -553,9 +568,14 @@ mod cudnn_conv {
         if let Some((_, n)) = names.iter().find(|(k, _)| k == key) {
             return n;
         }
-        let [b, h, w, c, co, k, _, s, _, _] = key.1;
+        let [b, h, w, c, co, k, _, s, _, _, nchw] = key.1;
         let name: &'static str = Box::leak(
-            format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0).into_boxed_str(),
+            format!(
+                "cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}{}",
+                key.0,
+                if nchw == 1 { " NCHW" } else { "" }
+            )
+            .into_boxed_str(),
         );
         names.push((*key, name));
         name
@@ -582,11 +602,47 @@ mod cudnn_conv {
         })
     }
 
+    /// `b` frames of `rows x cols` transposed into a new buffer (the `transpose` kernel).
+    fn transposed<T>(
+        dev: &CudaDevice,
+        x: &cudarc::driver::CudaView<'_, T>,
+        b: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<T>>
+    where
+        T: candle_core::WithDType + DeviceRepr + ValidAsZeroBits,
+    {
+        if b > 65_535 {
+            candle_core::bail!("transpose: {b} frames in one pass, at most 65 535")
+        }
+        let timer = crate::model::profile::enabled()
+            .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
+            .transpose()?;
+        let (func, stream) = kernel(dev, "transpose", T::DTYPE)?;
+        // SAFETY: every element of `y` is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<T>(b * rows * cols)? };
+        let (r32, c32) = (rows as u32, cols as u32);
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(x).arg(&mut y).arg(&r32).arg(&c32);
+        // SAFETY: the arguments match the kernel; x and y hold b*rows*cols elements, and the
+        // launch shape is the one the kernel is written for.
+        launched(
+            unsafe { bld.launch(config(super::super::gpu_kernels::transpose(b, rows, cols))) }
+                .map(|_| ()),
+        )?;
+        if let Some(t) = timer {
+            dev.synchronize()?;
+            crate::model::profile::add("NCHW transposes", t.elapsed().as_secs_f64());
+        }
+        Ok(y)
+    }
+
     impl CudnnConv {
         fn plan<T: CudnnDataType>(
             &self,
             handle: &Arc<Cudnn>,
-            [b, h, wd, c, co, kh, kw, s, p, _]: [usize; 10],
+            [b, h, wd, c, co, kh, kw, s, p, _, nchw]: [usize; 11],
             math: sys::cudnnMathType_t,
         ) -> Result<Plan<T>> {
             let i = |v: usize| v as std::ffi::c_int;
@@ -602,15 +658,20 @@ mod cudnn_conv {
             conv.set_math_type(math).map_err(|e| err("math type", e))?;
             conv.set_group_count(i(self.groups))
                 .map_err(|e| err("groups", e))?;
-            let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+            // dims in (n, c, h, w) order whatever the format
+            let format = if nchw == 1 {
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+            } else {
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+            };
             let x = handle
-                .create_4d_tensor::<T>(nhwc, [i(b), i(c), i(h), i(wd)])
+                .create_4d_tensor::<T>(format, [i(b), i(c), i(h), i(wd)])
                 .map_err(|e| err("input", e))?;
             let w = handle
-                .create_4d_filter::<T>(nhwc, [i(co), i(c / self.groups), i(kh), i(kw)])
+                .create_4d_filter::<T>(format, [i(co), i(c / self.groups), i(kh), i(kw)])
                 .map_err(|e| err("filter", e))?;
             let y = handle
-                .create_4d_tensor::<T>(nhwc, [i(b), i(co), i(ho), i(wo)])
+                .create_4d_tensor::<T>(format, [i(b), i(co), i(ho), i(wo)])
                 .map_err(|e| err("output", e))?;
             Ok(Plan {
                 conv,
@@ -641,7 +702,12 @@ mod cudnn_conv {
                 .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
                 .transpose()?;
             let (b, h, wd, c) = x.1.shape().dims4()?;
-            let (co, kh, kw, cg) = w.1.shape().dims4()?;
+            let (co, kh, kw, cg) = if self.nchw {
+                let (co, cg, kh, kw) = w.1.shape().dims4()?;
+                (co, kh, kw, cg)
+            } else {
+                w.1.shape().dims4()?
+            };
             if cg * self.groups != c || (self.groups != 1 && self.groups != co) {
                 candle_core::bail!(
                     "cudnn-conv: weight {:?} for input {:?} in {} groups",
@@ -665,6 +731,14 @@ mod cudnn_conv {
             };
             let xs = T::as_cuda_slice(x.0)?.slice(xo..);
             let ws = T::as_cuda_slice(w.0)?.slice(wo_..);
+            // channels first: cuDNN reads a transposed copy of the input ([`nchw_f32`])
+            let xt: CudaSlice<T>;
+            let xs = if self.nchw {
+                xt = transposed(&dev, &xs, b, h * wd, c)?;
+                xt.slice(0..)
+            } else {
+                xs
+            };
             let handle = HANDLES.with(|hs| -> Result<Arc<Cudnn>> {
                 if let Some(h) = hs.borrow().get(&dev.id()) {
                     return Ok(h.clone());
@@ -673,7 +747,8 @@ mod cudnn_conv {
                 hs.borrow_mut().insert(dev.id(), h.clone());
                 Ok(h)
             })?;
-            let key: Key = (T::DTYPE, [b, h, wd, c, co, kh, kw, s, p, self.groups]);
+            let nchw = self.nchw as usize;
+            let key: Key = (T::DTYPE, [b, h, wd, c, co, kh, kw, s, p, self.groups, nchw]);
             // the plan is taken out of the map while it is used and put back after, so the
             // map is not borrowed across the launch
             let plan = PLANS.with(|m| m.borrow_mut().remove(&key));
@@ -768,6 +843,12 @@ mod cudnn_conv {
             let ran = ran?;
             plan.algo = Some(ran);
             PLANS.with(|m| m.borrow_mut().insert(key, plan));
+            // and writes its output channels first: back to channels last
+            let y = if self.nchw {
+                transposed(&dev, &y.slice(0..), b, co, ho * wo)?
+            } else {
+                y
+            };
             Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, co))))
         }
     }
