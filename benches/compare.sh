@@ -35,6 +35,7 @@ if [ -n "$n" ]; then ft_args+=(--set "source.limit=$n"); pt_args+=(--limit "$n")
 if [ -n "${DEVICE:-}" ]; then ft_args+=(--device "$DEVICE"); pt_args+=(--device "$DEVICE"); fi
 
 run_pair() { # name pipeline-file image-folder [args of the baseline's first run...]
+    # cl_more: arguments of the channels-last run only
     # pt_more: arguments of both baseline runs (the weights)
     local name="$1" toml="$2" images="$3"; shift 3
     echo "== $name: freqtag" >&2
@@ -45,7 +46,8 @@ run_pair() { # name pipeline-file image-folder [args of the baseline's first run
         "${pt_args[@]}" ${pt_more[@]+"${pt_more[@]}"} "$@" >"$tmp/pt-$name.json"
     echo "== $name: PyTorch baseline, channels-last" >&2
     "$py" benches/pytorch_baseline.py --pipeline "$name" --images "$images" --json \
-        --channels-last "${pt_args[@]}" ${pt_more[@]+"${pt_more[@]}"} >"$tmp/pt-$name-cl.json"
+        --channels-last "${pt_args[@]}" ${pt_more[@]+"${pt_more[@]}"} ${cl_more[@]+"${cl_more[@]}"} \
+        >"$tmp/pt-$name-cl.json"
 }
 
 # PAPER_IMAGES=DIR: another folder of 32x32 images for the paper pipeline (e.g. a class folder of
@@ -65,6 +67,7 @@ if [ -n "${PAPER_WEIGHTS:-}" ]; then
 fi
 ft_args_base=("${ft_args[@]}")
 ft_args=("${ft_args_base[@]}" "${ft_paper[@]}")
+cl_more=()
 run_pair paper pipelines/paper-resnet32-cifar10.toml "$paper_images" --dump "$tmp/dump-paper"
 quick_images="${QUICK_IMAGES:-data/photos}"
 ft_args=("${ft_args_base[@]}")
@@ -74,6 +77,9 @@ if [ -n "${QUICK_WEIGHTS:-}" ]; then
     w="$(cd "$(dirname "$QUICK_WEIGHTS")" && pwd)/$(basename "$QUICK_WEIGHTS")"
     ft_args+=(--set "model.weights=$w"); pt_more=(--weights "$w")
 fi
+# the channels-last run writes its spectra too (about 10 ms an image of its 3 or more seconds), to
+# set the baseline against itself below
+cl_more=(--dump "$tmp/dump-quickstart-cl")
 run_pair quickstart pipelines/quickstart.toml "$quick_images" --dump "$tmp/dump-quickstart"
 
 echo "== paper: spectra agreement" >&2
@@ -85,6 +91,10 @@ agree=${PIPESTATUS[0]}
 # float sums alone (README, "Inputs")
 echo "== quickstart: spectra agreement (information; the exit status is the paper's)" >&2
 "$py" benches/compare_spectra.py "$tmp/ft-quickstart" "$tmp/dump-quickstart" | tee -a "$tmp/agreement.txt"
+# for scale: the baseline's two runs (NCHW and channels-last: the same model, weights and frames,
+# other float32 summation orders) against each other, by the same measure
+echo "== quickstart: the PyTorch baseline against itself, NCHW against channels-last (for scale)" >&2
+"$py" benches/compare_spectra.py "$tmp/dump-quickstart-cl" "$tmp/dump-quickstart" | tee -a "$tmp/agreement.txt"
 set -e
 
 "$py" - "$tmp" <<'EOF'

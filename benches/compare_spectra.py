@@ -5,6 +5,8 @@
 
 FREQTAG_OUT is a `freqtag run --out` folder (its spectra/ Parquet parts: image_id, layer, channel,
 bin_hz, bins (null = every bin), amplitude); DUMP_DIR holds the baseline's --dump .npz files.
+FREQTAG_OUT may be another baseline dump instead: the baseline against itself (its NCHW run
+against its channels-last one), which shows how far float32 rounding alone moves the spectra.
 Every neuron freqtag wrote must agree with the baseline within `tol` of that neuron's largest
 baseline amplitude. Prints the largest error; exit 0 when all agree, 1 otherwise.
 The authors' mean dB-SNR (freqtag's neurons/ table) is compared too, for information only: it is
@@ -50,24 +52,38 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
 
-    spectra = read_table(
-        args.freqtag_out / "spectra", ["image_id", "layer", "channel", "bins", "amplitude"]
-    )
-    if spectra is None:
-        print(f"no spectra/*.parquet under {args.freqtag_out}", file=sys.stderr)
-        return 1
     base = load_dumps(args.dump_dir)
     if not base:
         print(f"no .npz files in {args.dump_dir}", file=sys.stderr)
         return 1
-
-    ids = spectra.column("image_id").to_pylist()
-    layers = spectra.column("layer").to_pylist()
-    channels = spectra.column("channel").to_pylist()
-    bins = spectra.column("bins").to_pylist()
-    amp_col = spectra.column("amplitude").combine_chunks()
-    offsets = amp_col.offsets.to_numpy()
-    values = amp_col.values.to_numpy(zero_copy_only=False).astype(np.float64)
+    other = None
+    if not (args.freqtag_out / "spectra").is_dir() and any(args.freqtag_out.glob("*.npz")):
+        other = load_dumps(args.freqtag_out)
+        ids, layers, channels, rows = [], [], [], []
+        for img, d in other.items():
+            for layer, a in d["amplitude"].items():
+                for ch in range(a.shape[0]):
+                    ids.append(img)
+                    layers.append(layer)
+                    channels.append(ch)
+                    rows.append(a[ch].astype(np.float64))
+        bins = [None] * len(ids)
+        offsets = np.cumsum([0] + [r.size for r in rows])
+        values = np.concatenate(rows) if rows else np.zeros(0)
+    else:
+        spectra = read_table(
+            args.freqtag_out / "spectra", ["image_id", "layer", "channel", "bins", "amplitude"]
+        )
+        if spectra is None:
+            print(f"no spectra/*.parquet under {args.freqtag_out}", file=sys.stderr)
+            return 1
+        ids = spectra.column("image_id").to_pylist()
+        layers = spectra.column("layer").to_pylist()
+        channels = spectra.column("channel").to_pylist()
+        bins = spectra.column("bins").to_pylist()
+        amp_col = spectra.column("amplitude").combine_chunks()
+        offsets = amp_col.offsets.to_numpy()
+        values = amp_col.values.to_numpy(zero_copy_only=False).astype(np.float64)
 
     missing: set[tuple[str, str]] = set()
     compared = 0
@@ -123,7 +139,9 @@ def main(argv=None) -> int:
     if only_baseline:
         print(f"note: {len(only_baseline)} baseline images not in freqtag's output (e.g. {only_baseline[0]})")
 
-    neurons = read_table(args.freqtag_out / "neurons", ["image_id", "layer", "channel", "mean_snr_db"])
+    neurons = None if other is not None else read_table(
+        args.freqtag_out / "neurons", ["image_id", "layer", "channel", "mean_snr_db"]
+    )
     if neurons is not None:
         seen = {}
         for img, layer, ch, v in zip(*(neurons.column(c).to_pylist() for c in neurons.column_names)):
@@ -141,7 +159,7 @@ def main(argv=None) -> int:
 
     if missing:
         eg = sorted(missing)[0]
-        print(f"FAIL: {len(missing)} (image, layer) pairs in freqtag's output are not in the dumps, e.g. {eg}")
+        print(f"FAIL: {len(missing)} (image, layer) pairs of {args.freqtag_out} are not in the dumps, e.g. {eg}")
         return 1
     if compared == 0:
         print("FAIL: nothing compared")
