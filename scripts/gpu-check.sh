@@ -12,10 +12,11 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
-#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=1, FREQTAG_GPU_NCHW=1
-#                                  and both, as "A=1,B=1"; "" for none) are environment settings
-#                                  under test, each checked against the CPU's outputs and
-#                                  benchmarked beside the defaults;
+#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=1, FREQTAG_GPU_NCHW=1,
+#                                  both, written "A=1,B=1", and NCHW with
+#                                  FREQTAG_CUDNN_ALGO=winograd_nonfused; "" for none) are
+#                                  environment settings under test, each checked against the
+#                                  CPU's outputs and benchmarked beside the defaults;
 #                                  TRIES adds benchmark runs with other settings and
 #                                  environment variables (ONLY_TRIES=1: those alone);
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
@@ -170,8 +171,9 @@ check() {
 
     echo "== 2b. switches under test (SWITCHES), each against the defaults above"
     # an entry is VAR=VALUE or several joined by commas; its runs are named by the variables
-    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=1 FREQTAG_GPU_NCHW=1 FREQTAG_GPU_FUSED_MEAN=1,FREQTAG_GPU_NCHW=1"
-    switch_tag() { echo "$1" | sed -E 's/=[^,]*//g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
+    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=1 FREQTAG_GPU_NCHW=1 FREQTAG_GPU_FUSED_MEAN=1,FREQTAG_GPU_NCHW=1 FREQTAG_GPU_NCHW=1,FREQTAG_CUDNN_ALGO=winograd_nonfused"
+    # e.g. FREQTAG_GPU_NCHW=1,FREQTAG_CUDNN_ALGO=winograd_nonfused -> nchw+cudnn-algo-winograd-nonfused
+    switch_tag() { echo "$1" | sed -E 's/=1(,|$)/\1/g; s/=/_/g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
     # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
     local sw
     for sw in ${SWITCHES-$DEFAULT_SWITCHES}; do

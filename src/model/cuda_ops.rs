@@ -602,6 +602,50 @@ mod cudnn_conv {
         })
     }
 
+    /// The algorithm `FREQTAG_CUDNN_ALGO` names (`implicit_gemm`, `implicit_precomp_gemm`,
+    /// `gemm`, `direct`, `fft`, `fft_tiling`, `winograd`, `winograd_nonfused`), tried before
+    /// cuDNN's heuristic choice for every convolution shape; where cuDNN refuses it for a shape
+    /// (or it needs more than [`MAX_WORKSPACE`]), the heuristic's runs. For measuring on a GPU:
+    /// cuDNN's heuristic picks the precomputed-index implicit GEMM for every ResNet-32 shape.
+    fn forced_algo() -> Result<Option<Algo>> {
+        static ALGO: std::sync::OnceLock<std::result::Result<Option<Algo>, String>> =
+            std::sync::OnceLock::new();
+        ALGO.get_or_init(|| {
+            let Some(v) = std::env::var_os("FREQTAG_CUDNN_ALGO") else {
+                return Ok(None);
+            };
+            let v = v.to_string_lossy().to_lowercase();
+            let names = [
+                (
+                    "implicit_gemm",
+                    Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                ),
+                (
+                    "implicit_precomp_gemm",
+                    Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                ),
+                ("gemm", Algo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM),
+                ("direct", Algo::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT),
+                ("fft", Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT),
+                ("fft_tiling", Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING),
+                ("winograd", Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD),
+                (
+                    "winograd_nonfused",
+                    Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                ),
+            ];
+            match names.iter().find(|(n, _)| *n == v) {
+                Some((_, a)) => Ok(Some(*a)),
+                None => Err(format!(
+                    "FREQTAG_CUDNN_ALGO={v}: not a cuDNN forward algorithm; use one of {}",
+                    names.map(|(n, _)| n).join(", ")
+                )),
+            }
+        })
+        .clone()
+        .map_err(candle_core::Error::Msg)
+    }
+
     /// `b` frames of `rows x cols` transposed into a new buffer (the `transpose` kernel).
     fn transposed<T>(
         dev: &CudaDevice,
@@ -769,12 +813,13 @@ mod cudnn_conv {
                     w: &plan.w,
                     y: &plan.y,
                 };
-                // cuDNN's heuristic first, then the implicit GEMMs, which take any shape; the
-                // one that ran is kept for the shape
+                // the algorithm FREQTAG_CUDNN_ALGO asks for, cuDNN's heuristic, then the
+                // implicit GEMMs, which take any shape; the one that ran is kept for the shape
                 let candidates = match plan.algo {
                     Some((a, _)) => vec![a],
                     None => {
-                        let mut v: Vec<Algo> = fwd.pick_algorithm().into_iter().collect();
+                        let mut v: Vec<Algo> = forced_algo()?.into_iter().collect();
+                        v.extend(fwd.pick_algorithm());
                         v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM);
                         v.push(Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
                         v
