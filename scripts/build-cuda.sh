@@ -58,5 +58,22 @@ open(sys.argv[2], "w").write(s[start:s.index('"#', start)])
 PY
 nvcc -ptx -arch="sm_$CUDA_COMPUTE_CAP" -o "$LINK/kernels.ptx" "$LINK/kernels.cu" ||
     { echo "build-cuda: freqtag's GPU kernels (src/model/gpu_kernels.rs, SOURCE) do not compile" >&2; exit 1; }
+# and with NVRTC itself, as the binary does at run time (cudarc's compile_ptx: no headers, no
+# options); NVRTC is a host library, so this runs here too
+LD_LIBRARY_PATH=$CU/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} python3 - "$CU/lib/libnvrtc.so.13" "$LINK/kernels.cu" <<'PY' ||
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+prog = ctypes.c_void_p()
+if lib.nvrtcCreateProgram(ctypes.byref(prog), open(sys.argv[2], "rb").read(), b"kernels.cu", 0, None, None):
+    sys.exit("nvrtcCreateProgram failed")
+status = lib.nvrtcCompileProgram(prog, 0, None)
+size = ctypes.c_size_t()
+lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+log = ctypes.create_string_buffer(size.value)
+lib.nvrtcGetProgramLog(prog, log)
+if status:
+    sys.exit(f"NVRTC error {status}:\n{log.value.decode()}")
+PY
+    { echo "build-cuda: NVRTC does not compile freqtag's GPU kernels (src/model/gpu_kernels.rs, SOURCE)" >&2; exit 1; }
 cargo build --release --features "${FREQTAG_FEATURES:-cudnn}" --target-dir target/cuda "$@"
 echo "build-cuda: target/cuda/release/freqtag (compute capability $CUDA_COMPUTE_CAP)" >&2
