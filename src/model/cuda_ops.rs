@@ -89,6 +89,15 @@ fn launched(r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<(
     r.map_err(|e| candle_core::Error::Msg(format!("launching a freqtag GPU kernel: {e:?}")))
 }
 
+/// An activation as the kernels' `act` argument: 0 none, 1 ReLU, 2 ReLU6.
+fn act_code(act: Act) -> i32 {
+    match act {
+        Act::Identity => 0,
+        Act::Relu => 1,
+        Act::Relu6 => 2,
+    }
+}
+
 /// The start offset of a contiguous layout.
 fn start(l: &Layout, what: &str) -> Result<usize> {
     match l.contiguous_offsets() {
@@ -151,11 +160,7 @@ impl ScaleShiftAct {
             ss.0.as_cuda_slice::<f32>()?
                 .slice(start(ss.1, "scale-shift-act")?..);
         let (func, stream) = kernel(&dev, "scale_shift_act", x.0.dtype())?;
-        let act: i32 = match self.0 {
-            Act::Identity => 0,
-            Act::Relu => 1,
-            Act::Relu6 => 2,
-        };
+        let act = act_code(self.0);
         let (n64, c32) = (n as u64, c as u32);
         let null: u64 = 0;
         by_dtype!(x.0.dtype(), T => {
@@ -450,11 +455,7 @@ impl CustomOp3 for ScaleShiftActMean {
             .as_cuda_slice::<f32>()?
             .slice(start(sl, "scale-shift-act-mean")?..);
         let (func, stream) = kernel(&dev, "scale_shift_act_mean", x.dtype())?;
-        let act: i32 = match self.act {
-            Act::Identity => 0,
-            Act::Relu => 1,
-            Act::Relu6 => 2,
-        };
+        let act = act_code(self.act);
         let (hw, c32) = ((h * w) as u32, c as u32);
         let null: u64 = 0;
         let cfg = config(super::gpu_kernels::scale_shift_act_mean(b, c));
