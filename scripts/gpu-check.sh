@@ -12,9 +12,9 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
-#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=1, FREQTAG_GPU_NCHW=1,
-#                                  both, written "A=1,B=1", and NCHW with
-#                                  FREQTAG_CUDNN_ALGO=winograd_nonfused; "" for none) are
+#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=0 and
+#                                  FREQTAG_GPU_PAGEABLE=1, the defaults' alternatives; several
+#                                  in one entry are written "A=1,B=1"; "" for none) are
 #                                  environment settings under test, each checked against the
 #                                  CPU's outputs and benchmarked beside the defaults;
 #                                  TRIES adds benchmark runs with other settings and
@@ -171,8 +171,8 @@ check() {
 
     echo "== 2b. switches under test (SWITCHES), each against the defaults above"
     # an entry is VAR=VALUE or several joined by commas; its runs are named by the variables
-    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=1 FREQTAG_GPU_NCHW=1 FREQTAG_GPU_FUSED_MEAN=1,FREQTAG_GPU_NCHW=1 FREQTAG_GPU_NCHW=1,FREQTAG_CUDNN_ALGO=winograd_nonfused"
-    # e.g. FREQTAG_GPU_NCHW=1,FREQTAG_CUDNN_ALGO=winograd_nonfused -> nchw+cudnn-algo-winograd-nonfused
+    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=0 FREQTAG_GPU_PAGEABLE=1"
+    # e.g. FREQTAG_GPU_PAGEABLE=1,FREQTAG_CUDNN_ALGO=winograd -> pageable+cudnn-algo-winograd
     switch_tag() { echo "$1" | sed -E 's/=1(,|$)/\1/g; s/=/_/g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
     # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
     local sw

@@ -9,8 +9,8 @@
 //! - [`DepthwiseConv`]: a depthwise convolution, one thread per output element (candle runs a
 //!   grouped convolution as one convolution per group; cuDNN's NHWC depthwise was slow too);
 //! - [`SpatialMean`]: the mean per frame and channel, summed in f64;
-//! - [`ScaleShiftActMean`] (`FREQTAG_GPU_FUSED_MEAN=1`, off until measured): the two above in one
-//!   pass, for a tapped convolution's output that batch norm reads next;
+//! - [`ScaleShiftActMean`]: the two above in one pass, for a tapped convolution's output that
+//!   batch norm reads next (`FREQTAG_GPU_FUSED_MEAN=0` runs them apart, for comparison);
 //! - [`CudnnConv`] (`cudnn` feature): a full convolution through cuDNN, read and written in NHWC
 //!   form, with cuDNN's algorithm for the shape (candle's CUDA convolution builds an im2col
 //!   matrix and copies its output twice to get back to channels-last). In f32 it computes in
@@ -362,12 +362,13 @@ impl candle_core::CustomOp1 for SpatialMean {
 }
 
 /// Whether batch norm also takes the spatial mean of its input where a tap records it
-/// ([`ScaleShiftActMean`]; `FREQTAG_GPU_FUSED_MEAN=1`). Off by default until measured on a GPU:
-/// the kernel is tested on the CPU (`gpu_kernels_on_the_cpu`), the rest of the op is not.
+/// ([`ScaleShiftActMean`]; on unless `FREQTAG_GPU_FUSED_MEAN=0`). Measured on an H100 (session
+/// 15, f32): the paper pipeline 1 513 against 1 461 images/s (20 000 CIFAR images, 12 workers),
+/// MobileNetV2 111 against 105 (2 400 photos, 8 workers), with the outputs of the separate ops.
 pub fn fused_mean() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        enabled() && std::env::var_os("FREQTAG_GPU_FUSED_MEAN").is_some_and(|v| v != "0")
+        enabled() && std::env::var_os("FREQTAG_GPU_FUSED_MEAN").is_none_or(|v| v != "0")
     })
 }
 
@@ -490,26 +491,17 @@ impl CustomOp3 for ScaleShiftActMean {
 /// A convolution through cuDNN on channels-last input `[B, H, W, Cin]` with weight
 /// `[Cout, k, k, Cin/groups]` (cuDNN's NHWC filter layout), zero padding `pad`, giving
 /// `[B, Ho, Wo, Cout]`; `groups` is 1 or `Cin` (depthwise; freqtag uses [`DepthwiseConv`]).
-/// With `nchw` the weight is `[Cout, Cin, k, k]` (PyTorch's layout) and cuDNN runs on channels-first
-/// copies: the input transposed to `[B, Cin, H, W]`, the output back from `[B, Cout, Ho, Wo]`
-/// ([`nchw_f32`]).
+///
+/// Channels first instead, on transposed copies of input and output, was tried in session 15 on
+/// an H100: cuDNN's own NCHW f32 time for ResNet-32 fell from 0.31 to 0.23 s in a one-worker
+/// profile of 500 images, but the transposes took 0.14 s, and at 12 workers the paper pipeline
+/// ran at 1 346 against 1 461 images/s. It was removed; a network that stays channels first in
+/// f32 (batch norm and the spatial mean too) would keep the gain without the transposes.
 #[cfg(feature = "cudnn")]
 pub struct CudnnConv {
     pub stride: usize,
     pub pad: usize,
     pub groups: usize,
-    pub nchw: bool,
-}
-
-/// Whether f32 convolutions through cuDNN run channels-first (`FREQTAG_GPU_NCHW=1`; off by
-/// default until measured). cuDNN's NCHW f32 kernels did ResNet-32's 31 convolutions in 26 ms a
-/// pass of 4 096 frames through PyTorch on an H100, against 46-48 ms in NHWC (session 7's probe,
-/// `benches/cudnn_probe.py`); the transposes around each call cost memory bandwidth, an estimated
-/// 8 ms a pass. The transpose kernel is tested on the CPU (`gpu_kernels_on_the_cpu`), the rest has
-/// not run on a GPU.
-pub fn nchw_f32() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("FREQTAG_GPU_NCHW").is_some_and(|v| v != "0"))
 }
 
 #[cfg(feature = "cudnn")]
@@ -523,7 +515,7 @@ mod cudnn_conv {
     use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
     type Algo = sys::cudnnConvolutionFwdAlgo_t;
-    type Key = (DType, [usize; 11]);
+    type Key = (DType, [usize; 10]);
 
     /// What one convolution shape needs, made once per worker thread: the descriptors, the
     /// algorithm that ran and the workspace it takes. Made per call, the descriptors and the
@@ -569,14 +561,9 @@ mod cudnn_conv {
         if let Some((_, n)) = names.iter().find(|(k, _)| k == key) {
             return n;
         }
-        let [b, h, w, c, co, k, _, s, _, _, nchw] = key.1;
+        let [b, h, w, c, co, k, _, s, _, _] = key.1;
         let name: &'static str = Box::leak(
-            format!(
-                "cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}{}",
-                key.0,
-                if nchw == 1 { " NCHW" } else { "" }
-            )
-            .into_boxed_str(),
+            format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0).into_boxed_str(),
         );
         names.push((*key, name));
         name
@@ -647,47 +634,11 @@ mod cudnn_conv {
         .map_err(candle_core::Error::Msg)
     }
 
-    /// `b` frames of `rows x cols` transposed into a new buffer (the `transpose` kernel).
-    fn transposed<T>(
-        dev: &CudaDevice,
-        x: &cudarc::driver::CudaView<'_, T>,
-        b: usize,
-        rows: usize,
-        cols: usize,
-    ) -> Result<CudaSlice<T>>
-    where
-        T: candle_core::WithDType + DeviceRepr + ValidAsZeroBits,
-    {
-        if b > 65_535 {
-            candle_core::bail!("transpose: {b} frames in one pass, at most 65 535")
-        }
-        let timer = crate::model::profile::enabled()
-            .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
-            .transpose()?;
-        let (func, stream) = kernel(dev, "transpose", T::DTYPE)?;
-        // SAFETY: every element of `y` is written by the kernel before it is read.
-        let mut y = unsafe { dev.alloc::<T>(b * rows * cols)? };
-        let (r32, c32) = (rows as u32, cols as u32);
-        let mut bld = stream.launch_builder(&func);
-        bld.arg(x).arg(&mut y).arg(&r32).arg(&c32);
-        // SAFETY: the arguments match the kernel; x and y hold b*rows*cols elements, and the
-        // launch shape is the one the kernel is written for.
-        launched(
-            unsafe { bld.launch(config(super::super::gpu_kernels::transpose(b, rows, cols))) }
-                .map(|_| ()),
-        )?;
-        if let Some(t) = timer {
-            dev.synchronize()?;
-            crate::model::profile::add("NCHW transposes", t.elapsed().as_secs_f64());
-        }
-        Ok(y)
-    }
-
     impl CudnnConv {
         fn plan<T: CudnnDataType>(
             &self,
             handle: &Arc<Cudnn>,
-            [b, h, wd, c, co, kh, kw, s, p, _, nchw]: [usize; 11],
+            [b, h, wd, c, co, kh, kw, s, p, _]: [usize; 10],
             math: sys::cudnnMathType_t,
         ) -> Result<Plan<T>> {
             let i = |v: usize| v as std::ffi::c_int;
@@ -704,11 +655,7 @@ mod cudnn_conv {
             conv.set_group_count(i(self.groups))
                 .map_err(|e| err("groups", e))?;
             // dims in (n, c, h, w) order whatever the format
-            let format = if nchw == 1 {
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
-            } else {
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
-            };
+            let format = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
             let x = handle
                 .create_4d_tensor::<T>(format, [i(b), i(c), i(h), i(wd)])
                 .map_err(|e| err("input", e))?;
@@ -747,12 +694,7 @@ mod cudnn_conv {
                 .then(|| dev.synchronize().map(|_| std::time::Instant::now()))
                 .transpose()?;
             let (b, h, wd, c) = x.1.shape().dims4()?;
-            let (co, kh, kw, cg) = if self.nchw {
-                let (co, cg, kh, kw) = w.1.shape().dims4()?;
-                (co, kh, kw, cg)
-            } else {
-                w.1.shape().dims4()?
-            };
+            let (co, kh, kw, cg) = w.1.shape().dims4()?;
             if cg * self.groups != c || (self.groups != 1 && self.groups != co) {
                 candle_core::bail!(
                     "cudnn-conv: weight {:?} for input {:?} in {} groups",
@@ -776,14 +718,6 @@ mod cudnn_conv {
             };
             let xs = T::as_cuda_slice(x.0)?.slice(xo..);
             let ws = T::as_cuda_slice(w.0)?.slice(wo_..);
-            // channels first: cuDNN reads a transposed copy of the input ([`nchw_f32`])
-            let xt: CudaSlice<T>;
-            let xs = if self.nchw {
-                xt = transposed(&dev, &xs, b, h * wd, c)?;
-                xt.slice(0..)
-            } else {
-                xs
-            };
             let handle = HANDLES.with(|hs| -> Result<Arc<Cudnn>> {
                 if let Some(h) = hs.borrow().get(&dev.id()) {
                     return Ok(h.clone());
@@ -792,8 +726,7 @@ mod cudnn_conv {
                 hs.borrow_mut().insert(dev.id(), h.clone());
                 Ok(h)
             })?;
-            let nchw = self.nchw as usize;
-            let key: Key = (T::DTYPE, [b, h, wd, c, co, kh, kw, s, p, self.groups, nchw]);
+            let key: Key = (T::DTYPE, [b, h, wd, c, co, kh, kw, s, p, self.groups]);
             // the plan is taken out of the map while it is used and put back after, so the
             // map is not borrowed across the launch
             let plan = PLANS.with(|m| m.borrow_mut().remove(&key));
@@ -889,12 +822,6 @@ mod cudnn_conv {
             let ran = ran?;
             plan.algo = Some(ran);
             PLANS.with(|m| m.borrow_mut().insert(key, plan));
-            // and writes its output channels first: back to channels last
-            let y = if self.nchw {
-                transposed(&dev, &y.slice(0..), b, co, ho * wo)?
-            } else {
-                y
-            };
             Ok((T::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, co))))
         }
     }
@@ -928,6 +855,122 @@ mod cudnn_conv {
                 DType::BF16 => self.launch::<half::bf16>((x, xl), (w, wl), M::CUDNN_TENSOR_OP_MATH),
                 other => candle_core::bail!("cudnn-conv: {other:?} is not supported"),
             }
+        }
+    }
+}
+
+/// Whether passes' outputs are copied back into page-locked memory ([`PinnedTable`]; on unless
+/// `FREQTAG_GPU_PAGEABLE=1`, kept for comparison).
+pub fn pinned_copy_back() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FREQTAG_GPU_PAGEABLE").is_none_or(|v| v == "0"))
+}
+
+thread_local! {
+    /// The page-locked buffer of this thread's last [`PinnedTable`], kept for the next one.
+    static KEPT: RefCell<Option<cudarc::driver::PinnedHostSlice<f32>>> = const { RefCell::new(None) };
+}
+
+/// Host memory, page-locked, that a group of images' passes are copied back into, one pass after
+/// the other; its buffer is kept per thread (each worker's GPU thread) for the next group.
+///
+/// Why: a copy into ordinary (pageable) memory goes through the driver's staging buffers, and
+/// into a fresh vector it also faults every page in on the way: on an H100's host (session 15's
+/// one-worker profile) 1.0-1.3 GB/s, 83 ms of MobileNetV2's 243 ms a pass of 1 300 frames. Into
+/// page-locked memory the GPU writes directly, and a kept buffer faults nothing in.
+pub struct PinnedTable {
+    buf: Option<cudarc::driver::PinnedHostSlice<f32>>,
+    len: usize,
+}
+
+impl PinnedTable {
+    /// An empty table, taking this thread's kept buffer if there is one.
+    pub fn new() -> Self {
+        PinnedTable {
+            buf: KEPT.with(|k| k.borrow_mut().take()),
+            len: 0,
+        }
+    }
+
+    /// Appends `x`'s values (f32, on a CUDA device, laid out contiguously) to the table, which
+    /// grows (to `total` values at least) where its buffer is too small. Waits for the copy.
+    pub fn append(&mut self, x: &candle_core::Tensor, total: usize) -> Result<()> {
+        let candle_core::Device::Cuda(dev) = x.device() else {
+            candle_core::bail!("copy back: the tensor is not on a GPU")
+        };
+        let n = x.elem_count();
+        let need = self.len + n;
+        if self.buf.as_ref().is_none_or(|b| b.len() < need) {
+            let size = need.max(total);
+            let ctx = dev.cuda_stream().context().clone();
+            // SAFETY: only the first `len` values are read before they are written (below).
+            // Flags 0: cached host memory, which the CPU reads back at full speed (cudarc's
+            // `alloc_pinned` asks for write-combined memory, slow to read).
+            let mut fresh = unsafe { ctx.alloc_pinned_with_flags::<f32>(size, 0) }
+                .map_err(|e| candle_core::Error::Msg(format!("page-locked memory: {e:?}")))?;
+            if self.len > 0 {
+                let old = self.as_slice()?;
+                let dst = fresh
+                    .as_mut_slice()
+                    .map_err(|e| candle_core::Error::Msg(format!("page-locked memory: {e:?}")))?;
+                dst[..old.len()].copy_from_slice(old);
+            }
+            self.buf = Some(fresh);
+        }
+        let stream = dev.cuda_stream();
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("copy back: the tensor is not on a GPU")
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("copy back: the tensor is not contiguous")
+        }
+        let src = s
+            .as_cuda_slice::<f32>()?
+            .slice(layout.start_offset()..layout.start_offset() + n);
+        let buf = self.buf.as_mut().expect("allocated above");
+        let dst = buf
+            .as_mut_slice()
+            .map_err(|e| candle_core::Error::Msg(format!("page-locked memory: {e:?}")))?;
+        stream
+            .memcpy_dtoh(&src, &mut dst[self.len..need])
+            .map_err(|e| candle_core::Error::Msg(format!("copy back: {e:?}")))?;
+        // the copy is asynchronous into a plain slice: the values are there once the stream is
+        stream
+            .synchronize()
+            .map_err(|e| candle_core::Error::Msg(format!("copy back: {e:?}")))?;
+        self.len = need;
+        Ok(())
+    }
+
+    /// The values appended so far.
+    pub fn as_slice(&self) -> Result<&[f32]> {
+        match &self.buf {
+            None => Ok(&[]),
+            Some(b) => b
+                .as_slice()
+                .map(|s| &s[..self.len])
+                .map_err(|e| candle_core::Error::Msg(format!("page-locked memory: {e:?}"))),
+        }
+    }
+}
+
+impl Default for PinnedTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinnedTable {
+    fn drop(&mut self) {
+        // the larger of this table's buffer and one kept meanwhile stays for the next table
+        if let Some(b) = self.buf.take() {
+            KEPT.with(|k| {
+                let mut k = k.borrow_mut();
+                if k.as_ref().is_none_or(|old| old.len() < b.len()) {
+                    *k = Some(b);
+                }
+            });
         }
     }
 }

@@ -48,15 +48,6 @@ pub fn scale_shift_act_mean(b: usize, c: usize) -> Launch {
     }
 }
 
-/// `transpose` of `b` frames of `rows x cols`: tiles of 32 x 32, 8 rows of threads (at most
-/// 65 535 frames).
-pub fn transpose(b: usize, rows: usize, cols: usize) -> Launch {
-    Launch {
-        grid: (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, b as u32),
-        block: (32, 8, 1),
-    }
-}
-
 /// The kernels, in CUDA C for NVRTC (no headers), each instantiated for f32, f16 and bf16 as
 /// `{name}_f32`, `{name}_f16` and `{name}_bf16`, computing in f32.
 pub const SOURCE: &str = r#"
@@ -179,25 +170,6 @@ __device__ void scale_shift_act_mean(const T* x, const float* ss, const T* r, T*
     }
 }
 
-// y [b][cols][rows] = x [b][rows][cols] transposed, frame by frame (NHWC <-> NCHW: rows = h*w and
-// cols = c, or back); tiles of 32 x 32 through shared memory, so that reads and writes both run
-// along memory. Block (32, 8), grid (cols / 32, rows / 32 rounded up, b): the host's transpose
-template <typename T>
-__device__ void transpose(const T* x, T* y, unsigned int rows, unsigned int cols) {
-    __shared__ float tile[32][33];
-    unsigned long long base = (unsigned long long)blockIdx.z * rows * cols;
-    unsigned int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
-    for (unsigned int j = threadIdx.y; j < 32; j += 8) {
-        unsigned int r = r0 + j, c = c0 + threadIdx.x;
-        if (r < rows && c < cols) tile[j][threadIdx.x] = ld(x, base + (unsigned long long)r * cols + c);
-    }
-    __syncthreads();
-    for (unsigned int j = threadIdx.y; j < 32; j += 8) {
-        unsigned int c = c0 + j, r = r0 + threadIdx.x;
-        if (r < rows && c < cols) st(y, base + (unsigned long long)c * rows + r, tile[threadIdx.x][j]);
-    }
-}
-
 #define INSTANCES(T, NAME) \
 extern "C" __global__ void scale_shift_act_##NAME(const T* x, const float* ss, const T* r, T* y, \
         unsigned long long n, unsigned int c, int act) { scale_shift_act(x, ss, r, y, n, c, act); } \
@@ -208,9 +180,7 @@ extern "C" __global__ void spatial_mean_##NAME(const T* x, float* y, unsigned in
         spatial_mean(x, y, hw, c); } \
 extern "C" __global__ void scale_shift_act_mean_##NAME(const T* x, const float* ss, const T* r, \
         T* y, float* mean, unsigned int hw, unsigned int c, int act) { \
-        scale_shift_act_mean(x, ss, r, y, mean, hw, c, act); } \
-extern "C" __global__ void transpose_##NAME(const T* x, T* y, unsigned int rows, unsigned int cols) { \
-        transpose(x, y, rows, cols); }
+        scale_shift_act_mean(x, ss, r, y, mean, hw, c, act); }
 INSTANCES(float, f32)
 INSTANCES(h16, f16)
 INSTANCES(b16, bf16)

@@ -26,10 +26,9 @@ enum ConvKind {
     /// convolution per channel.)
     Windows(Vec<Tensor>),
     /// On a GPU with cuDNN, full or depthwise (the `usize` is the group count): NHWC in and
-    /// out, weight `[Cout, k, k, Cin/groups]`, or with the `bool` cuDNN runs channels first on
-    /// transposed copies, weight `[Cout, Cin, k, k]` (see [`super::cuda_ops::CudnnConv`]).
+    /// out, weight `[Cout, k, k, Cin/groups]` (see [`super::cuda_ops::CudnnConv`]).
     #[cfg(feature = "cudnn")]
-    Cudnn(Tensor, usize, bool),
+    Cudnn(Tensor, usize),
     /// On a CUDA GPU, depthwise: freqtag's kernel ([`super::cuda_ops::DepthwiseConv`]), f32
     /// weight `[C, k*k]`.
     #[cfg(feature = "cuda")]
@@ -95,15 +94,8 @@ impl Conv {
             #[cfg(feature = "cudnn")]
             let kind = match kind {
                 ConvKind::Im2col(_) if dev.is_cuda() && super::cuda_ops::enabled() => {
-                    // channels first for f32 full convolutions where asked (FREQTAG_GPU_NCHW)
-                    let nchw =
-                        super::cuda_ops::nchw_f32() && groups == 1 && dt == candle_core::DType::F32;
-                    let w = if nchw {
-                        weight.contiguous()?
-                    } else {
-                        weight.permute((0, 2, 3, 1))?.contiguous()?
-                    };
-                    ConvKind::Cudnn(to(w)?, groups, nchw)
+                    let w = weight.permute((0, 2, 3, 1))?.contiguous()?;
+                    ConvKind::Cudnn(to(w)?, groups)
                 }
                 other => other,
             };
@@ -193,14 +185,13 @@ impl Conv {
                 x.contiguous()?.apply_op2_no_bwd(wt, &op)
             })?,
             #[cfg(feature = "cudnn")]
-            ConvKind::Cudnn(wt, groups, nchw) => {
+            ConvKind::Cudnn(wt, groups) => {
                 let name = if *groups == 1 { "conv" } else { "depthwise" };
                 super::profile::op(name, x, || {
                     let op = super::cuda_ops::CudnnConv {
                         stride: self.stride,
                         pad: self.pad,
                         groups: *groups,
-                        nchw: *nchw,
                     };
                     x.contiguous()?.apply_op2_no_bwd(wt, &op)
                 })?

@@ -328,12 +328,13 @@ pub fn record_many(
     let batch = batch.max(1);
     // every pass's outputs on the host, one row per frame across images: each tap's channels
     // side by side, then the logits (`width` values a row, the same for every pass)
-    let mut table: Vec<f32> = Vec::new();
+    let mut table = HostTable::new(ds.tuples.device());
+    let total_rows = images.len() * per_image;
     let mut channels = vec![0usize; taps.len()];
     let mut width = 0usize;
     let mut pending: Vec<Tensor> = Vec::new();
     let mut pending_frames = 0usize;
-    let mut run = |x: &Tensor, table: &mut Vec<f32>| -> candle_core::Result<()> {
+    let mut run = |x: &Tensor, table: &mut HostTable| -> candle_core::Result<()> {
         let mut rec = Recorder::new(taps);
         let l = super::profile::op("forward", x, || net.forward_nhwc(x, &mut rec))?;
         let mut outs = rec.finish()?;
@@ -341,17 +342,12 @@ pub fn record_many(
             channels[t] = v.dim(1)?;
         }
         // one copy back per pass: every tap and the logits side by side, `[B, sum C + classes]`,
-        // as one flat vector (rows split out and regrouped per tap cost MobileNetV2 up to 50 ms
+        // as one flat block (rows split out and regrouped per tap cost MobileNetV2 up to 50 ms
         // a pass on the host, most of it in fresh pages)
         outs.push(l);
         let all = Tensor::cat(&outs, 1)?;
         width = all.dim(1)?;
-        if table.is_empty() {
-            table.reserve(images.len() * per_image * width);
-        }
-        let flat = super::profile::op("copy back", x, || all.flatten_all()?.to_vec1::<f32>())?;
-        table.extend_from_slice(&flat);
-        Ok(())
+        super::profile::op("copy back", x, || table.append(&all, total_rows * width))
     };
     let mut stimulus_seconds = Vec::with_capacity(images.len());
     for (i, (rgb, id)) in images.iter().enumerate() {
@@ -374,6 +370,7 @@ pub fn record_many(
         }
     }
     let tap_columns: usize = channels.iter().sum();
+    let table = table.as_slice()?;
     let mut out = Vec::with_capacity(images.len());
     for i in 0..images.len() {
         let rows = &table[i * per_image * width..(i + 1) * per_image * width];
@@ -399,6 +396,48 @@ pub fn record_many(
         });
     }
     Ok(out)
+}
+
+/// Where a group's passes are copied back to, one after the other: page-locked memory kept per
+/// thread on a GPU (`cuda_ops::PinnedTable`, unless `FREQTAG_GPU_PAGEABLE=1`), else a vector.
+enum HostTable {
+    Vec(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Pinned(super::cuda_ops::PinnedTable),
+}
+
+impl HostTable {
+    fn new(dev: &Device) -> Self {
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() && super::cuda_ops::pinned_copy_back() {
+            return HostTable::Pinned(super::cuda_ops::PinnedTable::new());
+        }
+        let _ = dev;
+        HostTable::Vec(Vec::new())
+    }
+
+    /// Appends `x`'s values (`total`: how many the table will hold in the end).
+    fn append(&mut self, x: &Tensor, total: usize) -> candle_core::Result<()> {
+        match self {
+            HostTable::Vec(v) => {
+                if v.is_empty() {
+                    v.reserve(total);
+                }
+                v.extend_from_slice(&x.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            HostTable::Pinned(t) => t.append(x, total),
+        }
+    }
+
+    fn as_slice(&self) -> candle_core::Result<&[f32]> {
+        match self {
+            HostTable::Vec(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            HostTable::Pinned(t) => t.as_slice(),
+        }
+    }
 }
 
 /// A frame's three channel planes `[3, H*W]` into interleaved channels `[H*W, 3]`.

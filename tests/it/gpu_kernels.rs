@@ -114,12 +114,6 @@ int main(int argc, char** argv) {
             a[1], a[2], (int)a[3]); });
         save(dir, "y", y);
         save(dir, "mean", m);
-    } else if (k == "transpose") {
-        // a: b, rows, cols
-        auto x = load(dir, "x");
-        std::vector<float> y(a[0] * a[1] * a[2], NAN);
-        launch(g, b, [&] { transpose_f32(x.data(), y.data(), a[1], a[2]); });
-        save(dir, "y", y);
     } else {
         std::fprintf(stderr, "unknown kernel %s\n", k.c_str());
         return 2;
@@ -342,38 +336,6 @@ fn gpu_kernels_on_the_cpu() {
                 assert_means(&read(dir, "mean"), &want_mean, &format!("its mean, {what}"));
             }
         }
-
-        // channels last to first and back
-        let want: Vec<f32> = (0..n)
-            .map(|i| {
-                let (f, rest) = (i / (c * hw), i % (c * hw));
-                let (ch, q) = (rest / hw, rest % hw);
-                x[(f * hw + q) * c + ch]
-            })
-            .collect();
-        run(
-            &exe,
-            dir,
-            "transpose",
-            gpu_kernels::transpose(b, hw, c),
-            &[b, hw, c],
-        );
-        let nchw = read(dir, "y");
-        assert_bits(&nchw, &want, &format!("transpose to NCHW {b}x{h}x{w}x{c}"));
-        write(dir, "x", &nchw);
-        run(
-            &exe,
-            dir,
-            "transpose",
-            gpu_kernels::transpose(b, c, hw),
-            &[b, c, hw],
-        );
-        assert_bits(
-            &read(dir, "y"),
-            &x,
-            &format!("transpose back {b}x{h}x{w}x{c}"),
-        );
-        write(dir, "x", &x);
 
         // depthwise k x k, stride s, padding p; weights [c, k, k]
         for (k, s, p) in [(3, 1, 1), (3, 2, 1), (5, 2, 2)] {
