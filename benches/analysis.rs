@@ -47,6 +47,7 @@ fn decode() {
     let bytes: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let pre = freqtag::model::Preprocess {
         resize: 256,
+        pillow: freqtag::model::Pillow::V13,
         crop: 224,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],

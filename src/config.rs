@@ -59,6 +59,12 @@ pub struct SourceConfig {
     /// Process at most this many images (the first ones in sorted order).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Whose resize images are prepared with, to the bit, as torchvision's `Resize` gives them:
+    /// `13` (Pillow 13, the default) or `12` (Pillow 12; earlier versions are taken as 12). They
+    /// order their two passes differently for images whose height shrinks by more than twice as
+    /// many pixels as their width (README, "Inputs").
+    #[serde(default)]
+    pub pillow: crate::model::Pillow,
 }
 
 /// How an image gets its label.
@@ -616,6 +622,15 @@ impl Plan {
             .sum()
     }
 
+    /// How images are prepared: the model's sizes and normalisation, with `source.pillow`'s
+    /// resize order.
+    pub fn preprocess(&self) -> crate::model::Preprocess {
+        crate::model::Preprocess {
+            pillow: self.pipeline.source.pillow,
+            ..self.arch.preprocess()
+        }
+    }
+
     /// Images in one forward pass on a GPU: `model.device_batch` frames over each image's
     /// distinct frames and its unmodulated one; at least 1.
     pub fn images_per_pass(&self) -> usize {
@@ -629,11 +644,17 @@ impl Plan {
         let mut out = String::new();
         out.push_str(&format!("pipeline   {}\n", self.file.display()));
         out.push_str(&format!("source     {}\n", self.source_dir.display()));
+        let pre = self.preprocess();
         out.push_str(&format!(
-            "model      {} ({}x{} input), weights {}\n",
+            "model      {} ({}x{} input: short side to {}, centre crop, as Pillow {} resizes), weights {}\n",
             self.arch.name(),
-            self.arch.input_size(),
-            self.arch.input_size(),
+            pre.crop,
+            pre.crop,
+            pre.resize,
+            match pre.pillow {
+                crate::model::Pillow::V12 => 12,
+                crate::model::Pillow::V13 => 13,
+            },
             match &self.weights {
                 WeightsSource::File(p) => p.display().to_string(),
                 WeightsSource::Fetch(n) => format!("fetch:{n}"),
@@ -693,6 +714,28 @@ fn abbreviate(items: &[String], n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `source.pillow` takes a major version as a number or a string (a full version too), and
+    /// names what it takes otherwise.
+    #[test]
+    fn pillow_takes_a_major_version() {
+        use crate::model::Pillow;
+        let parse = |v: &str| {
+            toml::from_str::<SourceConfig>(&format!("path = \"x\"\n{v}"))
+                .map(|s| s.pillow)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(""), Ok(Pillow::V13));
+        assert_eq!(parse("pillow = 12"), Ok(Pillow::V12));
+        assert_eq!(parse("pillow = 13"), Ok(Pillow::V13));
+        assert_eq!(parse("pillow = \"12.3.0\""), Ok(Pillow::V12));
+        assert_eq!(parse("pillow = 12.3"), Ok(Pillow::V12));
+        assert_eq!(parse("pillow = 9"), Ok(Pillow::V12));
+        for bad in ["pillow = 14", "pillow = \"latest\"", "pillow = -1"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("12 (Pillow 12 and earlier) or 13"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn device_batch_is_sized_for_the_input_and_the_workers_unless_set() {

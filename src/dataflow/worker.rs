@@ -771,7 +771,7 @@ pub(crate) fn run_worker(
         Rc::new(RefCell::new(BTreeMap::new()));
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let probe = ProbeHandle::new();
-    let pre = plan.arch.preprocess();
+    let pre = plan.preprocess();
     let nb = Neighbourhood {
         n: plan.pipeline.spectrum.neighbours,
         skip: plan.pipeline.spectrum.skip,

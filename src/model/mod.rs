@@ -122,11 +122,98 @@ pub enum ConvRole {
     Other,
 }
 
+/// Which Pillow's bilinear resize images are prepared with, to the bit (`source.pillow`; README,
+/// "Inputs"). Both resize in two passes, each into bytes; they differ in which pass runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pillow {
+    /// Pillow 12: the horizontal pass first, but for images more than 100 times taller than
+    /// wide whose height shrinks, which `Image.resize` resizes vertically first (two calls).
+    V12,
+    /// Pillow 13: the vertical pass first where the height shrinks by more than twice as many
+    /// pixels as the width does, else the horizontal one (`ImagingResampleInner`).
+    #[default]
+    V13,
+}
+
+impl Pillow {
+    /// The setting's values, for messages.
+    pub const VALUES: &'static str = "12 (Pillow 12 and earlier) or 13 (Pillow 13)";
+
+    /// Whether a resize of `w x h` to `nw x nh` runs its vertical pass first.
+    pub fn vertical_first(self, w: u32, h: u32, nw: u32, nh: u32) -> bool {
+        let (dw, dh) = (w as i64 - nw as i64, h as i64 - nh as i64);
+        match self {
+            Pillow::V12 => h as u64 > 100 * w as u64 && nh < h,
+            Pillow::V13 => dh > 0 && dh > 2 * dw,
+        }
+    }
+}
+
+impl Serialize for Pillow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Pillow::V12 => "12",
+            Pillow::V13 => "13",
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Pillow {
+    /// `12` or `13`, as a number or a string (`"13"`, or a version such as `"12.3.0"`).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Pillow;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "the major version of Pillow to follow: {}",
+                    Pillow::VALUES
+                )
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Pillow, E> {
+                match v {
+                    ..=12 => Ok(Pillow::V12),
+                    13 => Ok(Pillow::V13),
+                    _ => Err(E::custom(format!(
+                        "Pillow {v} is not known to freqtag; use {}",
+                        Pillow::VALUES
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Pillow, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("{v}: use {}", Pillow::VALUES))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Pillow, E> {
+                // `--set source.pillow=12.3` reads as a number
+                if v.is_finite() && v >= 0.0 {
+                    self.visit_u64(v as u64)
+                } else {
+                    Err(E::custom(format!("{v}: use {}", Pillow::VALUES)))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Pillow, E> {
+                let major = v.trim().split('.').next().unwrap_or("");
+                match major.parse::<u64>() {
+                    Ok(m) => self.visit_u64(m),
+                    Err(_) => Err(E::custom(format!("\"{v}\": use {}", Pillow::VALUES))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// How images are brought to the model's input.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Preprocess {
     /// Short side resized to this before the centre crop (not resampled when it already is).
     pub resize: u32,
+    /// Which Pillow's resize order is followed (`source.pillow`).
+    pub pillow: Pillow,
     /// Square centre crop = model input side.
     pub crop: u32,
     /// Per-channel mean of RGB in [0,1].
@@ -195,12 +282,14 @@ impl Arch {
         match self {
             Arch::ResNetCifar(_) => Preprocess {
                 resize: 32,
+                pillow: Pillow::V13,
                 crop: 32,
                 mean: IMAGENET_MEAN,
                 std: IMAGENET_STD,
             },
             Arch::MobileNetV2 | Arch::ResNet(_) | Arch::Vgg(_) => Preprocess {
                 resize: 256,
+                pillow: Pillow::V13,
                 crop: 224,
                 mean: IMAGENET_MEAN,
                 std: IMAGENET_STD,
@@ -208,6 +297,7 @@ impl Arch {
             // (x - 127) / 128 on 0..255 is (x/255 - 127/255) / (128/255)
             Arch::EfficientNetLite0 => Preprocess {
                 resize: 256,
+                pillow: Pillow::V13,
                 crop: 224,
                 mean: [127.0 / 255.0; 3],
                 std: [128.0 / 255.0; 3],

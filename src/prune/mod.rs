@@ -306,7 +306,7 @@ fn load_eval(plan: &Plan, pr: &PruneConfig, eval_path: &Path) -> EvalSet {
         .filter(|r| !scored.contains(&locator_key(&r.loc)))
         .collect();
     let excluded = before - refs.len();
-    let pre = plan.arch.preprocess();
+    let pre = plan.preprocess();
     let decoded: Vec<_> = refs
         .par_iter()
         .map(|r| source::prepare(&r.loc, pre))
@@ -510,7 +510,7 @@ pub fn run(plan: &Plan, scores_dir: &Path, out: &Path) -> Result<PruneSummary> {
         candidates = cands.len(),
         "pruning evaluation"
     );
-    let pre = plan.arch.preprocess();
+    let pre = plan.preprocess();
     let side = pre.crop as usize;
     let batch = pr.batch_size;
     let evaluate = |pruned: &[usize]| -> Result<Vec<i64>> {

@@ -327,7 +327,8 @@ pub fn prepare_bytes(bytes: &[u8], pre: Preprocess) -> Result<Vec<f32>, String> 
         return Err("empty image".into());
     }
     let (nw, nh) = resized_size(w, h, pre.resize);
-    Ok(resize_crop(&img, nw, nh, pre.crop))
+    let vertical_first = pre.pillow.vertical_first(w, h, nw, nh);
+    Ok(resize_crop(&img, nw, nh, pre.crop, vertical_first))
 }
 
 /// A JPEG decoded as Pillow and torchvision decode it, by libjpeg-turbo's code (through
@@ -450,14 +451,45 @@ fn to_byte(sum: i64) -> u8 {
     (sum >> WEIGHT_BITS).clamp(0, 255) as u8
 }
 
+/// One resampled pixel: the weighted sum of `ks` over the pixels `at(0)`, `at(1)`..., rounded
+/// and clamped into bytes as Pillow does.
+#[inline(always)]
+fn resample(ks: &[i32], at: impl Fn(u32) -> [u8; 3]) -> [u8; 3] {
+    let mut s = [1i64 << (WEIGHT_BITS - 1); 3];
+    for (i, k) in ks.iter().enumerate() {
+        for (s, p) in s.iter_mut().zip(at(i as u32)) {
+            *s += p as i64 * *k as i64;
+        }
+    }
+    s.map(to_byte)
+}
+
+/// The input pixels `weights` read: from the first one's first to the last one's end.
+fn support(weights: &[(u32, Vec<i32>)]) -> std::ops::Range<u32> {
+    let lo = weights.iter().map(|(f, _)| *f).min().unwrap_or(0);
+    let hi = weights
+        .iter()
+        .map(|(f, k)| f + k.len() as u32)
+        .max()
+        .unwrap_or(0);
+    lo..hi
+}
+
 /// `img` resized to `nw x nh` with Pillow's bilinear filter, then its centre `crop x crop` as
 /// torchvision's `CenterCrop` takes it (zeros where the image is smaller than the crop), as
 /// RGB in [0,1] `[3, crop, crop]`: the tensor of torchvision's `Resize` + `CenterCrop` +
-/// `ToTensor` on a PIL image, to the bit. Like Pillow, a horizontal pass into bytes, then a
-/// vertical one; an axis whose size does not change is not resampled. Only the pixels inside
-/// the crop are computed, from the input rows and columns they need (an ImageNet photo resized
-/// to 256 and cropped to 224: about a third of the work of resizing it whole).
-fn resize_crop(img: &image::RgbImage, nw: u32, nh: u32, crop: u32) -> Vec<f32> {
+/// `ToTensor` on a PIL image, to the bit. Like Pillow, one pass into bytes, then the other:
+/// horizontal first, or vertical first with `vertical_first` (Pillow 13 for some shapes, see
+/// [`crate::model::Pillow`]); an axis whose size does not change is not resampled. Only the
+/// pixels inside the crop are computed, from the input rows and columns they need (an ImageNet
+/// photo resized to 256 and cropped to 224: about a third of the work of resizing it whole).
+fn resize_crop(
+    img: &image::RgbImage,
+    nw: u32,
+    nh: u32,
+    crop: u32,
+    vertical_first: bool,
+) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let c = crop as usize;
     let n = c * c;
@@ -468,31 +500,56 @@ fn resize_crop(img: &image::RgbImage, nw: u32, nh: u32, crop: u32) -> Vec<f32> {
     let rows = top.max(0) as u32..(top + crop as i64).min(nh as i64) as u32;
     let across = (nw != w).then(|| bilinear_weights(w, nw, cols.clone()));
     let down = (nh != h).then(|| bilinear_weights(h, nh, rows.clone()));
-    // the input rows the vertical pass reads
-    let needed = match &down {
-        None => rows.clone(),
-        Some(ws) => {
-            let lo = ws.iter().map(|(f, _)| *f).min().unwrap_or(0);
-            let hi = ws
-                .iter()
-                .map(|(f, k)| f + k.len() as u32)
-                .max()
-                .unwrap_or(0);
-            lo..hi
+    let px = img.as_raw();
+    let pixel = |x: u32, y: u32| {
+        let i = 3 * (y as usize * w as usize + x as usize);
+        [px[i], px[i + 1], px[i + 2]]
+    };
+    let mut put = |r: usize, j: usize, p: [u8; 3]| {
+        let oy = (rows.start as i64 + r as i64 - top) as usize;
+        let ox = (cols.start as i64 + j as i64 - left) as usize;
+        let i = oy * c + ox;
+        for (ch, v) in p.iter().enumerate() {
+            out[ch * n + i] = *v as f32 / 255.0;
         }
     };
-    let px = img.as_raw();
+    if vertical_first {
+        // vertical pass: the crop's rows of every input column the horizontal pass reads
+        let needed = across.as_deref().map_or(cols.clone(), support);
+        let span = needed.len();
+        let mut tall: Vec<[u8; 3]> = Vec::with_capacity(rows.len() * span);
+        for (r, y) in rows.clone().enumerate() {
+            tall.extend(needed.clone().map(|x| match &down {
+                None => pixel(x, y),
+                Some(ws) => resample(&ws[r].1, |i| pixel(x, ws[r].0 + i)),
+            }));
+        }
+        // horizontal pass, into the crop
+        for r in 0..rows.len() {
+            let line = &tall[r * span..][..span];
+            for (j, x) in cols.clone().enumerate() {
+                let p = match &across {
+                    None => line[(x - needed.start) as usize],
+                    Some(ws) => {
+                        let (first, ks) = &ws[j];
+                        resample(ks, |i| line[(first + i - needed.start) as usize])
+                    }
+                };
+                put(r, j, p);
+            }
+        }
+        return out;
+    }
+    // horizontal pass: the crop's columns of every input row the vertical pass reads
+    let needed = down.as_deref().map_or(rows.clone(), support);
     let span = cols.len();
-    // horizontal pass: the crop's columns of every needed row, in bytes
     let mut wide: Vec<[u8; 3]> = Vec::with_capacity(needed.len() * span);
     for y in needed.clone() {
         let row = &px[3 * y as usize * w as usize..][..3 * w as usize];
-        match &across {
-            None => wide.extend(cols.clone().map(|x| {
-                let i = 3 * x as usize;
-                [row[i], row[i + 1], row[i + 2]]
-            })),
-            Some(ws) => wide.extend(ws.iter().map(|(first, ks)| {
+        wide.extend(cols.clone().enumerate().map(|(j, x)| match &across {
+            None => pixel(x, y),
+            Some(ws) => {
+                let (first, ks) = &ws[j];
                 let mut s = [1i64 << (WEIGHT_BITS - 1); 3];
                 for (k, p) in ks.iter().zip(row[3 * *first as usize..].chunks_exact(3)) {
                     for (s, p) in s.iter_mut().zip(p) {
@@ -500,32 +557,20 @@ fn resize_crop(img: &image::RgbImage, nw: u32, nh: u32, crop: u32) -> Vec<f32> {
                     }
                 }
                 s.map(to_byte)
-            })),
-        }
+            }
+        }));
     }
     // vertical pass, into the crop
     for (r, y) in rows.clone().enumerate() {
-        let oy = (y as i64 - top) as usize;
         for j in 0..span {
             let p = match &down {
                 None => wide[(y - needed.start) as usize * span + j],
                 Some(ws) => {
                     let (first, ks) = &ws[r];
-                    let mut s = [1i64 << (WEIGHT_BITS - 1); 3];
-                    for (i, k) in ks.iter().enumerate() {
-                        let q = wide[(first + i as u32 - needed.start) as usize * span + j];
-                        for (s, q) in s.iter_mut().zip(q) {
-                            *s += q as i64 * *k as i64;
-                        }
-                    }
-                    s.map(to_byte)
+                    resample(ks, |i| wide[(first + i - needed.start) as usize * span + j])
                 }
             };
-            let ox = (cols.start as i64 + j as i64 - left) as usize;
-            let i = oy * c + ox;
-            for (ch, v) in p.iter().enumerate() {
-                out[ch * n + i] = *v as f32 / 255.0;
-            }
+            put(r, j, p);
         }
     }
     out
@@ -539,6 +584,33 @@ mod tests {
     /// centred with Python's half-to-even rounding, negative (zero padding) where the image is
     /// smaller than the crop. The pixels themselves are checked against Pillow in the
     /// integration tests (`preprocessing_gives_torchvision_s_tensors`).
+    /// Pillow 13's choice of first pass (`ImagingResampleInner`): vertical first where the
+    /// height shrinks by more than twice as many pixels as the width; Pillow 12 never.
+    #[test]
+    fn pillow_13_runs_the_vertical_pass_first_for_tall_shrinks() {
+        use crate::model::Pillow;
+        let v = |w, h, nw, nh| Pillow::V13.vertical_first(w, h, nw, nh);
+        // the one ImageNet sample of 1 000 whose bytes differ between the versions: 137 rows
+        // against 2 x 64 columns
+        assert!(v(320, 685, 256, 548));
+        assert!(!v(320, 650, 256, 578));
+        // at exactly twice, horizontal first
+        assert!(!v(300, 600, 200, 400));
+        assert!(v(300, 601, 200, 400));
+        // common photo shapes: horizontal first
+        assert!(!v(500, 375, 341, 256));
+        assert!(!v(375, 500, 256, 341));
+        // the height grows, or the width grows while the height shrinks a little
+        assert!(!v(100, 50, 80, 60));
+        assert!(v(50, 100, 60, 99));
+        assert!(!v(50, 100, 60, 100));
+        assert!(!Pillow::V12.vertical_first(320, 685, 256, 548));
+        // Pillow 12's exception (`Image.resize`): more than 100 times taller than wide
+        assert!(Pillow::V12.vertical_first(3, 301, 2, 200));
+        assert!(!Pillow::V12.vertical_first(3, 300, 2, 200));
+        assert!(!Pillow::V12.vertical_first(3, 301, 2, 400));
+    }
+
     #[test]
     fn sizes_and_crops_follow_torchvision() {
         // int(256 * 500 / 375) = 341; int(32 * 64 / 41) = 49 (rounding would give 50)

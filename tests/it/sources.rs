@@ -92,7 +92,10 @@ fn list_tar_and_parquet_sources_equal_the_folder() {
 
 /// Images prepared for the network are torchvision's tensors to the bit, on random pixels:
 /// `Resize` (Pillow's bilinear) then `CenterCrop`, as `tests/python/torchvision_preprocess.py`
-/// computes them with Pillow. Shrinking and enlarging, portrait and landscape, a long side that
+/// computes them with Pillow: with `source.pillow = 13` (the default) as Pillow 13's own
+/// `Image.resize` gives them, and with `12` as Pillow 12 resizes, horizontal pass first (two
+/// one-axis resizes by Pillow). Tall shapes whose height shrinks by more than twice as many
+/// pixels as their width are where the two differ; some must come out differently. Shrinking and enlarging, portrait and landscape, a long side that
 /// truncation and rounding size differently, crop offsets where half-to-even rounding and
 /// flooring differ, an image whose short side needs no resize, and crops larger than the image
 /// (zero padding), and 24 random shapes. Each as a PNG (the random ones) and as a JPEG (the `image` crate's encoder, quality 90), and
@@ -100,7 +103,7 @@ fn list_tar_and_parquet_sources_equal_the_folder() {
 /// code as in Pillow, where the `image` crate's decoder differs by a few levels.
 #[test]
 fn preprocessing_gives_torchvision_s_tensors() {
-    use freqtag::model::Preprocess;
+    use freqtag::model::{Pillow, Preprocess};
     let dir = tmp();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -119,6 +122,9 @@ fn preprocessing_gives_torchvision_s_tensors() {
         (50, 30, 32, 40),
         (300, 7, 16, 12),
         (32, 32, 32, 32),
+        // the vertical pass first in Pillow 13: 60x150 -> 32x80, 45x200 -> 40x177
+        (60, 150, 32, 30),
+        (45, 200, 40, 36),
     ];
     let mut files = Vec::new();
     for (w, h, short, crop) in cases {
@@ -144,28 +150,48 @@ fn preprocessing_gives_torchvision_s_tensors() {
         files.push((png, short, crop));
     }
     files.push((root().join("data/photos/mpl_grace_hopper.jpg"), 256, 224));
+    let mut apart = 0;
     for (file, short, crop) in files {
-        let pre = Preprocess {
-            resize: short,
-            crop,
-            ..freqtag::model::Arch::MobileNetV2.preprocess()
-        };
-        let ours = freqtag::source::prepare_bytes(&std::fs::read(&file).unwrap(), pre).unwrap();
+        let bytes = std::fs::read(&file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().to_string();
-        let out = dir.path().join(format!("{name}.bytes"));
-        let (s, c) = (short.to_string(), crop.to_string());
-        let (f, o) = (file.display().to_string(), out.display().to_string());
-        run_python("python/torchvision_preprocess.py", &[&f, &s, &c, &o]);
-        let theirs = std::fs::read(&out).unwrap();
-        assert_eq!(ours.len(), theirs.len(), "{name}");
-        let differ = ours
-            .iter()
-            .zip(&theirs)
-            .filter(|(a, b)| **a != **b as f32 / 255.0)
-            .count();
-        assert_eq!(
-            differ, 0,
-            "{name} -> {short}, crop {crop}: {differ} values differ"
+        let (out13, out12) = (
+            dir.path().join(format!("{name}.13.bytes")),
+            dir.path().join(format!("{name}.12.bytes")),
         );
+        let (s, c) = (short.to_string(), crop.to_string());
+        let f = file.display().to_string();
+        let (o13, o12) = (out13.display().to_string(), out12.display().to_string());
+        run_python(
+            "python/torchvision_preprocess.py",
+            &[&f, &s, &c, &o13, &o12],
+        );
+        let mut got = Vec::new();
+        for (pillow, out) in [(Pillow::V13, &out13), (Pillow::V12, &out12)] {
+            let pre = Preprocess {
+                resize: short,
+                crop,
+                pillow,
+                ..freqtag::model::Arch::MobileNetV2.preprocess()
+            };
+            let ours = freqtag::source::prepare_bytes(&bytes, pre).unwrap();
+            let theirs = std::fs::read(out).unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{name}");
+            let differ = ours
+                .iter()
+                .zip(&theirs)
+                .filter(|(a, b)| **a != **b as f32 / 255.0)
+                .count();
+            assert_eq!(
+                differ, 0,
+                "{name} -> {short}, crop {crop}, Pillow {pillow:?}: {differ} values differ"
+            );
+            got.push(ours);
+        }
+        apart += (got[0] != got[1]) as usize;
     }
+    // the orders are told apart: the tall shapes above (and random ones) resize differently
+    assert!(
+        apart >= 2,
+        "only {apart} images differ between Pillow 12 and 13's orders"
+    );
 }

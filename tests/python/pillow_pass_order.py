@@ -1,11 +1,12 @@
 """Which of its two passes the installed Pillow runs first in a bilinear resize.
 
-freqtag resizes as Pillow 12.3 does: the horizontal pass into 8-bit rows, then the vertical one
-(README, "Inputs"). Pillow 13.0 runs the vertical pass first for some shapes. This script
-resizes random images of random shapes with `Image.resize(..., BILINEAR)` and compares each
-result, bit for bit, with the two orders done by hand (two one-axis resizes), then prints how
-many matched which order and the shapes where the vertical pass came first, so that a rule can
-be looked for. Not part of the tests.
+freqtag resizes in Pillow 13's order by default (`source.pillow = 13`): the vertical pass first
+where the height shrinks by more than twice as many pixels as the width (`ImagingResampleInner`
+in Pillow's `libImaging/Resample.c`), else the horizontal one; Pillow 12 runs the horizontal pass
+first (README, "Inputs"). This script resizes random images of random shapes with
+`Image.resize(..., BILINEAR)` and compares each result, bit for bit, with the two orders done by
+hand (two one-axis resizes), then prints how many matched which order, the shapes where the
+vertical pass came first, and how many results Pillow 13's rule predicts. Not part of the tests.
 
     python tests/python/pillow_pass_order.py [CASES] [SEED]
 """
@@ -22,6 +23,7 @@ def main() -> int:
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 7
     rng = random.Random(seed)
     counts = {"horizontal first": 0, "vertical first": 0, "either": 0, "neither": 0}
+    rule = {"as the rule": 0, "against it": 0}
     vertical = []
     for t in range(cases):
         w, h = rng.randint(20, 700), rng.randint(20, 700)
@@ -41,6 +43,9 @@ def main() -> int:
         hv = img.resize((nw, h), Image.BILINEAR).resize((nw, nh), Image.BILINEAR)
         vh = img.resize((w, nh), Image.BILINEAR).resize((nw, nh), Image.BILINEAR)
         by_h, by_v = (full == np.asarray(hv)).all(), (full == np.asarray(vh)).all()
+        # Pillow 13's rule
+        v_first = (h - nh) > 0 and (h - nh) > 2 * (w - nw)
+        rule["as the rule" if (by_v if v_first else by_h) else "against it"] += 1
         if by_h and by_v:
             counts["either"] += 1
         elif by_h:
@@ -50,7 +55,7 @@ def main() -> int:
             vertical.append((w, h, nw, nh))
         else:
             counts["neither"] += 1
-    print(f"Pillow {__version__}: {counts}")
+    print(f"Pillow {__version__}: {counts}; Pillow 13's order: {rule}")
     for w, h, nw, nh in vertical:
         print(f"vertical first: {w}x{h} -> {nw}x{nh} (scale x {w / nw:.4f}, y {h / nh:.4f})")
     return 0

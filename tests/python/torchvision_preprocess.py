@@ -7,17 +7,28 @@ its source (torchvision.transforms.functional): the long side is `int(short * lo
 the crop starts at `int(round((size - crop) / 2.0))`, Python's rounding, after padding an image
 smaller than the crop with zeros, `(crop - size) // 2` before it. The resampling is Pillow's
 own `Image.resize(..., BILINEAR)`, the component torchvision calls (the test venv pins Pillow
-12.3; 13.0 orders its two passes differently for some shapes, README "Inputs").
+13.0).
 
-    python torchvision_preprocess.py IMAGE SHORT CROP OUT
+With a second output file, the same again as Pillow 12 and earlier resize: always the
+horizontal pass first, done here as two one-axis resizes (Pillow 13 runs the vertical pass
+first for some shapes; each one-axis resize is one pass into bytes in either version).
+
+    python torchvision_preprocess.py IMAGE SHORT CROP OUT [OUT_PILLOW12]
 """
 
 import sys
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, __version__
 
 
 def main() -> int:
+    if int(__version__.split(".")[0]) < 13:
+        print(
+            f"torchvision_preprocess.py: Pillow {__version__}; the reference is Pillow 13 "
+            "(tests/requirements.txt pins 13.0.0; scripts/test.sh installs it)",
+            file=sys.stderr,
+        )
+        return 2
     path, short, crop, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     img = Image.open(path).convert("RGB")
     w, h = img.size
@@ -25,7 +36,21 @@ def main() -> int:
     new_s, new_l = short, int(short * l / s)
     size = (new_s, new_l) if w <= h else (new_l, new_s)
     if size != img.size:
-        img = img.resize(size, Image.BILINEAR)
+        resized = img.resize(size, Image.BILINEAR)
+    else:
+        resized = img
+    write(resized, crop, out)
+    if len(sys.argv) > 5:
+        if size[0] != w:
+            img = img.resize((size[0], h), Image.BILINEAR)
+        if size[1] != h:
+            img = img.resize(size, Image.BILINEAR)
+        write(img, crop, sys.argv[5])
+    return 0
+
+
+def write(img: Image.Image, crop: int, out: str) -> None:
+    """`CenterCrop(crop)` of the resized image, its planes as bytes."""
     w, h = img.size
     if w < crop or h < crop:
         pad = (
@@ -42,7 +67,6 @@ def main() -> int:
     with open(out, "wb") as f:
         for p in planes:
             f.write(p.tobytes())
-    return 0
 
 
 if __name__ == "__main__":
