@@ -14,7 +14,7 @@
 # KEEP=1 to keep the temporary outputs, PAPER_IMAGES=DIR and QUICK_IMAGES=DIR for the two
 # pipelines' images (folders searched recursively), PAPER_WEIGHTS=FILE and QUICK_WEIGHTS=FILE, DEVICE=cuda (or cuda:N) to run both on a GPU
 # (freqtag built with scripts/build-cuda.sh; the baseline then takes an image's 240 frames in
-# one batch).
+# one batch, in float32 unless TF32=1).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -33,6 +33,9 @@ if [ -n "$n" ]; then ft_args+=(--set "source.limit=$n"); pt_args+=(--limit "$n")
 [ -n "${WORKERS:-}" ] && ft_args+=(--workers "$WORKERS")
 [ -n "${THREADS:-}" ] && pt_args+=(--threads "$THREADS")
 if [ -n "${DEVICE:-}" ]; then ft_args+=(--device "$DEVICE"); pt_args+=(--device "$DEVICE"); fi
+# TF32=1: the baseline keeps PyTorch's default TF32 convolutions on a GPU (faster; its spectra
+# then miss the 1e-4 agreement); by default it computes in float32 as freqtag does
+[ "${TF32:-0}" = 1 ] && pt_args+=(--tf32)
 
 run_pair() { # name pipeline-file image-folder [args of the baseline's first run...]
     # cl_more: arguments of the channels-last run only
