@@ -892,14 +892,14 @@ impl PinnedTable {
         }
     }
 
-    /// Appends `x`'s values (f32, on a CUDA device, laid out contiguously) to the table, which
-    /// grows (to `total` values at least) where its buffer is too small. Waits for the copy.
-    pub fn append(&mut self, x: &candle_core::Tensor, total: usize) -> Result<()> {
+    /// Makes room for `x`'s values after those already in the table, growing the buffer to
+    /// `total` values at least where it is too small. An error here (the driver refusing more
+    /// page-locked memory) leaves the table as it was.
+    pub fn reserve_for(&mut self, x: &candle_core::Tensor, total: usize) -> Result<()> {
         let candle_core::Device::Cuda(dev) = x.device() else {
             candle_core::bail!("copy back: the tensor is not on a GPU")
         };
-        let n = x.elem_count();
-        let need = self.len + n;
+        let need = self.len + x.elem_count();
         if self.buf.as_ref().is_none_or(|b| b.len() < need) {
             let size = need.max(total);
             let ctx = dev.cuda_stream().context().clone();
@@ -917,6 +917,18 @@ impl PinnedTable {
             }
             self.buf = Some(fresh);
         }
+        Ok(())
+    }
+
+    /// Appends `x`'s values (f32, on a CUDA device, laid out contiguously) to the table, which
+    /// grows (to `total` values at least) where its buffer is too small. Waits for the copy.
+    pub fn append(&mut self, x: &candle_core::Tensor, total: usize) -> Result<()> {
+        self.reserve_for(x, total)?;
+        let candle_core::Device::Cuda(dev) = x.device() else {
+            candle_core::bail!("copy back: the tensor is not on a GPU")
+        };
+        let n = x.elem_count();
+        let need = self.len + n;
         let stream = dev.cuda_stream();
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cuda(s) = &*storage else {

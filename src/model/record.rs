@@ -427,7 +427,20 @@ impl HostTable {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            HostTable::Pinned(t) => t.append(x, total),
+            HostTable::Pinned(t) => {
+                if let Err(e) = t.reserve_for(x, total) {
+                    // no more page-locked memory: on in ordinary memory, with what came back
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(
+                        || tracing::warn!(error = %e, "copying passes back into ordinary memory"),
+                    );
+                    let mut v = Vec::with_capacity(total);
+                    v.extend_from_slice(t.as_slice()?);
+                    *self = HostTable::Vec(v);
+                    return self.append(x, total);
+                }
+                t.append(x, total)
+            }
         }
     }
 
