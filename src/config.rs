@@ -651,10 +651,7 @@ impl Plan {
             pre.crop,
             pre.crop,
             pre.resize,
-            match pre.pillow {
-                crate::model::Pillow::V12 => 12,
-                crate::model::Pillow::V13 => 13,
-            },
+            pre.pillow.major(),
             match &self.weights {
                 WeightsSource::File(p) => p.display().to_string(),
                 WeightsSource::Fetch(n) => format!("fetch:{n}"),

@@ -139,6 +139,14 @@ impl Pillow {
     /// The setting's values, for messages.
     pub const VALUES: &'static str = "12 (Pillow 12 and earlier) or 13 (Pillow 13)";
 
+    /// The major version followed: 12 or 13.
+    pub fn major(self) -> u32 {
+        match self {
+            Pillow::V12 => 12,
+            Pillow::V13 => 13,
+        }
+    }
+
     /// Whether a resize of `w x h` to `nw x nh` runs its vertical pass first.
     pub fn vertical_first(self, w: u32, h: u32, nw: u32, nh: u32) -> bool {
         let (dw, dh) = (w as i64 - nw as i64, h as i64 - nh as i64);
@@ -151,10 +159,7 @@ impl Pillow {
 
 impl Serialize for Pillow {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(match self {
-            Pillow::V12 => "12",
-            Pillow::V13 => "13",
-        })
+        s.serialize_str(&self.major().to_string())
     }
 }
 
