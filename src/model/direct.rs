@@ -184,14 +184,20 @@ pub fn conv_mean_then_with(
     let (ho, wo) = s.out();
     let mut rows = vec![0f64; s.b * ho * s.cout];
     let out = run(isa, x, weight, s, Some(&mut rows), epilogue);
-    let mut mean = vec![0f32; s.b * s.cout];
+    (out, Some(frame_means(&rows, s.cout, ho, wo)))
+}
+
+/// The spatial means `[b, cout]` from each output row's sums `rows` (`[b * ho, cout]`, of `wo`
+/// pixels each): per frame the rows' sums added in order, then divided by `ho * wo`.
+pub(crate) fn frame_means(rows: &[f64], cout: usize, ho: usize, wo: usize) -> Vec<f32> {
     let n = (ho * wo) as f64;
+    let mut mean = vec![0f32; rows.len() / ho];
     for (m, frame) in mean
-        .chunks_exact_mut(s.cout)
-        .zip(rows.chunks_exact(ho * s.cout))
+        .chunks_exact_mut(cout)
+        .zip(rows.chunks_exact(ho * cout))
     {
-        let mut acc = vec![0f64; s.cout];
-        for row in frame.chunks_exact(s.cout) {
+        let mut acc = vec![0f64; cout];
+        for row in frame.chunks_exact(cout) {
             for (a, r) in acc.iter_mut().zip(row) {
                 *a += r;
             }
@@ -200,7 +206,7 @@ pub fn conv_mean_then_with(
             *m = (a / n) as f32;
         }
     }
-    (out, Some(mean))
+    mean
 }
 
 /// The convolution; with `rows` (`[b * ho, cout]`, zero) also each output row's sums; then
@@ -238,17 +244,7 @@ fn run(
     let len = s.b * ho * wo * n;
     // not zeroed first: the tiles write every output (below)
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    // the tiles of one output row, per block of channels (v vectors of the block's isa each)
-    let mut blocks = Vec::new();
-    let mut co = 0;
-    while co < n {
-        let left = n - co;
-        let isa = if left < isa.lanes() { Isa::Avx2 } else { isa };
-        assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
-        let v = isa.vectors(left);
-        blocks.push((co, isa, v, tile_width(isa, v, wo)));
-        co += isa.lanes() * v;
-    }
+    let blocks = blocks(isa, n, wo);
     let tiles = |row: usize, o: &mut [std::mem::MaybeUninit<f32>]| {
         let (bi, oy) = (row / ho, row % ho);
         let top = (bi * hp + oy * s.stride) * wp * s.c;
@@ -267,11 +263,13 @@ fn run(
                     w: weight[co..].as_ptr(),
                     n,
                     out: o[x0 * n + co..].as_mut_ptr().cast::<f32>(),
+                    ostride: n,
                 };
-                // SAFETY: the CPU supports the block's `isa` (asserted above); the tile reads rows
-                // oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the padded input,
-                // all inside it since x0 + r <= wo; it writes r pixels x v vectors of this
-                // output row from channel co, inside `o` since co + lanes * v <= n.
+                // SAFETY: the CPU supports the block's `isa` (asserted in `blocks`); the tile
+                // reads rows oy*stride .. +k and columns x0*stride .. +(r-1)*stride+k of the
+                // padded input, all inside it since x0 + r <= wo; it writes r pixels x v
+                // vectors of this output row from channel co, inside `o` since
+                // co + lanes * v <= n.
                 unsafe { run_tile(isa, v, r, &args) };
                 ox = x0 + r;
             }
@@ -304,6 +302,94 @@ fn run(
     // cover all n channels, so all len outputs were written
     unsafe { out.set_len(len) };
     out
+}
+
+/// How a row of `width` outputs of `n` channels (a multiple of 8) is tiled: per block of
+/// channels, its first channel, its instruction set (AVX2 for a last block of 8 under
+/// AVX-512), its vectors and its tile width.
+fn blocks(isa: Isa, n: usize, width: usize) -> Vec<(usize, Isa, usize, usize)> {
+    let mut blocks = Vec::new();
+    let mut co = 0;
+    while co < n {
+        let left = n - co;
+        let isa = if left < isa.lanes() { Isa::Avx2 } else { isa };
+        assert!(isa.supported(), "direct::conv: this CPU lacks {isa:?}");
+        let v = isa.vectors(left);
+        blocks.push((co, isa, v, tile_width(isa, v, width)));
+        co += isa.lanes() * v;
+    }
+    blocks
+}
+
+/// A matrix product by the convolution's microkernel, for products of one shape done many
+/// times (Winograd's, [`super::winograd`]): `m` rows of `k` inputs, `a_stride` floats apart,
+/// times `w` `[k, n]` row-major, into `m` rows of `n` outputs `out_stride` floats apart. Every
+/// output sums its `k` terms in order with one fused multiply-add each, in blocks of
+/// [`BLOCK`], whatever the instruction set.
+pub(crate) struct RowProduct {
+    blocks: Vec<(usize, Isa, usize, usize)>,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl RowProduct {
+    /// Panics unless `n` is a positive multiple of 8 and the CPU supports `isa`.
+    pub(crate) fn new(isa: Isa, m: usize, k: usize, n: usize) -> Self {
+        assert!(n > 0 && n.is_multiple_of(8) && m > 0 && k > 0);
+        RowProduct {
+            blocks: blocks(isa, n, m),
+            m,
+            k,
+            n,
+        }
+    }
+
+    /// `out[i * out_stride + j] = sum over t of a[i * a_stride + t] * w[t * n + j]`.
+    pub(crate) fn run(
+        &self,
+        a: &[f32],
+        a_stride: usize,
+        w: &[f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let (m, k, n) = (self.m, self.k, self.n);
+        assert!(a_stride >= k && out_stride >= n);
+        assert!(
+            a.len() >= (m - 1) * a_stride + k,
+            "row product: input too short"
+        );
+        assert!(w.len() >= k * n, "row product: weight too short");
+        assert!(
+            out.len() >= (m - 1) * out_stride + n,
+            "row product: output too short"
+        );
+        for &(co, isa, v, r) in &self.blocks {
+            let mut i = 0;
+            while i < m {
+                let i0 = i.min(m - r.min(m));
+                let r = r.min(m);
+                let args = Tile {
+                    x: a[i0 * a_stride..].as_ptr(),
+                    pixel: a_stride,
+                    row: 0,
+                    k: 1,
+                    kc: k,
+                    w: w[co..].as_ptr(),
+                    n,
+                    out: out[i0 * out_stride + co..].as_mut_ptr(),
+                    ostride: out_stride,
+                };
+                // SAFETY: the CPU supports the block's `isa` (asserted in `blocks`); the tile
+                // reads rows i0 .. i0 + r of `a` (k floats each) and k rows of `w` from column
+                // co, and writes those rows of `out` from column co, lanes * v <= n - co wide:
+                // all inside the slices by the asserts above, as i0 + r <= m.
+                unsafe { run_tile(isa, v, r, &args) };
+                i = i0 + r;
+            }
+        }
+    }
 }
 
 /// Adds each pixel of the output row `o` (`sums.len()` channels a pixel), in f64, to `sums`, in
@@ -404,8 +490,10 @@ struct Tile {
     /// Weights of the block's first output channel, rows of `n`.
     w: *const f32,
     n: usize,
-    /// The tile's first output, pixels `n` apart.
+    /// The tile's first output.
     out: *mut f32,
+    /// Floats between neighbouring pixels' outputs (`n` in a convolution's output row).
+    ostride: usize,
 }
 
 /// Runs the microkernel of `isa` for `v` vectors and `r` pixels.
@@ -492,7 +580,7 @@ macro_rules! microkernel {
         ) {
             for (p, acc) in acc.iter_mut().enumerate() {
                 for (i, a) in acc.iter_mut().enumerate() {
-                    let o = t.out.add(p * t.n + $lanes * i);
+                    let o = t.out.add(p * t.ostride + $lanes * i);
                     let v = if first { *a } else { $add($load(o), *a) };
                     $store(o, v);
                     *a = $zero();
@@ -530,11 +618,11 @@ microkernel!(
 );
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The instruction sets this CPU can run (none is said loudly: the tests then check nothing).
-    fn isas() -> Vec<Isa> {
+    pub(crate) fn isas() -> Vec<Isa> {
         let all: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
             .into_iter()
             .filter(|i| i.supported())
@@ -546,7 +634,7 @@ mod tests {
     }
 
     /// Uniform values in [-1, 1) from a fixed seed (a linear congruential generator).
-    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+    pub(crate) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
@@ -557,7 +645,7 @@ mod tests {
 
     /// The shape of a case `(b, h, w, c, cout, k, stride, pad)`, with a random input and
     /// weight for it.
-    fn random_case(
+    pub(crate) fn random_case(
         (b, h, w, c, cout, k, stride, pad): (
             usize,
             usize,
@@ -586,7 +674,7 @@ mod tests {
     }
 
     /// A float64 reference convolution, summed in the same (ky, kx, cin) order.
-    fn reference(x: &[f32], weight: &[f32], s: Shape) -> Vec<f64> {
+    pub(crate) fn reference(x: &[f32], weight: &[f32], s: Shape) -> Vec<f64> {
         let (ho, wo) = s.out();
         let mut out = vec![0f64; s.b * ho * wo * s.cout];
         for bi in 0..s.b {

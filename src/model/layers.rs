@@ -44,6 +44,10 @@ pub struct Conv {
     stride: usize,
     pad: usize,
     cout: usize,
+    /// On the CPU, a 3x3 stride-1 convolution's weights transformed for Winograd's F(2x2, 3x3)
+    /// ([`super::winograd`]), which runs it while the padding is 1 and
+    /// `FREQTAG_NO_WINOGRAD` is unset.
+    winograd: Option<Vec<f32>>,
 }
 
 impl Conv {
@@ -113,6 +117,12 @@ impl Conv {
             };
             (kind, bias.map(to).transpose()?)
         };
+        let winograd = match &kind {
+            ConvKind::Im2col(w) if k == 3 && stride == 1 && super::winograd::handles(cin, cout) => {
+                Some(super::winograd::transform_weights(w, cin, cout))
+            }
+            _ => None,
+        };
         Ok(Conv {
             kind,
             bias,
@@ -120,6 +130,7 @@ impl Conv {
             stride,
             pad: k / 2,
             cout,
+            winograd,
         })
     }
 
@@ -132,6 +143,13 @@ impl Conv {
 
     /// Applies the convolution to `[B, H, W, Cin]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // a full convolution on the CPU: as `forward_bn` runs it (Winograd's or the direct
+        // kernel), so that both give the same bits
+        if let ConvKind::Im2col(_) = &self.kind {
+            if let Some((y, _)) = self.direct(x, false, None)? {
+                return Ok(y);
+            }
+        }
         let (b, h, w, c) = x.dims4()?;
         let y = match &self.kind {
             ConvKind::Pointwise(wt) if super::direct::handles(self.cout) => x
@@ -370,6 +388,13 @@ impl Conv {
                 stride: self.stride,
                 pad: self.pad,
             };
+            if let (Some(u), Some(isa)) = (&self.winograd, super::direct::isa()) {
+                if super::winograd::enabled() && super::winograd::fits(&shape) {
+                    return Ok(super::winograd::conv_mean_then_with(
+                        isa, x, u, shape, mean, epilogue,
+                    ));
+                }
+            }
             Ok(super::direct::conv_then(x, weight, shape, mean, epilogue))
         })
     }

@@ -19,6 +19,7 @@ pub mod record;
 pub mod resnet_cifar;
 pub mod torchvision;
 pub mod weights;
+pub mod winograd;
 
 use std::collections::HashMap;
 use std::path::Path;
