@@ -91,6 +91,8 @@ pub fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
 }
 
 thread_local! {
+    /// Each thread's zero-padded input rows of a frame or a group of tiles.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's transformed inputs and products of one group of tiles.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -119,12 +121,15 @@ pub fn conv_mean_then_with(
     let (ho, wo) = (s.h, s.w);
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
     let (hp, wp) = (2 * th + 2, 2 * tw + 2);
-    let xp = pad(x, s, hp, wp);
     // tile rows per group, and the products of a full group and of a frame's last, shorter one
     let g = ROWS.div_ceil(tw).min(th);
     let full = RowProduct::new(isa, g * tw, c, n);
     let last = (!th.is_multiple_of(g)).then(|| RowProduct::new(isa, (th % g) * tw, c, n));
-    let group = |bi: usize, t0: usize, o: &mut [MaybeUninit<f32>], sums: Option<&mut [f64]>| {
+    // a group's tile rows t0.. from `xp`, zero-padded rows of frame bi from padded row `top`
+    let group = |(bi, xp, top): (usize, &[f32], usize),
+                 t0: usize,
+                 o: &mut [MaybeUninit<f32>],
+                 sums: Option<&mut [f64]>| {
         let rows = (th - t0).min(g);
         let product = if rows == g {
             &full
@@ -139,7 +144,7 @@ pub fn conv_mean_then_with(
             v.resize(16 * tiles * c, 0.0);
             m.resize(16 * tiles * n, 0.0);
             for tr in 0..rows {
-                let at = (bi * hp + 2 * (t0 + tr)) * wp * c;
+                let at = (2 * (t0 + tr) - top) * wp * c;
                 let patches = &xp[at..at + 3 * wp * c + (2 * tw + 2) * c];
                 let v = (&mut v[tr * tw * 16 * c..], 16 * c, c);
                 input_row(isa, patches, wp * c, c, tw, v);
@@ -175,17 +180,29 @@ pub fn conv_mean_then_with(
     let (frame, chunk) = (ho * wo * n, 2 * g * wo * n);
     let mut rows = mean.then(|| vec![0f64; b * ho * n]);
     // a frame's groups one after the other where there are frames enough to keep every thread
-    // busy: a task per group costs rayon's overhead hundreds of times a pass (16 groups a frame
-    // at 32x32)
+    // busy (a task per group costs rayon's overhead hundreds of times a pass: 16 groups a frame
+    // at 32x32), the frame padded first into the thread's buffer
     let per_frame = b >= 2 * rayon::current_num_threads();
     let frame_groups = |bi: usize, f: &mut [MaybeUninit<f32>], r: Option<&mut [f64]>| {
-        let groups = f.chunks_mut(chunk).enumerate();
-        match r {
-            None => groups.for_each(|(gi, o)| group(bi, gi * g, o, None)),
-            Some(r) => groups
-                .zip(r.chunks_mut(2 * g * n))
-                .for_each(|((gi, o), r)| group(bi, gi * g, o, Some(r))),
-        }
+        PADDED.with_borrow_mut(|xp| {
+            pad_rows(x, s, bi, 0, hp, wp, xp);
+            let groups = f.chunks_mut(chunk).enumerate();
+            match r {
+                None => groups.for_each(|(gi, o)| group((bi, xp, 0), gi * g, o, None)),
+                Some(r) => groups
+                    .zip(r.chunks_mut(2 * g * n))
+                    .for_each(|((gi, o), r)| group((bi, xp, 0), gi * g, o, Some(r))),
+            }
+        })
+    };
+    // else a task per group, which pads the rows it reads
+    let one_group = |bi: usize, gi: usize, o: &mut [MaybeUninit<f32>], r: Option<&mut [f64]>| {
+        PADDED.with_borrow_mut(|xp| {
+            let (t0, top) = (gi * g, 2 * gi * g);
+            let rows = (th - t0).min(g);
+            pad_rows(x, s, bi, top, 2 * rows + 2, wp, xp);
+            group((bi, xp, top), t0, o, r)
+        })
     };
     match rows.as_deref_mut() {
         None if per_frame => dst
@@ -200,7 +217,7 @@ pub fn conv_mean_then_with(
         None => dst.par_chunks_mut(frame).enumerate().for_each(|(bi, f)| {
             f.par_chunks_mut(chunk)
                 .enumerate()
-                .for_each(|(gi, o)| group(bi, gi * g, o, None))
+                .for_each(|(gi, o)| one_group(bi, gi, o, None))
         }),
         Some(rows) => dst
             .par_chunks_mut(frame)
@@ -210,7 +227,7 @@ pub fn conv_mean_then_with(
                 f.par_chunks_mut(chunk)
                     .zip(r.par_chunks_mut(2 * g * n))
                     .enumerate()
-                    .for_each(|(gi, (o, r))| group(bi, gi * g, o, Some(r)))
+                    .for_each(|(gi, (o, r))| one_group(bi, gi, o, Some(r)))
             }),
     }
     // SAFETY: each frame's groups cover its rows, and each group wrote all of its rows (above)
@@ -219,39 +236,33 @@ pub fn conv_mean_then_with(
     (out, mean)
 }
 
-/// `x` `[b, h, w, c]` at offset (1, 1) of zeros `[b, hp, wp, c]`, each element written once.
-fn pad(x: &[f32], s: Shape, hp: usize, wp: usize) -> Vec<f32> {
+/// Rows `top .. top + count` of frame `bi` of `x` `[b, h, w, c]` placed at offset (1, 1) in
+/// zeros `[hp, wp, c]`, into `out` (resized to them). Padding in the task that reads it, rather
+/// than the whole pass first, keeps the padded rows in cache for the transforms (a pass of 32
+/// frames of 34x34x16 floats is 2.4 MB).
+fn pad_rows(
+    x: &[f32],
+    s: Shape,
+    bi: usize,
+    top: usize,
+    count: usize,
+    wp: usize,
+    out: &mut Vec<f32>,
+) {
     let (h, w, c) = (s.h, s.w, s.c);
-    let len = s.b * hp * wp * c;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    let zero = |o: &mut [MaybeUninit<f32>]| {
-        o.iter_mut().for_each(|v| {
-            v.write(0.0);
-        })
-    };
-    // a task per frame, not per row: rayon's overhead per task was a third of the padding's time
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(hp * wp * c)
-        .enumerate()
-        .for_each(|(bi, f)| {
-            for (y, o) in f.chunks_mut(wp * c).enumerate() {
-                if (1..=h).contains(&y) {
-                    let src = &x[(bi * h + y - 1) * w * c..][..w * c];
-                    let (left, rest) = o.split_at_mut(c);
-                    let (mid, right) = rest.split_at_mut(w * c);
-                    zero(left);
-                    for (d, v) in mid.iter_mut().zip(src) {
-                        d.write(*v);
-                    }
-                    zero(right);
-                } else {
-                    zero(o);
-                }
-            }
-        });
-    // SAFETY: the rows cover all len elements, and each row was written whole above
-    unsafe { out.set_len(len) };
-    out
+    out.resize(count * wp * c, 0.0);
+    for (y, o) in (top..top + count).zip(out.chunks_exact_mut(wp * c)) {
+        if (1..=h).contains(&y) {
+            let src = &x[(bi * h + y - 1) * w * c..][..w * c];
+            let (left, rest) = o.split_at_mut(c);
+            let (mid, right) = rest.split_at_mut(w * c);
+            left.fill(0.0);
+            mid.copy_from_slice(src);
+            right.fill(0.0);
+        } else {
+            o.fill(0.0);
+        }
+    }
 }
 
 /// `V = Bᵀ d B` of a row of `tiles` 4x4 patches, the first at the start of `patches` and each
@@ -455,10 +466,13 @@ mod tests {
     #[test]
     fn matches_a_float64_reference() {
         // even and odd sizes, one tile row and several a group, a frame's last group shorter
-        // (th not a multiple of g), 8-channel blocks beside 16-channel ones, several frames
+        // (th not a multiple of g), 8-channel blocks beside 16-channel ones, several frames;
+        // a task per group (few frames) and per frame (at least 2 a thread: the 5 and 9)
         let cases = [
             // (b, h, w, c, cout, k, stride, pad)
             (2, 8, 8, 16, 16, 3, 1, 1),
+            (5, 12, 6, 16, 48, 3, 1, 1),
+            (9, 9, 7, 8, 24, 3, 1, 1),
             (3, 9, 7, 8, 24, 3, 1, 1),
             (1, 32, 32, 16, 16, 3, 1, 1),
             (2, 16, 16, 32, 32, 3, 1, 1),
@@ -495,7 +509,13 @@ mod tests {
     fn means_epilogue_batches_and_instruction_sets() {
         let mut rand = uniform(2718);
         let isas = isas();
-        for case in [(3, 10, 9, 16, 24, 3, 1, 1), (2, 8, 8, 64, 64, 3, 1, 1)] {
+        // 9 frames: a task per frame on up to 4 threads, against each frame alone (a task
+        // per group)
+        for case in [
+            (3, 10, 9, 16, 24, 3, 1, 1),
+            (2, 8, 8, 64, 64, 3, 1, 1),
+            (9, 11, 13, 16, 16, 3, 1, 1),
+        ] {
             let (s, x, weight) = random_case(case, &mut rand);
             let u = transform_weights(&weight, s.c, s.cout);
             let (ho, wo) = s.out();
