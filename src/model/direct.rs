@@ -397,12 +397,36 @@ impl RowProduct {
 /// SSE2's two doubles a step took 8 % of the quickstart's time on one thread. Each channel's
 /// sum is the same chain of additions in any width, so the same bits.
 pub(crate) fn add_row_sums(isa: Option<Isa>, sums: &mut [f64], o: &[f32]) {
+    // a block of W channels at a time, its sums kept in registers over the row's pixels
+    // rather than loaded and stored for every pixel; per channel the same additions in the
+    // same order
     #[inline(always)]
-    fn plain(sums: &mut [f64], o: &[f32]) {
-        for px in o.chunks_exact(sums.len()) {
-            for (a, v) in sums.iter_mut().zip(px) {
+    fn block<const W: usize>(sums: &mut [f64], o: &[f32], ch: usize) {
+        let n = sums.len();
+        let mut acc: [f64; W] = std::array::from_fn(|j| sums[ch + j]);
+        for px in o.chunks_exact(n) {
+            let px: &[f32; W] = px[ch..ch + W].try_into().expect("W channels");
+            for (a, v) in acc.iter_mut().zip(px) {
                 *a += *v as f64;
             }
+        }
+        sums[ch..ch + W].copy_from_slice(&acc);
+    }
+    #[inline(always)]
+    fn plain(sums: &mut [f64], o: &[f32]) {
+        let n = sums.len();
+        let mut ch = 0;
+        while ch + 16 <= n {
+            block::<16>(sums, o, ch);
+            ch += 16;
+        }
+        if ch + 8 <= n {
+            block::<8>(sums, o, ch);
+            ch += 8;
+        }
+        while ch < n {
+            block::<1>(sums, o, ch);
+            ch += 1;
         }
     }
     #[cfg(target_arch = "x86_64")]
