@@ -138,6 +138,10 @@ pub struct ModelConfig {
     /// [`ModelConfig::device_batch_for`]).
     #[serde(default)]
     pub device_batch: usize,
+    /// The CPU's 3x3 stride-1 convolutions: `"f2"` (Winograd's F(2x2, 3x3), the default),
+    /// `"f4"` (F(4x4, 3x3): faster, rounding more) or `"off"` (the direct kernel).
+    #[serde(default)]
+    pub winograd: crate::model::winograd::Setting,
 }
 
 fn default_device() -> String {
@@ -657,6 +661,12 @@ impl Plan {
                 WeightsSource::Fetch(n) => format!("fetch:{n}"),
             }
         ));
+        if self.pipeline.model.device == "cpu" {
+            out.push_str(&format!(
+                "convolve   3x3 stride-1 convolutions by {} (model.winograd)\n",
+                self.pipeline.model.winograd.describe()
+            ));
+        }
         out.push_str(&format!(
             "taps       {} ({} neurons): {}\n",
             self.taps.len(),
@@ -712,6 +722,27 @@ fn abbreviate(items: &[String], n: usize) -> String {
 mod tests {
     use super::*;
 
+    /// `model.winograd` takes f2 (the default), f4 or off, and names them otherwise.
+    #[test]
+    fn winograd_takes_a_tile_or_off() {
+        use crate::model::winograd::{Setting, Tile};
+        let parse = |v: &str| {
+            toml::from_str::<ModelConfig>(&format!("arch = \"resnet32\"\nweights = \"w\"\n{v}"))
+                .map(|m| m.winograd)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(""), Ok(Setting::F2));
+        assert_eq!(parse("winograd = \"f4\""), Ok(Setting::F4));
+        assert_eq!(parse("winograd = \"off\""), Ok(Setting::Off));
+        assert_eq!(Setting::F4.tile(), Some(Tile::F4));
+        assert_eq!(Setting::Off.tile(), None);
+        let e = parse("winograd = \"f6\"").unwrap_err();
+        assert!(
+            e.contains("f2") && e.contains("f4") && e.contains("off"),
+            "{e}"
+        );
+    }
+
     /// `source.pillow` takes a major version as a number or a string (a full version too), and
     /// names what it takes otherwise.
     #[test]
@@ -744,6 +775,7 @@ mod tests {
             device: "cuda".into(),
             dtype: "f32".into(),
             device_batch: 0,
+            winograd: Default::default(),
         };
         // the card's free memory unknown
         assert_eq!(m.device_batch_for(32, 1, None), 4096);

@@ -206,7 +206,13 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             tracing::warn!("FREQTAG_GPU_PATH_ON_CPU: running the GPU's code path on the CPU");
             Arc::new(Network::load_gpu_layers_on_cpu(plan.arch, &weights)?)
         } else {
-            Arc::new(Network::load_on(plan.arch, &weights, &dev, dtype)?)
+            Arc::new(Network::load_with(
+                plan.arch,
+                &weights,
+                &dev,
+                dtype,
+                plan.pipeline.model.winograd,
+            )?)
         }
     };
     // on a GPU, frames per pass: resolved once, for the workers of this process (run.json

@@ -119,7 +119,8 @@ impl Conv {
         };
         let winograd = match &kind {
             ConvKind::Im2col(w) if k == 3 && stride == 1 && super::winograd::handles(cin, cout) => {
-                Some(super::winograd::transform_weights(w, cin, cout))
+                let tile = p.winograd_tile();
+                tile.map(|tile| super::winograd::transform_weights(w, cin, cout, tile))
             }
             _ => None,
         };

@@ -501,7 +501,22 @@ impl Network {
     /// Builds `arch` from the checkpoint `path` on `device`, computing in `dtype` (f16 and bf16
     /// on a GPU only).
     pub fn load_on(arch: Arch, path: &Path, device: &Device, dtype: DType) -> Result<Network> {
-        Network::from_tensors_on(arch, path, weights::load(path)?, device, dtype)
+        Network::load_with(arch, path, device, dtype, winograd::Setting::default())
+    }
+
+    /// [`Network::load_on`] with `model.winograd`'s setting for the CPU's 3x3 stride-1
+    /// convolutions.
+    pub fn load_with(
+        arch: Arch,
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        winograd: winograd::Setting,
+    ) -> Result<Network> {
+        let p = weights::Params::new(path, weights::load(path)?)
+            .on(device, dtype)
+            .winograd(winograd.tile());
+        Network::finish(Network::build(p, arch)?)
     }
 
     /// Builds `arch` on the CPU from checkpoint tensors already read from `path` (perhaps
@@ -522,7 +537,14 @@ impl Network {
         device: &Device,
         dtype: DType,
     ) -> Result<Network> {
-        let net = Network::build(weights::Params::new(path, tensors).on(device, dtype), arch)?;
+        Network::finish(Network::build(
+            weights::Params::new(path, tensors).on(device, dtype),
+            arch,
+        )?)
+    }
+
+    /// `net` once its weights are on its device.
+    fn finish(net: Network) -> Result<Network> {
         // On a GPU the weights were written on this thread's stream (CUDA's per-thread default
         // stream), and each worker's GPU thread reads them on its own: with cudarc's event
         // tracking off (`model::device`), this wait is what orders the two.

@@ -277,6 +277,7 @@ pub struct Params {
     device: Device,
     dtype: DType,
     device_layers: bool,
+    winograd: Option<super::winograd::Tile>,
 }
 
 impl Params {
@@ -290,7 +291,20 @@ impl Params {
             device: Device::Cpu,
             dtype: DType::F32,
             device_layers: false,
+            winograd: Some(super::winograd::Tile::F2),
         }
+    }
+
+    /// The CPU's 3x3 stride-1 convolutions by Winograd's `tile` (`model.winograd`), or by the
+    /// direct kernel with `None`.
+    pub fn winograd(mut self, tile: Option<super::winograd::Tile>) -> Self {
+        self.winograd = tile;
+        self
+    }
+
+    /// The Winograd tile of the CPU's 3x3 stride-1 convolutions, if any.
+    pub fn winograd_tile(&self) -> Option<super::winograd::Tile> {
+        self.winograd
     }
 
     /// Builds the GPU's layers (tensor ops only) even on the CPU, so that tests here run the

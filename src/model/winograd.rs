@@ -1,13 +1,15 @@
-//! Winograd's minimal filtering F(2x2, 3x3) for the 3x3, stride-1 convolutions with one pixel
-//! of zero padding on channels-last f32 (all but two of ResNet-32's): each 2x2 block of outputs
-//! from a 4x4 block of inputs with 16 products per input and output channel instead of 36.
+//! Winograd's minimal filtering for the 3x3, stride-1 convolutions with one pixel of zero
+//! padding on channels-last f32 (all but two of ResNet-32's): F(2x2, 3x3), each 2x2 block of
+//! outputs from a 4x4 block of inputs with 16 products per input and output channel instead of
+//! 36, or F(4x4, 3x3), each 4x4 block from 6x6 inputs with 36 products instead of 144
+//! (`model.winograd`: [`Setting`]).
 //!
-//! For a group of tiles (2x2 output blocks) it
-//! 1. transforms each tile's 4x4 input patch, per channel, to `V = Bᵀ d B` (additions only);
-//! 2. multiplies, for each of the 16 elements `e` of the transform, the tiles' `V[e]`
-//!    `[tiles, cin]` by the transformed weight `U[e] = (G g Gᵀ)[e]` `[cin, cout]`, with the
-//!    direct convolution's microkernel ([`super::direct::RowProduct`]);
-//! 3. transforms each tile's 16 products back to its 2x2 outputs, `Y = Aᵀ M A` (additions).
+//! For a group of tiles (output blocks) it
+//! 1. transforms each tile's input patch, per channel, to `V = Bᵀ d B`;
+//! 2. multiplies, for each element `e` of the transform, the tiles' `V[e]` `[tiles, cin]` by
+//!    the transformed weight `U[e] = (G g Gᵀ)[e]` `[cin, cout]`, with the direct
+//!    convolution's microkernel ([`super::direct::RowProduct`]);
+//! 3. transforms each tile's products back to its outputs, `Y = Aᵀ M A`.
 //!
 //! A group is a frame's tile rows, as many as make about [`ROWS`] tiles, so the products keep
 //! the microkernel busy on ResNet-32's narrow 8x8 and 16x16 layers; its transformed inputs and
@@ -16,11 +18,13 @@
 //! is in cache.
 //!
 //! Every output is the same sequence of float operations whatever the batch, the thread or the
-//! instruction set (the transforms are additions in a fixed order, the products one fused
-//! multiply-add per term in order), so results do not depend on how frames are grouped into
-//! passes, and AVX2 gives AVX-512's bits. The rounding differs from the direct kernel's: within
-//! a few units in the last place of the outputs' scale (tested against a float64 reference).
-//! `FREQTAG_NO_WINOGRAD=1` turns it off (the direct kernel runs these convolutions then).
+//! instruction set (the transforms in a fixed order, with fused multiply-adds for F(4x4)'s
+//! coefficients, the products one fused multiply-add per term in order), so results do not
+//! depend on how frames are grouped into passes, and AVX2 gives AVX-512's bits. The rounding
+//! differs from the direct kernel's (tested against a float64 reference): F(2x2) within 2.5e-8
+//! of the outputs' scale on the tests' cases (the direct kernel 6e-8), F(4x4) within 4.1e-7.
+//! `FREQTAG_NO_WINOGRAD=1` turns it off whatever the setting (the direct kernel runs these
+//! convolutions then).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -53,36 +57,122 @@ pub fn handles(cin: usize, cout: usize) -> bool {
     cin >= 8 && cin.is_multiple_of(8) && cout > 0 && cout.is_multiple_of(8)
 }
 
+/// `model.winograd`: which Winograd tile the CPU's 3x3 stride-1 convolutions run with, or
+/// none (the direct kernel then). F(2x2, 3x3) by default; F(4x4, 3x3) takes 36 products for 16
+/// outputs instead of 16 for 4, faster still but rounding more (README, "Speed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Setting {
+    #[default]
+    F2,
+    F4,
+    Off,
+}
+
+impl Setting {
+    /// The tile, or `None` for `off`.
+    pub fn tile(self) -> Option<Tile> {
+        match self {
+            Setting::F2 => Some(Tile::F2),
+            Setting::F4 => Some(Tile::F4),
+            Setting::Off => None,
+        }
+    }
+
+    /// What runs with this setting here: the tile's name, or why none does.
+    pub fn describe(self) -> String {
+        match (self.tile(), enabled()) {
+            (None, _) => "off (model.winograd)".into(),
+            (Some(_), false) if !direct::available() => {
+                "off (the CPU lacks AVX2 with FMA, or FREQTAG_NO_DIRECT)".into()
+            }
+            (Some(_), false) => "off (FREQTAG_NO_WINOGRAD)".into(),
+            (Some(Tile::F2), true) => "F(2x2, 3x3)".into(),
+            (Some(Tile::F4), true) => "F(4x4, 3x3)".into(),
+        }
+    }
+}
+
 /// Whether the shape is Winograd's: 3x3, stride 1, padding 1, channels as [`handles`].
 pub fn fits(s: &Shape) -> bool {
     s.k == 3 && s.stride == 1 && s.pad == 1 && handles(s.c, s.cout)
 }
 
-/// `U` `[16, cin, cout]` from the convolution's weight `[9 * cin, cout]` (rows ordered ky, kx,
-/// cin): for every input and output channel `G g Gᵀ` of its 3x3 kernel `g`, computed in f64
+/// The output tile: F(2x2, 3x3), 2x2 outputs from 4x4 inputs with 16 products, or F(4x4, 3x3),
+/// 4x4 outputs from 6x6 inputs with 36.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    F2,
+    F4,
+}
+
+impl Tile {
+    /// Outputs per tile side.
+    pub fn outputs(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Inputs per tile side (outputs + 2).
+    pub fn inputs(self) -> usize {
+        self.outputs() + 2
+    }
+
+    /// Elements of the transform: products per input and output channel.
+    pub fn elements(self) -> usize {
+        self.inputs() * self.inputs()
+    }
+
+    /// The tile for the transformed weights `u` of `cin` inputs and `cout` outputs.
+    fn of(u: &[f32], cin: usize, cout: usize) -> Tile {
+        match u.len() / (cin * cout) {
+            16 => Tile::F2,
+            36 => Tile::F4,
+            _ => panic!("winograd: {} weights for {cin} x {cout} channels", u.len()),
+        }
+    }
+}
+
+/// `U` `[elements, cin, cout]` from the convolution's weight `[9 * cin, cout]` (rows ordered ky,
+/// kx, cin): for every input and output channel `G g Gᵀ` of its 3x3 kernel `g`, computed in f64
 /// and rounded once.
-pub fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+pub fn transform_weights(weight: &[f32], cin: usize, cout: usize, tile: Tile) -> Vec<f32> {
     assert_eq!(weight.len(), 9 * cin * cout, "winograd: weight size");
-    const G: [[f64; 3]; 4] = [
+    const G2: [[f64; 3]; 4] = [
         [1.0, 0.0, 0.0],
         [0.5, 0.5, 0.5],
         [0.5, -0.5, 0.5],
         [0.0, 0.0, 1.0],
     ];
-    let mut u = vec![0f32; 16 * cin * cout];
+    const G4: [[f64; 3]; 6] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let g_rows: &[[f64; 3]] = match tile {
+        Tile::F2 => &G2,
+        Tile::F4 => &G4,
+    };
+    let a = tile.inputs();
+    let mut u = vec![0f32; a * a * cin * cout];
     for ci in 0..cin {
         for co in 0..cout {
             let g = |ky: usize, kx: usize| weight[((ky * 3 + kx) * cin + ci) * cout + co] as f64;
-            let mut t = [[0f64; 3]; 4];
-            for (gi, ti) in G.iter().zip(&mut t) {
+            let mut t = [[0f64; 3]; 6];
+            for (gi, ti) in g_rows.iter().zip(&mut t) {
                 for (kx, v) in ti.iter_mut().enumerate() {
                     *v = (0..3).map(|ky| gi[ky] * g(ky, kx)).sum();
                 }
             }
-            for (i, ti) in t.iter().enumerate() {
-                for (j, gj) in G.iter().enumerate() {
+            for (i, ti) in t[..a].iter().enumerate() {
+                for (j, gj) in g_rows.iter().enumerate() {
                     let v: f64 = (0..3).map(|kx| ti[kx] * gj[kx]).sum();
-                    u[((i * 4 + j) * cin + ci) * cout + co] = v as f32;
+                    u[((i * a + j) * cin + ci) * cout + co] = v as f32;
                 }
             }
         }
@@ -116,11 +206,13 @@ pub fn conv_mean_then_with(
     );
     assert!(isa.supported(), "winograd: this CPU lacks {isa:?}");
     assert_eq!(x.len(), s.b * s.h * s.w * s.c, "winograd: input size");
-    assert_eq!(u.len(), 16 * s.c * s.cout, "winograd: weight size");
     let (b, c, n) = (s.b, s.c, s.cout);
+    let tile = Tile::of(u, c, n);
+    // outputs and inputs a tile side, transform elements
+    let (mt, a, el) = (tile.outputs(), tile.inputs(), tile.elements());
     let (ho, wo) = (s.h, s.w);
-    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
-    let (hp, wp) = (2 * th + 2, 2 * tw + 2);
+    let (th, tw) = (ho.div_ceil(mt), wo.div_ceil(mt));
+    let (hp, wp) = (mt * th + 2, mt * tw + 2);
     // tile rows per group, and the products of a full group and of a frame's last, shorter one
     let g = ROWS.div_ceil(tw).min(th);
     let full = RowProduct::new(isa, g * tw, c, n);
@@ -138,31 +230,29 @@ pub fn conv_mean_then_with(
         };
         let tiles = rows * tw;
         let out_rows = o.len() / (wo * n);
-        // transformed inputs `[16, tiles, c]` and products `[16, tiles, n]`: each product
-        // reads and writes rows next to each other
+        // transformed inputs `[tiles, el, c]` and products `[tiles, el, n]`
         SCRATCH.with_borrow_mut(|(v, m)| {
-            v.resize(16 * tiles * c, 0.0);
-            m.resize(16 * tiles * n, 0.0);
+            v.resize(el * tiles * c, 0.0);
+            m.resize(el * tiles * n, 0.0);
             for tr in 0..rows {
-                let at = (2 * (t0 + tr) - top) * wp * c;
-                let patches = &xp[at..at + 3 * wp * c + (2 * tw + 2) * c];
-                let v = (&mut v[tr * tw * 16 * c..], 16 * c, c);
-                input_row(isa, patches, wp * c, c, tw, v);
+                let at = (mt * (t0 + tr) - top) * wp * c;
+                let patches = &xp[at..at + (a - 1) * wp * c + (mt * tw + 2) * c];
+                let v = (&mut v[tr * tw * el * c..], el * c, c);
+                input_row(isa, tile, patches, wp * c, c, tw, v);
             }
-            for e in 0..16 {
+            for e in 0..el {
                 let (v, m) = (&v[e * c..], &mut m[e * n..]);
-                product.run(v, 16 * c, &u[e * c * n..][..c * n], m, 16 * n);
+                product.run(v, el * c, &u[e * c * n..][..c * n], m, el * n);
             }
             for tr in 0..rows {
-                let down = 2 * tr + 1 < out_rows;
-                let at = 2 * tr * wo * n;
-                let end = at + if down { 2 } else { 1 } * wo * n;
-                let m = (&m[tr * tw * 16 * n..], 16 * n, n);
-                output_row(isa, m, n, wo, &mut o[at..end], down);
+                let below = (out_rows - mt * tr).min(mt);
+                let at = mt * tr * wo * n;
+                let m = (&m[tr * tw * el * n..], el * n, n);
+                output_row(isa, tile, m, n, wo, &mut o[at..at + below * wo * n], below);
             }
         });
-        // SAFETY: the tiles above wrote every output of these rows: 2 rows per tile row (one
-        // where the frame's height is odd), 2 columns per tile (one where its width is odd)
+        // SAFETY: the tiles above wrote every output of these rows: mt rows per tile row (fewer
+        // at the frame's bottom), mt columns per tile (fewer at its right edge)
         let o: &mut [f32] = unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) };
         let mut sums = sums;
         for (r, row) in o.chunks_exact_mut(wo * n).enumerate() {
@@ -170,14 +260,14 @@ pub fn conv_mean_then_with(
                 direct::add_row_sums(Some(isa), &mut sums[r * n..][..n], row);
             }
             if let Some(epilogue) = epilogue {
-                epilogue(bi * ho + 2 * t0 + r, row);
+                epilogue(bi * ho + mt * t0 + r, row);
             }
         }
     };
     let len = b * ho * wo * n;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = &mut out.spare_capacity_mut()[..len];
-    let (frame, chunk) = (ho * wo * n, 2 * g * wo * n);
+    let (frame, chunk) = (ho * wo * n, mt * g * wo * n);
     let mut rows = mean.then(|| vec![0f64; b * ho * n]);
     // a frame's groups one after the other where there are frames enough to keep every thread
     // busy (a task per group costs rayon's overhead hundreds of times a pass: 16 groups a frame
@@ -190,7 +280,7 @@ pub fn conv_mean_then_with(
             match r {
                 None => groups.for_each(|(gi, o)| group((bi, xp, 0), gi * g, o, None)),
                 Some(r) => groups
-                    .zip(r.chunks_mut(2 * g * n))
+                    .zip(r.chunks_mut(mt * g * n))
                     .for_each(|((gi, o), r)| group((bi, xp, 0), gi * g, o, Some(r))),
             }
         })
@@ -198,9 +288,9 @@ pub fn conv_mean_then_with(
     // else a task per group, which pads the rows it reads
     let one_group = |bi: usize, gi: usize, o: &mut [MaybeUninit<f32>], r: Option<&mut [f64]>| {
         PADDED.with_borrow_mut(|xp| {
-            let (t0, top) = (gi * g, 2 * gi * g);
+            let (t0, top) = (gi * g, mt * gi * g);
             let rows = (th - t0).min(g);
-            pad_rows(x, s, bi, top, 2 * rows + 2, wp, xp);
+            pad_rows(x, s, bi, top, mt * rows + 2, wp, xp);
             group((bi, xp, top), t0, o, r)
         })
     };
@@ -225,7 +315,7 @@ pub fn conv_mean_then_with(
             .enumerate()
             .for_each(|(bi, (f, r))| {
                 f.par_chunks_mut(chunk)
-                    .zip(r.par_chunks_mut(2 * g * n))
+                    .zip(r.par_chunks_mut(mt * g * n))
                     .enumerate()
                     .for_each(|(gi, (o, r))| one_group(bi, gi, o, Some(r)))
             }),
@@ -265,37 +355,47 @@ fn pad_rows(
     }
 }
 
-/// `V = Bᵀ d B` of a row of `tiles` 4x4 patches, the first at the start of `patches` and each
-/// 2 pixels right of the last (pixels `c` floats apart, rows `row` apart), per channel, into
-/// `v` `[tiles, 16, c]`: with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, first down the
-/// columns, then along the rows.
+/// `V = Bᵀ d B` of a row of `tiles` patches of `tile`'s inputs, the first at the start of
+/// `patches` and each `tile.outputs()` pixels right of the last (pixels `c` floats apart, rows
+/// `row` apart), per channel, into `v` (tiles `ts` floats apart, elements `es` apart), first
+/// down the columns, then along the rows. F(2x2, 3x3):
+/// `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`; F(4x4, 3x3):
+/// `Bᵀ = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+/// 0 4 0 -5 0 1]`.
 fn input_row(
     isa: Isa,
+    tile: Tile,
     patches: &[f32],
     row: usize,
     c: usize,
     tiles: usize,
     (v, ts, es): (&mut [f32], usize, usize),
 ) {
+    let (mt, a) = (tile.outputs(), tile.inputs());
     assert!(c.is_multiple_of(8) && tiles > 0);
-    assert!(patches.len() >= 3 * row + (2 * tiles + 2) * c);
-    assert!(v.len() >= (tiles - 1) * ts + 15 * es + c);
+    assert!(patches.len() >= (a - 1) * row + (mt * tiles + 2) * c);
+    assert!(v.len() >= (tiles - 1) * ts + (a * a - 1) * es + c);
     let (x, v) = (patches.as_ptr(), v.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU supports `isa` (the caller asserted it, and AVX-512 CPUs have AVX2); the
-    // loops read channels below c of 4 rows of 2 * tiles + 2 pixels and write tiles * 16 rows
-    // of c, inside the slices (asserted above)
+    // loops read channels below c of `a` rows of mt * tiles + 2 pixels and write tiles * a * a
+    // rows of c, inside the slices (asserted above)
     unsafe {
         // channels 16 at a time, then (AVX2) 8
         let wide = match isa {
-            Isa::Avx512 => {
-                input16(x, row, c, tiles, (v, ts, es), 0);
-                c / 16 * 16
-            }
+            Isa::Avx512 => c / 16 * 16,
             Isa::Avx2 => 0,
         };
+        match (tile, wide > 0) {
+            (Tile::F2, true) => input2_16(x, row, c, tiles, (v, ts, es), 0),
+            (Tile::F4, true) => input4_16(x, row, c, tiles, (v, ts, es), 0),
+            _ => {}
+        }
         if wide < c {
-            input8(x, row, c, tiles, (v, ts, es), wide);
+            match tile {
+                Tile::F2 => input2_8(x, row, c, tiles, (v, ts, es), wide),
+                Tile::F4 => input4_8(x, row, c, tiles, (v, ts, es), wide),
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -305,53 +405,64 @@ fn input_row(
     }
 }
 
-/// `Y = Aᵀ M A` of a row of tiles' products `m` `[tiles, 16, n]`, per channel, with
-/// `Aᵀ = [1 1 1 0; 0 1 -1 -1]`, first down the columns, then along the rows: the outputs of
-/// `wo` pixels (`n` floats each) into `o`, one output row or two (`down`).
+/// `Y = Aᵀ M A` of a row of tiles' products `m` (tiles `ts` floats apart, elements `es`
+/// apart), per channel, first down the columns, then along the rows: the outputs of `wo`
+/// pixels (`n` floats each) into `o`, its first `rows` output rows (`tile.outputs()` or fewer
+/// at the frame's bottom). F(2x2, 3x3): `Aᵀ = [1 1 1 0; 0 1 -1 -1]`; F(4x4, 3x3):
+/// `Aᵀ = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]`.
 fn output_row(
     isa: Isa,
+    tile: Tile,
     (m, ts, es): (&[f32], usize, usize),
     n: usize,
     wo: usize,
     o: &mut [MaybeUninit<f32>],
-    down: bool,
+    rows: usize,
 ) {
-    let tiles = wo.div_ceil(2);
-    let rows = if down { 2 } else { 1 };
-    assert!(n.is_multiple_of(8) && m.len() >= (tiles - 1) * ts + 15 * es + n);
+    let (mt, a) = (tile.outputs(), tile.inputs());
+    let tiles = wo.div_ceil(mt);
+    assert!(n.is_multiple_of(8) && (1..=mt).contains(&rows));
+    assert!(m.len() >= (tiles - 1) * ts + (a * a - 1) * es + n);
     assert!(o.len() >= rows * wo * n);
     let (mp, op) = (m.as_ptr(), o.as_mut_ptr().cast::<f32>());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `input_row`; the stores stay inside `o` (asserted above): 2 pixels a tile,
-    // 1 for a last tile of an odd width, in 1 or 2 rows
+    // SAFETY: as in `input_row`; the stores stay inside `o` (asserted above): mt pixels a
+    // tile, fewer for a last tile at the row's end, in `rows` rows
     unsafe {
         let wide = match isa {
-            Isa::Avx512 => {
-                output16((mp, ts, es), n, wo, op, down, 0);
-                n / 16 * 16
-            }
+            Isa::Avx512 => n / 16 * 16,
             Isa::Avx2 => 0,
         };
+        let m = (mp, ts, es);
+        match (tile, wide > 0) {
+            (Tile::F2, true) => output2_16(m, n, wo, op, rows, 0),
+            (Tile::F4, true) => output4_16(m, n, wo, op, rows, 0),
+            _ => {}
+        }
         if wide < n {
-            output8((mp, ts, es), n, wo, op, down, wide);
+            match tile {
+                Tile::F2 => output2_8(m, n, wo, op, rows, wide),
+                Tile::F4 => output4_8(m, n, wo, op, rows, wide),
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, mp, op, wo, down, ts, es);
+        let _ = (isa, mp, op, wo, rows, ts, es);
         unreachable!("winograd without x86-64")
     }
 }
 
 /// The transforms of a row of tiles for one vector type, `$input(x, row, c, tiles, v, from)`
-/// and `$output(m, n, wo, o, down, from)`, over the channels from `from` in steps of `$lanes`
-/// while a whole step fits.
+/// and `$output(m, n, wo, o, rows, from)`, F(2x2, 3x3) and F(4x4, 3x3), over the channels from
+/// `from` in steps of `$lanes` while a whole step fits.
 macro_rules! transforms {
-    ($input:ident, $output:ident, $feature:literal, $vec:ty, $lanes:literal,
-     $zero:ident, $load:ident, $store:ident, $add:ident, $sub:ident) => {
+    ($input2:ident, $output2:ident, $input4:ident, $output4:ident, $feature:literal, $vec:ty,
+     $lanes:literal, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident,
+     $sub:ident, $fmadd:ident, $fnmadd:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
-        unsafe fn $input(
+        unsafe fn $input2(
             x: *const f32,
             row: usize,
             c: usize,
@@ -390,15 +501,16 @@ macro_rules! transforms {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
-        unsafe fn $output(
+        unsafe fn $output2(
             (m, ts, es): (*const f32, usize, usize),
             n: usize,
             wo: usize,
             o: *mut f32,
-            down: bool,
+            rows: usize,
             from: usize,
         ) {
             let row = wo * n;
+            let down = rows > 1;
             for tile in 0..wo.div_ceil(2) {
                 let right = 2 * tile + 1 < wo;
                 let (m, o) = (m.add(tile * ts), o.add(2 * tile * n));
@@ -430,32 +542,138 @@ macro_rules! transforms {
                 }
             }
         }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $input4(
+            x: *const f32,
+            row: usize,
+            c: usize,
+            tiles: usize,
+            (v, ts, es): (*mut f32, usize, usize),
+            from: usize,
+        ) {
+            let (two, four, five) = ($set1(2.0), $set1(4.0), $set1(5.0));
+            // Bᵀ of 6 values
+            let bt = |d: [$vec; 6]| -> [$vec; 6] {
+                [
+                    $fmadd(four, d[0], $fnmadd(five, d[2], d[4])),
+                    $fnmadd(four, $add(d[1], d[2]), $add(d[3], d[4])),
+                    $fmadd(four, $sub(d[1], d[2]), $sub(d[4], d[3])),
+                    $fmadd(two, $sub(d[3], d[1]), $sub(d[4], d[2])),
+                    $fnmadd(two, $sub(d[3], d[1]), $sub(d[4], d[2])),
+                    $fmadd(four, d[1], $fnmadd(five, d[3], d[5])),
+                ]
+            };
+            for tile in 0..tiles {
+                let (x, v) = (x.add(4 * tile * c), v.add(tile * ts));
+                let mut ch = from;
+                while ch + $lanes <= c {
+                    // down each column, into t[row][column]
+                    let mut t: [[$vec; 6]; 6] = [[$zero(); 6]; 6];
+                    for j in 0..6 {
+                        let mut d = [$zero(); 6];
+                        for (i, di) in d.iter_mut().enumerate() {
+                            *di = $load(x.add(i * row + j * c + ch));
+                        }
+                        for (i, r) in bt(d).into_iter().enumerate() {
+                            t[i][j] = r;
+                        }
+                    }
+                    for (i, ti) in t.iter().enumerate() {
+                        for (j, r) in bt(*ti).into_iter().enumerate() {
+                            $store(v.add((6 * i + j) * es + ch), r);
+                        }
+                    }
+                    ch += $lanes;
+                }
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $output4(
+            (m, ts, es): (*const f32, usize, usize),
+            n: usize,
+            wo: usize,
+            o: *mut f32,
+            rows: usize,
+            from: usize,
+        ) {
+            let (two, four, eight) = ($set1(2.0), $set1(4.0), $set1(8.0));
+            // Aᵀ of 6 values
+            let at = |e: [$vec; 6]| -> [$vec; 4] {
+                let (p, q) = ($add(e[1], e[2]), $sub(e[1], e[2]));
+                let (r, s) = ($add(e[3], e[4]), $sub(e[3], e[4]));
+                [
+                    $add($add(e[0], p), r),
+                    $fmadd(two, s, q),
+                    $fmadd(four, r, p),
+                    $add($fmadd(eight, s, q), e[5]),
+                ]
+            };
+            let row = wo * n;
+            for tile in 0..wo.div_ceil(4) {
+                let cols = (wo - 4 * tile).min(4);
+                let (m, o) = (m.add(tile * ts), o.add(4 * tile * n));
+                let mut ch = from;
+                while ch + $lanes <= n {
+                    // down each column, into s[output row][column]
+                    let mut s: [[$vec; 6]; 4] = [[$zero(); 6]; 4];
+                    for j in 0..6 {
+                        let mut e = [$zero(); 6];
+                        for (i, ei) in e.iter_mut().enumerate() {
+                            *ei = $load(m.add((6 * i + j) * es + ch));
+                        }
+                        for (i, r) in at(e).into_iter().enumerate() {
+                            s[i][j] = r;
+                        }
+                    }
+                    for (i, si) in s.iter().enumerate().take(rows) {
+                        for (j, y) in at(*si).into_iter().enumerate().take(cols) {
+                            $store(o.add(i * row + j * n + ch), y);
+                        }
+                    }
+                    ch += $lanes;
+                }
+            }
+        }
     };
 }
 
 transforms!(
-    input16,
-    output16,
+    input2_16,
+    output2_16,
+    input4_16,
+    output4_16,
     "avx512f",
     __m512,
     16,
     _mm512_setzero_ps,
+    _mm512_set1_ps,
     _mm512_loadu_ps,
     _mm512_storeu_ps,
     _mm512_add_ps,
-    _mm512_sub_ps
+    _mm512_sub_ps,
+    _mm512_fmadd_ps,
+    _mm512_fnmadd_ps
 );
 transforms!(
-    input8,
-    output8,
+    input2_8,
+    output2_8,
+    input4_8,
+    output4_8,
     "avx2,fma",
     __m256,
     8,
     _mm256_setzero_ps,
+    _mm256_set1_ps,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_add_ps,
-    _mm256_sub_ps
+    _mm256_sub_ps,
+    _mm256_fmadd_ps,
+    _mm256_fnmadd_ps
 );
 
 #[cfg(test)]
@@ -483,20 +701,28 @@ mod tests {
             (1, 12, 6, 16, 48, 3, 1, 1),
         ];
         let mut rand = uniform(31337);
-        for isa in isas() {
+        for (isa, tile) in isas()
+            .into_iter()
+            .flat_map(|i| [(i, Tile::F2), (i, Tile::F4)])
+        {
             for &case in &cases {
                 let (s, x, weight) = random_case(case, &mut rand);
-                let u = transform_weights(&weight, s.c, s.cout);
+                let u = transform_weights(&weight, s.c, s.cout, tile);
                 let (got, _) = conv_mean_then_with(isa, &x, &u, s, false, None);
                 let want = reference(&x, &weight, s);
                 assert_eq!(got.len(), want.len(), "{isa:?} {s:?}");
                 // the outputs' scale: inputs and weights in [-1, 1), 9 * c terms. Measured on
-                // these cases: at most 2.5e-8 of it (the direct kernel's: 6e-8)
+                // these cases: F(2x2) at most 2.5e-8 of it (the direct kernel's: 6e-8), F(4x4)
+                // 4.1e-7
                 let scale = (9 * s.c) as f64;
+                let tol = match tile {
+                    Tile::F2 => 1e-7,
+                    Tile::F4 => 1e-6,
+                };
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
-                        ((*g as f64) - w).abs() <= 1e-7 * scale,
-                        "{isa:?} {s:?} output {i}: {g} vs {w}"
+                        ((*g as f64) - w).abs() <= tol * scale,
+                        "{isa:?} {tile:?} {s:?} output {i}: {g} vs {w}"
                     );
                 }
             }
@@ -511,13 +737,16 @@ mod tests {
         let isas = isas();
         // 9 frames: a task per frame on up to 4 threads, against each frame alone (a task
         // per group)
-        for case in [
+        for (case, tile) in [
             (3, 10, 9, 16, 24, 3, 1, 1),
             (2, 8, 8, 64, 64, 3, 1, 1),
             (9, 11, 13, 16, 16, 3, 1, 1),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|c| [(c, Tile::F2), (c, Tile::F4)])
+        {
             let (s, x, weight) = random_case(case, &mut rand);
-            let u = transform_weights(&weight, s.c, s.cout);
+            let u = transform_weights(&weight, s.c, s.cout, tile);
             let (ho, wo) = s.out();
             let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
             for &isa in &isas {

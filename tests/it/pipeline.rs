@@ -363,3 +363,62 @@ fn gpu_code_path_with_noise_matches_the_cpu_run() {
         &[&c, &g, "--tol", "1e-4", "--same-predictions"],
     );
 }
+
+/// `model.winograd`: the paper pipeline's 3x3 stride-1 convolutions by F(2x2, 3x3) (the
+/// default), F(4x4, 3x3) and the direct kernel (`off`) give spectra within 1e-4 of each
+/// neuron's peak of one another and the same predictions, each setting really runs (the three
+/// differ in their rounding), and run.json records it.
+#[test]
+fn winograd_settings_agree_with_the_direct_kernel() {
+    let Some(shared) = shared_data("Winograd settings") else {
+        return;
+    };
+    let w = resnet32(&shared);
+    let dir = tmp();
+    let run = |setting: &str| {
+        let out = dir.path().join(setting);
+        let extra = [
+            "--set",
+            "source.limit=4",
+            "--set",
+            &format!("model.winograd={setting}"),
+        ];
+        let o = freqtag_args(&paper_args(&out, 2, &w, &extra));
+        assert_eq!(o.status.code(), Some(0), "{setting}: {}", show(&o));
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        assert_eq!(run["pipeline"]["model"]["winograd"], setting, "{run}");
+        out.display().to_string()
+    };
+    let off = run("off");
+    for setting in ["f2", "f4"] {
+        let other = run(setting);
+        let json = dir.path().join(format!("{setting}.json"));
+        let json_s = json.display().to_string();
+        run_python(
+            "python/spectra_error.py",
+            &[
+                &off,
+                &other,
+                "--tol",
+                "1e-4",
+                "--same-predictions",
+                "--json",
+                &json_s,
+            ],
+        );
+        let r: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(&json)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        let max = r["max_of_peak"].as_f64().unwrap();
+        assert!(
+            max > 0.0,
+            "{setting}: the same spectra as the direct kernel: {r}"
+        );
+    }
+}
