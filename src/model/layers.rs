@@ -44,8 +44,8 @@ pub struct Conv {
     stride: usize,
     pad: usize,
     cout: usize,
-    /// On the CPU, a 3x3 stride-1 convolution's weights transformed for Winograd's F(2x2, 3x3)
-    /// ([`super::winograd`]), which runs it while the padding is 1 and
+    /// On the CPU, a 3x3 stride-1 convolution's weights transformed for the Winograd tile of
+    /// `model.winograd` ([`super::winograd`]), which runs it while the padding is 1 and
     /// `FREQTAG_NO_WINOGRAD` is unset.
     winograd: Option<Vec<f32>>,
 }

@@ -513,10 +513,8 @@ impl Network {
         dtype: DType,
         winograd: winograd::Setting,
     ) -> Result<Network> {
-        let p = weights::Params::new(path, weights::load(path)?)
-            .on(device, dtype)
-            .winograd(winograd.tile());
-        Network::finish(Network::build(p, arch)?)
+        let tensors = weights::load(path)?;
+        Network::from_tensors_with(arch, path, tensors, device, dtype, winograd)
     }
 
     /// Builds `arch` on the CPU from checkpoint tensors already read from `path` (perhaps
@@ -537,14 +535,23 @@ impl Network {
         device: &Device,
         dtype: DType,
     ) -> Result<Network> {
-        Network::finish(Network::build(
-            weights::Params::new(path, tensors).on(device, dtype),
-            arch,
-        )?)
+        let winograd = winograd::Setting::default();
+        Network::from_tensors_with(arch, path, tensors, device, dtype, winograd)
     }
 
-    /// `net` once its weights are on its device.
-    fn finish(net: Network) -> Result<Network> {
+    /// [`Network::from_tensors_on`] with `model.winograd`'s setting.
+    pub fn from_tensors_with(
+        arch: Arch,
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+        winograd: winograd::Setting,
+    ) -> Result<Network> {
+        let p = weights::Params::new(path, tensors)
+            .on(device, dtype)
+            .winograd(winograd.tile());
+        let net = Network::build(p, arch)?;
         // On a GPU the weights were written on this thread's stream (CUDA's per-thread default
         // stream), and each worker's GPU thread reads them on its own: with cudarc's event
         // tracking off (`model::device`), this wait is what orders the two.

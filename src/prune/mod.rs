@@ -538,7 +538,14 @@ pub fn run(plan: &Plan, scores_dir: &Path, out: &Path) -> Result<PruneSummary> {
                 }
             }
         }
-        let net = Network::from_tensors(plan.arch, &weights_file, edited)?;
+        let net = Network::from_tensors_with(
+            plan.arch,
+            &weights_file,
+            edited,
+            &Device::Cpu,
+            candle_core::DType::F32,
+            plan.pipeline.model.winograd,
+        )?;
         predict(&net, &set, side, pre.mean, pre.std, batch)
     };
     let tally = |preds: &[i64]| {
