@@ -190,8 +190,10 @@ thread_local! {
 /// The convolution of `x` `[b, h, w, c]` by the transformed weights `u` ([`transform_weights`])
 /// with the instruction set `isa`, as [`direct::conv_mean_then_with`] gives it: the output
 /// `[b, h, w, cout]`, with `mean` its spatial mean `[b, cout]` (each output row summed in f64 as
-/// it is finished), and `epilogue` run on each output row after its sums. Panics unless
-/// [`fits`]`(&s)`, the CPU supports `isa` and the slices fit the shape.
+/// it is finished), and `epilogue` run on each output row after its sums. `epilogue` runs
+/// while the thread's buffers are borrowed, so it must not wait on rayon tasks (a stolen task
+/// of this convolution would find them taken). Panics unless [`fits`]`(&s)`, the CPU supports
+/// `isa` and the slices fit the shape.
 pub fn conv_mean_then_with(
     isa: Isa,
     x: &[f32],
