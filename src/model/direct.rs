@@ -249,11 +249,7 @@ fn run(
         let (bi, oy) = (row / ho, row % ho);
         let top = (bi * hp + oy * s.stride) * wp * s.c;
         for &(co, isa, v, r) in &blocks {
-            let mut ox = 0;
-            while ox < wo {
-                // the last tile ends at the row's end, overlapping the one before it
-                let x0 = ox.min(wo - r.min(wo));
-                let r = r.min(wo);
+            each_tile(wo, r, |x0, r| {
                 let args = Tile {
                     x: xp[top + x0 * s.stride * s.c..].as_ptr(),
                     pixel: s.stride * s.c,
@@ -271,8 +267,7 @@ fn run(
                 // vectors of this output row from channel co, inside `o` since
                 // co + lanes * v <= n.
                 unsafe { run_tile(isa, v, r, &args) };
-                ox = x0 + r;
-            }
+            });
         }
     };
     let finish = |row: usize, o: &mut [std::mem::MaybeUninit<f32>], sums: Option<&mut [f64]>| {
@@ -366,10 +361,7 @@ impl RowProduct {
             "row product: output too short"
         );
         for &(co, isa, v, r) in &self.blocks {
-            let mut i = 0;
-            while i < m {
-                let i0 = i.min(m - r.min(m));
-                let r = r.min(m);
+            each_tile(m, r, |i0, r| {
                 let args = Tile {
                     x: a[i0 * a_stride..].as_ptr(),
                     pixel: a_stride,
@@ -386,9 +378,21 @@ impl RowProduct {
                 // co, and writes those rows of `out` from column co, lanes * v <= n - co wide:
                 // all inside the slices by the asserts above, as i0 + r <= m.
                 unsafe { run_tile(isa, v, r, &args) };
-                i = i0 + r;
-            }
+            });
         }
+    }
+}
+
+/// Calls `tile(start, width)` for tiles of `r` pixels (fewer only where the row is narrower)
+/// covering a row of `width` pixels: the last tile ends at the row's end, overlapping the one
+/// before it.
+fn each_tile(width: usize, r: usize, mut tile: impl FnMut(usize, usize)) {
+    let r = r.min(width);
+    let mut x = 0;
+    while x < width {
+        let x0 = x.min(width - r);
+        tile(x0, r);
+        x = x0 + r;
     }
 }
 
