@@ -22,6 +22,8 @@
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
 #                                  and the PyTorch baseline side by side on the packed
 #                                  images (COMPARE_IMAGES=N: the first N of each).
+#                                  AGREE_ONLY=1: section 1 (GPU against CPU), then the tries
+#                                  and the side by side only.
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -151,6 +153,14 @@ check() {
     run paper-cpu $paper $wp --workers "$cores" && err paper-cpu paper-gpu 1e-4
     run quick-cpu $quick $wq --workers "$cores"
     run quick-gpu $quick $wq --workers 2 --device $dev && err quick-cpu quick-gpu 1e-4
+
+    if [ -n "${AGREE_ONLY:-}" ]; then
+        # the agreement above, then the tries and the side by side only
+        tries
+        compare
+        echo "== done"
+        return
+    fi
 
     echo "== 2. benchmark, f32, full spectra off (output.spectra = none, neurons off)"
     # GPU utilisation once a second while the benchmark runs
