@@ -22,8 +22,9 @@
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
 #                                  and the PyTorch baseline side by side on the packed
 #                                  images (COMPARE_IMAGES=N: the first N of each).
-#                                  AGREE_ONLY=1: section 1 (GPU against CPU), then the tries
-#                                  and the side by side only.
+#                                  AGREE_ONLY=1: section 1 (GPU against CPU) and each of
+#                                  SWITCHES (none unless given) against the CPU, then the
+#                                  tries and the side by side only.
 #
 # The GPU machine needs the NVIDIA driver (580 or newer, for CUDA 13) and the CUDA 13
 # libraries cuBLAS, cuRAND, NVRTC, the runtime and cuDNN 9, for example from PyTorch's cu13 wheels:
@@ -88,6 +89,9 @@ check() {
         [ -f "/tmp/runs/$name/run.json" ] && $py -c "import json,sys; r=json.load(open('/tmp/runs/$name/run.json')); print(json.dumps({'run': '$name', 'images_per_s': r['images_per_s'], 'images': r['counts']['images_processed'], 'wall_s': r['wall_s'], 'peak_rss_mb': r['peak_rss_mb'], 'stage_seconds': r['stage_seconds']}))" | tee -a "$out/runs.jsonl"
         return $rc
     }
+    # a SWITCHES entry's name for its runs, e.g.
+    # FREQTAG_GPU_PAGEABLE=1,FREQTAG_CUDNN_ALGO=winograd -> pageable+cudnn-algo-winograd
+    switch_tag() { echo "$1" | sed -E 's/=1(,|$)/\1/g; s/=/_/g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
     err() { $py tests/python/spectra_error.py "/tmp/runs/$1" "/tmp/runs/$2" --json "$out/errors.jsonl" ${3:+--tol $3}; }
 
     local off="--set output.spectra=none --set output.neurons=false"
@@ -155,7 +159,16 @@ check() {
     run quick-gpu $quick $wq --workers 2 --device $dev && err quick-cpu quick-gpu 1e-4
 
     if [ -n "${AGREE_ONLY:-}" ]; then
-        # the agreement above, then the tries and the side by side only
+        # the agreement above, each of SWITCHES (none unless given) against the CPU too, then the
+        # tries and the side by side only
+        local sw
+        for sw in ${SWITCHES:-}; do
+            local tag; tag=$(switch_tag "$sw")
+            IFS=',' read -ra RUN_ENV <<<"$sw"
+            run "paper-gpu-$tag" $paper $wp --workers 2 --device $dev && err paper-cpu "paper-gpu-$tag" 1e-4
+            run "quick-gpu-$tag" $quick $wq --workers 2 --device $dev && err quick-cpu "quick-gpu-$tag" 1e-4
+            RUN_ENV=()
+        done
         tries
         compare
         echo "== done"
@@ -182,8 +195,6 @@ check() {
     echo "== 2b. switches under test (SWITCHES), each against the defaults above"
     # an entry is VAR=VALUE or several joined by commas; its runs are named by the variables
     local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=0 FREQTAG_GPU_PAGEABLE=1"
-    # e.g. FREQTAG_GPU_PAGEABLE=1,FREQTAG_CUDNN_ALGO=winograd -> pageable+cudnn-algo-winograd
-    switch_tag() { echo "$1" | sed -E 's/=1(,|$)/\1/g; s/=/_/g; s/FREQTAG_(GPU_)?//g; s/,/+/g' | tr 'A-Z_' 'a-z-'; }
     # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
     local sw
     for sw in ${SWITCHES-$DEFAULT_SWITCHES}; do

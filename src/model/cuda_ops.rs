@@ -326,6 +326,113 @@ impl CustomOp2 for DepthwiseConv {
     }
 }
 
+/// Whether f32 3x3 convolutions run freqtag's own kernel ([`Conv3x3`]) rather than cuDNN's
+/// (`FREQTAG_GPU_OWN_CONV=1`; off by default until measured on a GPU).
+pub fn own_conv() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        enabled() && std::env::var_os("FREQTAG_GPU_OWN_CONV").is_some_and(|v| v != "0")
+    })
+}
+
+/// A full 3x3 convolution in f32, zero padding 1, stride 1 or 2, on channels-last `[B, H, W,
+/// Cin]` with weight `[9 Cin, Cout]` (rows ordered ky, kx, cin), by freqtag's kernel: each
+/// thread 4 pixels by 16 output channels, input channels 8 at a time through shared memory
+/// ([`super::gpu_kernels::conv3x3`] gives the tiles). For the narrow layers of CIFAR networks,
+/// where cuDNN's f32 NHWC kernels ran at about 7.7 TFLOP/s on an H100 (ResNet-32's 16-channel
+/// layers, 2.5 ms a call at 4 050 frames). [`Conv3x3::tile`] says whether a shape fits.
+pub struct Conv3x3 {
+    pub stride: usize,
+}
+
+impl Conv3x3 {
+    /// The output's height and width for input `h x w`.
+    pub fn out(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1)
+    }
+
+    /// The launch for input `[b, h, w, _]` to `cout` channels, if the kernel covers it.
+    pub fn tile(&self, dims: &[usize], cout: usize) -> Option<super::gpu_kernels::ConvTile> {
+        let &[b, h, w, cin] = dims else { return None };
+        let (ho, wo) = self.out(h, w);
+        let fits = b * h * w * cin < 1 << 31 && b * ho * wo * cout < 1 << 40;
+        fits.then(|| super::gpu_kernels::conv3x3(b, ho, wo, cout, self.stride))
+            .flatten()
+    }
+}
+
+impl CustomOp2 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("conv3x3: the GPU kernel was called on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (b, h, wd, cin) = xl.shape().dims4()?;
+        let (rows, cout) = wl.shape().dims2()?;
+        let tile = match self.tile(xl.shape().dims(), cout) {
+            Some(t) if rows == 9 * cin && x.dtype() == DType::F32 => t,
+            _ => candle_core::bail!(
+                "conv3x3: weight {:?} ({:?}) for input {:?}, stride {}: not a shape the kernel \
+                 covers",
+                wl.shape(),
+                x.dtype(),
+                xl.shape(),
+                self.stride
+            ),
+        };
+        let (ho, wo) = self.out(h, wd);
+        let xs = x.as_cuda_slice::<f32>()?.slice(start(xl, "conv3x3")?..);
+        let ws = w.as_cuda_slice::<f32>()?.slice(start(wl, "conv3x3")?..);
+        let (func, stream) = kernel(&dev, "conv3x3", DType::F32)?;
+        // SAFETY: every element of `y` is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<f32>(b * ho * wo * cout)? };
+        let dims = [
+            b,
+            h,
+            wd,
+            cin,
+            ho,
+            wo,
+            cout,
+            self.stride,
+            tile.frames,
+            tile.rows,
+        ]
+        .map(|v| v as u32);
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&xs).arg(&ws).arg(&mut y);
+        for d in &dims {
+            bld.arg(d);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: tile.launch.grid,
+            block_dim: tile.launch.block,
+            shared_mem_bytes: tile.shared as u32,
+        };
+        // SAFETY: the arguments match the kernel; x, w and y hold what the dims say, and the
+        // launch is the tile the kernel is written for, with its shared memory.
+        launched(unsafe { bld.launch(cfg) }.map(|_| ()))?;
+        Ok((f32::wrap_cuda_slice(y, dev), Shape::from((b, ho, wo, cout))))
+    }
+}
+
 /// The spatial mean `[B, C]` in f32 of channels-last `[B, H, W, C]`, summed in f64 in a fixed
 /// order (as the CPU's direct kernel sums its rows), in one pass.
 pub struct SpatialMean;

@@ -48,6 +48,69 @@ pub fn scale_shift_act_mean(b: usize, c: usize) -> Launch {
     }
 }
 
+/// Input channels per step of [`conv3x3`]'s loop through shared memory (`CONV_CK` in the source).
+pub const CONV_CK: usize = 8;
+
+/// Shared memory a block may take without asking the driver for more.
+const SHARED_MAX: usize = 48 * 1024;
+
+/// How `conv3x3` covers an output `[b, ho, wo, cout]`: each block computes `rows` output rows of
+/// `frames` frames (whole frames where a frame is small) for up to 64 output channels, with
+/// `shared` bytes of dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTile {
+    pub launch: Launch,
+    pub frames: usize,
+    pub rows: usize,
+    pub shared: usize,
+}
+
+/// The launch of `conv3x3` (3x3, padding 1, stride `s`) for `b` frames of output `ho x wo x
+/// cout`, or `None` where the kernel does not apply: `cout` not a multiple of 16, or an output
+/// row too wide for a block's pixels and shared memory. Threads are (32 pixel lanes, `py`,
+/// `cw / 16` channel groups), each computing 4 pixels by 16 channels: a block holds `128 py`
+/// pixels, with `py` 4 (2 for 64 channels) or less where the input rows would not fit.
+pub fn conv3x3(b: usize, ho: usize, wo: usize, cout: usize, s: usize) -> Option<ConvTile> {
+    if b == 0
+        || ho == 0
+        || wo == 0
+        || cout == 0
+        || !cout.is_multiple_of(16)
+        || !(1..=2).contains(&s)
+    {
+        return None;
+    }
+    let cw = cout.min(64);
+    let groups = cw / 16;
+    let mut py = if groups > 2 { 2 } else { 4 };
+    while py >= 1 {
+        let m = 128 * py;
+        let (frames, rows) = if ho * wo <= m {
+            ((m / (ho * wo)).min(b), ho)
+        } else {
+            (1, (m / wo).min(ho))
+        };
+        if rows > 0 {
+            let (ri, wi) = ((rows - 1) * s + 3, (wo - 1) * s + 3);
+            let shared = (frames * ri * wi * CONV_CK + 9 * CONV_CK * cw) * 4;
+            if shared <= SHARED_MAX {
+                let tiles = b.div_ceil(frames) * ho.div_ceil(rows);
+                return (tiles < 1 << 31).then_some(ConvTile {
+                    launch: Launch {
+                        grid: (tiles as u32, cout.div_ceil(cw) as u32, 1),
+                        block: (32, py as u32, groups as u32),
+                    },
+                    frames,
+                    rows,
+                    shared,
+                });
+            }
+        }
+        py /= 2;
+    }
+    None
+}
+
 /// The kernels, in CUDA C for NVRTC (no headers), each instantiated for f32, f16 and bf16 as
 /// `{name}_f32`, `{name}_f16` and `{name}_bf16`, computing in f32.
 pub const SOURCE: &str = r#"
@@ -168,6 +231,111 @@ __device__ void scale_shift_act_mean(const T* x, const float* ss, const T* r, T*
         for (unsigned int j = 0; j < lanes; ++j) t += part[j * (cw + 1) + cl];
         mean[(unsigned long long)blockIdx.y * c + ch] = (float)(t / (double)hw);
     }
+}
+
+// dynamic shared memory, as floats (the CPU test defines its own)
+#ifndef DYN_SHARED
+#define DYN_SHARED(name) extern __shared__ float name[]
+#endif
+#define CONV_CK 8
+struct alignas(16) f4 { float x, y, z, w; };
+
+// 3x3 convolution, zero padding 1, stride s, channels last, in f32: x [b, h, w, cin], weights
+// wt [9 cin, cout] (rows ordered ky, kx, cin), y [b, ho, wo, cout]. Launched as the host's
+// conv3x3 tile says: blockIdx.x a group of `frames` frames and a tile of `rows` output rows,
+// blockIdx.y 64 output channels (cw = 16 blockDim.z of them); thread (lane, py, qg) computes the
+// block's pixels lane + 32 (py + blockDim.y j), j < 4, in order (frame, row, column), for the 16
+// channels of group qg. Input channels CONV_CK at a time pass through shared memory: the block's
+// input rows, zero padded, laid [c][frame][row][column] so that lanes read consecutive words,
+// then the weights [tap][c][cw], read by every lane of a warp at once.
+__device__ void conv3x3(float* smem, const float* x, const float* wt, float* y, unsigned int b,
+        unsigned int h, unsigned int w, unsigned int cin, unsigned int ho, unsigned int wo,
+        unsigned int cout, unsigned int s, unsigned int frames, unsigned int rows) {
+    const unsigned int ri = (rows - 1) * s + 3, wi = (wo - 1) * s + 3, plane = frames * ri * wi;
+    const unsigned int cw = 16 * blockDim.z;
+    float* sx = smem;
+    const f4* sw = (const f4*)(smem + plane * CONV_CK);
+    const unsigned int lane = threadIdx.x, qg = threadIdx.z;
+    const unsigned int nthreads = 32 * blockDim.y * blockDim.z;
+    const unsigned int tid = lane + 32 * (threadIdx.y + blockDim.y * qg);
+    const unsigned int tiles = (ho + rows - 1) / rows;
+    const unsigned int f0 = (blockIdx.x / tiles) * frames, oy0 = (blockIdx.x % tiles) * rows;
+    const unsigned int cb = blockIdx.y * cw;
+    int off[4];
+    long long out[4];   // -1: no pixel
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        unsigned int m = lane + 32 * (threadIdx.y + blockDim.y * j);
+        unsigned int f = m / (rows * wo), t = (m / wo) % rows, xx = m % wo;
+        bool ok = f < frames && f0 + f < b && oy0 + t < ho;
+        off[j] = ok ? (int)((f * ri + t * s) * wi + xx * s) : 0;
+        out[j] = ok ? (long long)((((unsigned long long)(f0 + f) * ho + oy0 + t) * wo + xx) * cout
+                                  + cb + 16 * qg)
+                    : -1;
+    }
+    float acc[4][16];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int q = 0; q < 16; ++q) acc[j][q] = 0.0f;
+    for (unsigned int c0 = 0; c0 < cin; c0 += CONV_CK) {
+        __syncthreads();
+        // the input rows from oy0 s - 1 of each frame, zero outside the image and past cin
+        for (unsigned int i = tid; i < plane * CONV_CK; i += nthreads) {
+            unsigned int c = i % CONV_CK, q = i / CONV_CK;
+            unsigned int col = q % wi, r = (q / wi) % ri, f = q / (wi * ri);
+            int iy = (int)(oy0 * s + r) - 1, ix = (int)col - 1;
+            float v = 0.0f;
+            if (c0 + c < cin && f0 + f < b && iy >= 0 && iy < (int)h && ix >= 0 && ix < (int)w)
+                v = x[(((unsigned long long)(f0 + f) * h + (unsigned int)iy) * w + (unsigned int)ix)
+                      * cin + c0 + c];
+            sx[c * plane + q] = v;
+        }
+        float* swf = smem + plane * CONV_CK;
+        for (unsigned int i = tid; i < 9 * CONV_CK * cw; i += nthreads) {
+            unsigned int co = i % cw, c = (i / cw) % CONV_CK, tap = i / (cw * CONV_CK);
+            swf[i] = c0 + c < cin
+                ? wt[((unsigned long long)tap * cin + c0 + c) * cout + cb + co] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 2
+        for (unsigned int c = 0; c < CONV_CK; ++c) {
+            const float* xs = sx + c * plane;
+#pragma unroll
+            for (int tap = 0; tap < 9; ++tap) {
+                const int d = (tap / 3) * (int)wi + tap % 3;
+                float v[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[j] = xs[off[j] + d];
+                const f4* wv = sw + ((tap * CONV_CK + c) * cw + 16 * qg) / 4;
+#pragma unroll
+                for (int q4 = 0; q4 < 4; ++q4) {
+                    const f4 u = wv[q4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        acc[j][4 * q4] = fmaf(v[j], u.x, acc[j][4 * q4]);
+                        acc[j][4 * q4 + 1] = fmaf(v[j], u.y, acc[j][4 * q4 + 1]);
+                        acc[j][4 * q4 + 2] = fmaf(v[j], u.z, acc[j][4 * q4 + 2]);
+                        acc[j][4 * q4 + 3] = fmaf(v[j], u.w, acc[j][4 * q4 + 3]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if (out[j] < 0) continue;
+        f4* o = (f4*)(y + out[j]);
+#pragma unroll
+        for (int q4 = 0; q4 < 4; ++q4)
+            o[q4] = f4{acc[j][4 * q4], acc[j][4 * q4 + 1], acc[j][4 * q4 + 2], acc[j][4 * q4 + 3]};
+    }
+}
+extern "C" __global__ void conv3x3_f32(const float* x, const float* wt, float* y, unsigned int b,
+        unsigned int h, unsigned int w, unsigned int cin, unsigned int ho, unsigned int wo,
+        unsigned int cout, unsigned int s, unsigned int frames, unsigned int rows) {
+    DYN_SHARED(smem);
+    conv3x3(smem, x, wt, y, b, h, w, cin, ho, wo, cout, s, frames, rows);
 }
 
 #define INSTANCES(T, NAME) \

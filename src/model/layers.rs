@@ -33,6 +33,11 @@ enum ConvKind {
     /// weight `[C, k*k]`.
     #[cfg(feature = "cuda")]
     GpuDepthwise(Tensor),
+    /// On a CUDA GPU in f32, a full 3x3 convolution with padding 1: freqtag's kernel
+    /// ([`super::cuda_ops::Conv3x3`]), weight `[9 Cin, Cout]` (rows ky, kx, cin); the boxed kind
+    /// (cuDNN's or candle's) runs the shapes the kernel does not cover.
+    #[cfg(feature = "cuda")]
+    GpuConv3x3(Tensor, Box<ConvKind>),
 }
 
 /// A 2-D convolution on channels-last input, zero padding `k/2` on every side (or none, see
@@ -87,6 +92,20 @@ impl Conv {
         } else {
             let (dev, dt) = (p.device().clone(), p.dtype());
             let to = |t: Tensor| t.to_device(&dev)?.to_dtype(dt);
+            // freqtag's own 3x3 kernel in f32, with the kind below as its fallback
+            #[cfg(feature = "cuda")]
+            let own = match &kind {
+                ConvKind::Im2col(w)
+                    if k == 3
+                        && dev.is_cuda()
+                        && dt == candle_core::DType::F32
+                        && cout.is_multiple_of(16)
+                        && super::cuda_ops::own_conv() =>
+                {
+                    Some(Tensor::from_slice(w, (k * k * cin, cout), &dev)?)
+                }
+                _ => None,
+            };
             // freqtag's own depthwise kernel (f32 weights whatever the dtype), cuDNN for the rest
             #[cfg(feature = "cuda")]
             let kind = match kind {
@@ -114,6 +133,11 @@ impl Conv {
                     ConvKind::Windows(windows)
                 }
                 other => other,
+            };
+            #[cfg(feature = "cuda")]
+            let kind = match own {
+                Some(w) => ConvKind::GpuConv3x3(w, Box::new(kind)),
+                None => kind,
             };
             (kind, bias.map(to).transpose()?)
         };
@@ -151,8 +175,18 @@ impl Conv {
                 return Ok(y);
             }
         }
+        let y = self.apply(&self.kind, x)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
+            None => Ok(y),
+        }
+    }
+
+    /// The convolution without its bias, by `kind` (this convolution's, or the fallback of
+    /// freqtag's GPU kernel).
+    fn apply(&self, kind: &ConvKind, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let y = match &self.kind {
+        Ok(match kind {
             ConvKind::Pointwise(wt) if super::direct::handles(self.cout) => x
                 .contiguous()?
                 .apply_op1_no_bwd(&Pointwise { weight: wt })?,
@@ -215,11 +249,23 @@ impl Conv {
                     x.contiguous()?.apply_op2_no_bwd(wt, &op)
                 })?
             }
-        };
-        match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, 1, 1, self.cout))?),
-            None => Ok(y),
-        }
+            #[cfg(feature = "cuda")]
+            ConvKind::GpuConv3x3(wt, fallback) => {
+                let op = super::cuda_ops::Conv3x3 {
+                    stride: self.stride,
+                };
+                match op.tile(x.dims(), self.cout) {
+                    Some(_) if self.pad == 1 => super::profile::op("conv", x, || {
+                        super::profile::op_named(
+                            || format!("own {b}x{h}x{w} {c}->{} s{}", self.cout, self.stride),
+                            x,
+                            || x.contiguous()?.apply_op2_no_bwd(wt, &op),
+                        )
+                    })?,
+                    _ => self.apply(fallback, x)?,
+                }
+            }
+        })
     }
 
     /// [`Conv::forward`] and, where the direct kernel or the depthwise one runs it (CPU, no

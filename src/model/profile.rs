@@ -31,6 +31,32 @@ pub fn op<R>(name: &'static str, x: &Tensor, f: impl FnOnce() -> Result<R>) -> R
     Ok(r)
 }
 
+/// [`op`] under a name made by `name` when profiling (each distinct name kept for the run).
+pub fn op_named<R>(
+    name: impl FnOnce() -> String,
+    x: &Tensor,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    if !enabled() || x.device().is_cpu() {
+        return f();
+    }
+    op(intern(name()), x, f)
+}
+
+/// `name` as a `&'static str`, leaked once per distinct name (a few per run).
+fn intern(name: String) -> &'static str {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let Ok(mut names) = NAMES.lock() else {
+        return "(unnamed)";
+    };
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let n: &'static str = Box::leak(name.into_boxed_str());
+    names.push(n);
+    n
+}
+
 /// Adds `secs` to `name`.
 pub fn add(name: &'static str, secs: f64) {
     if let Ok(mut t) = TABLE.lock() {

@@ -41,6 +41,9 @@ static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcp
 #define __shared__ static
 // the f16 and bf16 conversions are PTX; only the f32 instances run here
 #define asm(...) ((void)0)
+// dynamic shared memory: 48 KiB, past the launch's own size filled with NaN by the driver
+alignas(16) static float dyn_shared[12288];
+#define DYN_SHARED(name) float* name = dyn_shared
 "#;
 
 /// Runs kernels of one launch at a time, read from and written to files.
@@ -114,6 +117,17 @@ int main(int argc, char** argv) {
             a[1], a[2], (int)a[3]); });
         save(dir, "y", y);
         save(dir, "mean", m);
+    } else if (k == "conv3x3") {
+        // a: b, h, w, cin, ho, wo, cout, s, frames, rows, then the shared memory's bytes
+        auto x = load(dir, "x"), wt = load(dir, "w");
+        std::vector<float> y(a[0] * a[4] * a[5] * a[6], NAN);
+        if (a[10] > (long long)sizeof(dyn_shared)) { std::fprintf(stderr, "shared memory\n"); return 2; }
+        for (size_t i = 0; i < sizeof(dyn_shared) / 4; ++i) dyn_shared[i] = NAN;
+        launch(g, b, [&] { conv3x3_f32(x.data(), wt.data(), y.data(), a[0], a[1], a[2], a[3],
+            a[4], a[5], a[6], a[7], a[8], a[9]); });
+        for (size_t i = a[10] / 4; i < sizeof(dyn_shared) / 4; ++i)
+            if (!std::isnan(dyn_shared[i])) { std::fprintf(stderr, "wrote past the shared memory\n"); return 2; }
+        save(dir, "y", y);
     } else {
         std::fprintf(stderr, "unknown kernel %s\n", k.c_str());
         return 2;
@@ -375,4 +389,105 @@ fn gpu_kernels_on_the_cpu() {
             );
         }
     }
+}
+
+/// The 3x3 convolution (padding 1, stride `s`) of `x` `[b, h, w, cin]` by `wt` `[9 cin, cout]`,
+/// summed as the kernel sums: input channel by channel, tap by tap within a channel, each term a
+/// fused multiply-add (the padding's zeros add nothing).
+#[allow(clippy::too_many_arguments)]
+fn conv3x3(
+    x: &[f32],
+    wt: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    s: usize,
+) -> Vec<f32> {
+    let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+    let mut y = vec![0f32; b * ho * wo * cout];
+    for f in 0..b {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for co in 0..cout {
+                    let mut acc = 0f32;
+                    for c in 0..cin {
+                        for tap in 0..9 {
+                            let (iy, ix) = (
+                                (oy * s + tap / 3) as isize - 1,
+                                (ox * s + tap % 3) as isize - 1,
+                            );
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let v = x[((f * h + iy as usize) * w + ix as usize) * cin + c];
+                            acc = v.mul_add(wt[(tap * cin + c) * cout + co], acc);
+                        }
+                    }
+                    y[((f * ho + oy) * wo + ox) * cout + co] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn gpu_conv3x3_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let Some(exe) = emulator(dir) else { return };
+    // (b, h, w, cin, cout, stride): several frames a block with the last group short, row tiles
+    // with the last one short, rows that do not fill a block's pixels, input channels below and
+    // past a step of 8, output channels in two blocks, stride 2, and a shape whose input rows
+    // take fewer pixels a block to fit shared memory
+    let shapes = [
+        (3, 8, 8, 16, 16, 1),
+        (5, 8, 8, 8, 64, 1),
+        (2, 32, 32, 3, 16, 1),
+        (2, 20, 24, 20, 32, 1),
+        (2, 45, 40, 16, 16, 1),
+        (3, 16, 16, 16, 32, 2),
+        (2, 9, 9, 32, 128, 2),
+        (1, 64, 64, 8, 32, 2),
+    ];
+    let mut fewer_pixels = false;
+    for (si, &(b, h, w, cin, cout, s)) in shapes.iter().enumerate() {
+        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let tile = gpu_kernels::conv3x3(b, ho, wo, cout, s).expect("a shape the kernel covers");
+        fewer_pixels |= tile.launch.block.1 < if cout >= 64 { 2 } else { 4 };
+        let x = values(b * h * w * cin, si as u64 + 401);
+        let wt = values(9 * cin * cout, si as u64 + 501);
+        write(dir, "x", &x);
+        write(dir, "w", &wt);
+        let args = [
+            b,
+            h,
+            w,
+            cin,
+            ho,
+            wo,
+            cout,
+            s,
+            tile.frames,
+            tile.rows,
+            tile.shared,
+        ];
+        run(&exe, dir, "conv3x3", tile.launch, &args);
+        let got = read(dir, "y");
+        let want = conv3x3(&x, &wt, b, h, w, cin, cout, s);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            // equal values (a zero's sign aside: the kernel's padded channels add 0 x 0)
+            assert!(
+                g == e,
+                "conv3x3 {b}x{h}x{w}x{cin} -> {cout} s{s} ({tile:?}): element {i} is {g}, want {e}"
+            );
+        }
+    }
+    assert!(fewer_pixels, "no shape took the smaller blocks");
+    // shapes it leaves to cuDNN
+    assert_eq!(gpu_kernels::conv3x3(4, 8, 8, 24, 1), None);
+    assert_eq!(gpu_kernels::conv3x3(4, 8, 2000, 16, 1), None);
 }
