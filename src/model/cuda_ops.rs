@@ -326,17 +326,32 @@ impl CustomOp2 for DepthwiseConv {
     }
 }
 
-/// Whether f32 3x3 convolutions run freqtag's own kernel ([`Conv3x3`]) rather than cuDNN's
-/// (`FREQTAG_GPU_OWN_CONV=1`; off by default until measured on a GPU).
-pub fn own_conv() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        enabled() && std::env::var_os("FREQTAG_GPU_OWN_CONV").is_some_and(|v| v != "0")
+/// The widest f32 3x3 convolution, in output channels, that freqtag's own kernel ([`Conv3x3`])
+/// runs rather than cuDNN: `FREQTAG_GPU_OWN_CONV=N` (0: none), 16 by default. Measured on an H100
+/// (session 17, one-worker profile of 500 CIFAR images, 4 050 frames a pass): 16 -> 16 channels
+/// 1.42 ms a call against cuDNN's 2.53; 32 -> 32 and 64 -> 64 1.37 and 1.33 ms against 1.13 and
+/// 1.07 (that kernel loaded its input with a division per float, since replaced).
+pub fn own_conv_max() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let v = std::env::var("FREQTAG_GPU_OWN_CONV").ok();
+        match v.as_deref().map(str::trim) {
+            _ if !enabled() => 0,
+            None | Some("") => 16,
+            Some(v) => v.parse().unwrap_or_else(|_| {
+                tracing::warn!(
+                    "FREQTAG_GPU_OWN_CONV={v}: not a channel count; using 16 (0 turns the \
+                     kernel off)"
+                );
+                16
+            }),
+        }
     })
 }
 
 /// A full 3x3 convolution in f32, zero padding 1, stride 1 or 2, on channels-last `[B, H, W,
-/// Cin]` with weight `[9 Cin, Cout]` (rows ordered ky, kx, cin), by freqtag's kernel: each
+/// Cin]` with weight `[9 Cin, Cout]` (rows ordered ky, kx, cin; Cin a multiple of 8, Cout of
+/// 16), by freqtag's kernel: each
 /// thread 4 pixels by 16 output channels, input channels 8 at a time through shared memory
 /// ([`super::gpu_kernels::conv3x3`] gives the tiles). For the narrow layers of CIFAR networks,
 /// where cuDNN's f32 NHWC kernels ran at about 7.7 TFLOP/s on an H100 (ResNet-32's 16-channel
@@ -351,13 +366,11 @@ impl Conv3x3 {
         ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1)
     }
 
-    /// The launch for input `[b, h, w, _]` to `cout` channels, if the kernel covers it.
+    /// The launch for input `[b, h, w, cin]` to `cout` channels, if the kernel covers it.
     pub fn tile(&self, dims: &[usize], cout: usize) -> Option<super::gpu_kernels::ConvTile> {
         let &[b, h, w, cin] = dims else { return None };
         let (ho, wo) = self.out(h, w);
-        let fits = b * h * w * cin < 1 << 31 && b * ho * wo * cout < 1 << 40;
-        fits.then(|| super::gpu_kernels::conv3x3(b, ho, wo, cout, self.stride))
-            .flatten()
+        super::gpu_kernels::conv3x3(b, ho, wo, cin, cout, self.stride)
     }
 }
 
@@ -398,9 +411,19 @@ impl CustomOp2 for Conv3x3 {
             ),
         };
         let (ho, wo) = self.out(h, wd);
-        let xs = x.as_cuda_slice::<f32>()?.slice(start(xl, "conv3x3")?..);
-        let ws = w.as_cuda_slice::<f32>()?.slice(start(wl, "conv3x3")?..);
-        let (func, stream) = kernel(&dev, "conv3x3", DType::F32)?;
+        // the kernel reads 16 bytes at a time
+        let (xo, wo4) = (start(xl, "conv3x3")?, start(wl, "conv3x3")?);
+        if xo % 4 != 0 || wo4 % 4 != 0 {
+            candle_core::bail!("conv3x3: input or weight not aligned to 16 bytes")
+        }
+        let xs = x.as_cuda_slice::<f32>()?.slice(xo..);
+        let ws = w.as_cuda_slice::<f32>()?.slice(wo4..);
+        // FREQTAG_GPU_CONV_REGS=1: the entry without a register bound, to compare
+        static REGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let regs = *REGS
+            .get_or_init(|| std::env::var_os("FREQTAG_GPU_CONV_REGS").is_some_and(|v| v != "0"));
+        let name = if regs { "conv3x3_regs" } else { "conv3x3" };
+        let (func, stream) = kernel(&dev, name, DType::F32)?;
         // SAFETY: every element of `y` is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<f32>(b * ho * wo * cout)? };
         let dims = [

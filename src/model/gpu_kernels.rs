@@ -65,19 +65,21 @@ pub struct ConvTile {
     pub shared: usize,
 }
 
-/// The launch of `conv3x3` (3x3, padding 1, stride `s`) for `b` frames of output `ho x wo x
-/// cout`, or `None` where the kernel does not apply: `cout` not a multiple of 16, or an output
-/// row too wide for a block's pixels and shared memory. Threads are (32 pixel lanes, `py`,
+/// The launch of `conv3x3` (3x3, padding 1, stride `s`) from `cin` channels to `b` frames of
+/// output `ho x wo x cout`, or `None` where the kernel does not apply: `cin` not a multiple of 8
+/// or `cout` of 16, or an output row too wide for a block's pixels and shared memory. Threads are (32 pixel lanes, `py`,
 /// `cw / 16` channel groups), each computing 4 pixels by 16 channels: a block holds `128 py`
 /// pixels, with `py` 4 (2 for 64 channels) or less where the input rows would not fit.
-pub fn conv3x3(b: usize, ho: usize, wo: usize, cout: usize, s: usize) -> Option<ConvTile> {
-    if b == 0
-        || ho == 0
-        || wo == 0
-        || cout == 0
-        || !cout.is_multiple_of(16)
-        || !(1..=2).contains(&s)
-    {
+pub fn conv3x3(
+    b: usize,
+    ho: usize,
+    wo: usize,
+    cin: usize,
+    cout: usize,
+    s: usize,
+) -> Option<ConvTile> {
+    let channels = cin > 0 && cin.is_multiple_of(8) && cout > 0 && cout.is_multiple_of(16);
+    if b == 0 || ho == 0 || wo == 0 || !channels || !(1..=2).contains(&s) {
         return None;
     }
     let cw = cout.min(64);
@@ -241,7 +243,8 @@ __device__ void scale_shift_act_mean(const T* x, const float* ss, const T* r, T*
 struct alignas(16) f4 { float x, y, z, w; };
 
 // 3x3 convolution, zero padding 1, stride s, channels last, in f32: x [b, h, w, cin], weights
-// wt [9 cin, cout] (rows ordered ky, kx, cin), y [b, ho, wo, cout]. Launched as the host's
+// wt [9 cin, cout] (rows ordered ky, kx, cin), y [b, ho, wo, cout]; cin a multiple of 8, cout of
+// 16, and x, wt and y aligned to 16 bytes. Launched as the host's
 // conv3x3 tile says: blockIdx.x a group of `frames` frames and a tile of `rows` output rows,
 // blockIdx.y 64 output channels (cw = 16 blockDim.z of them); thread (lane, py, qg) computes the
 // block's pixels lane + 32 (py + blockDim.y j), j < 4, in order (frame, row, column), for the 16
@@ -261,17 +264,13 @@ __device__ void conv3x3(float* smem, const float* x, const float* wt, float* y, 
     const unsigned int tiles = (ho + rows - 1) / rows;
     const unsigned int f0 = (blockIdx.x / tiles) * frames, oy0 = (blockIdx.x % tiles) * rows;
     const unsigned int cb = blockIdx.y * cw;
-    int off[4];
-    long long out[4];   // -1: no pixel
+    int off[4];   // each pixel's input position in shared memory (0 for no pixel)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         unsigned int m = lane + 32 * (threadIdx.y + blockDim.y * j);
         unsigned int f = m / (rows * wo), t = (m / wo) % rows, xx = m % wo;
         bool ok = f < frames && f0 + f < b && oy0 + t < ho;
         off[j] = ok ? (int)((f * ri + t * s) * wi + xx * s) : 0;
-        out[j] = ok ? (long long)((((unsigned long long)(f0 + f) * ho + oy0 + t) * wo + xx) * cout
-                                  + cb + 16 * qg)
-                    : -1;
     }
     float acc[4][16];
 #pragma unroll
@@ -280,22 +279,40 @@ __device__ void conv3x3(float* smem, const float* x, const float* wt, float* y, 
         for (int q = 0; q < 16; ++q) acc[j][q] = 0.0f;
     for (unsigned int c0 = 0; c0 < cin; c0 += CONV_CK) {
         __syncthreads();
-        // the input rows from oy0 s - 1 of each frame, zero outside the image and past cin
-        for (unsigned int i = tid; i < plane * CONV_CK; i += nthreads) {
-            unsigned int c = i % CONV_CK, q = i / CONV_CK;
+        // the input rows from oy0 s - 1 of each frame, zero outside the image, 4 channels a
+        // load: positions q = tid / 2, then every nthreads / 2, of [frame][row][column]
+        {
+            const unsigned int half = nthreads / 2, c4 = tid & 1u;
+            const unsigned int dc = half % wi, dr = half / wi;
+            unsigned int q = tid >> 1;
             unsigned int col = q % wi, r = (q / wi) % ri, f = q / (wi * ri);
-            int iy = (int)(oy0 * s + r) - 1, ix = (int)col - 1;
-            float v = 0.0f;
-            if (c0 + c < cin && f0 + f < b && iy >= 0 && iy < (int)h && ix >= 0 && ix < (int)w)
-                v = x[(((unsigned long long)(f0 + f) * h + (unsigned int)iy) * w + (unsigned int)ix)
-                      * cin + c0 + c];
-            sx[c * plane + q] = v;
+            for (; q < plane; q += half) {
+                int iy = (int)(oy0 * s + r) - 1, ix = (int)col - 1;
+                f4 v = {0.0f, 0.0f, 0.0f, 0.0f};
+                if (f0 + f < b && iy >= 0 && iy < (int)h && ix >= 0 && ix < (int)w)
+                    v = *(const f4*)(x + (((unsigned long long)(f0 + f) * h + (unsigned int)iy) * w
+                                          + (unsigned int)ix) * cin + c0 + 4 * c4);
+                float* d = sx + 4 * c4 * plane + q;
+                d[0] = v.x;
+                d[plane] = v.y;
+                d[2 * plane] = v.z;
+                d[3 * plane] = v.w;
+                col += dc;
+                r += dr;
+                if (col >= wi) { col -= wi; ++r; }
+                while (r >= ri) { r -= ri; ++f; }
+            }
         }
-        float* swf = smem + plane * CONV_CK;
-        for (unsigned int i = tid; i < 9 * CONV_CK * cw; i += nthreads) {
-            unsigned int co = i % cw, c = (i / cw) % CONV_CK, tap = i / (cw * CONV_CK);
-            swf[i] = c0 + c < cin
-                ? wt[((unsigned long long)tap * cin + c0 + c) * cout + cb + co] : 0.0f;
+        // the weights of these channels, [tap][c][cw], 4 output channels a load
+        {
+            const unsigned int cw4 = cw / 4;
+            f4* swv = (f4*)(smem + plane * CONV_CK);
+            for (unsigned int i = tid; i < 9 * CONV_CK * cw4; i += nthreads) {
+                unsigned int co4 = i % cw4, rc = i / cw4;   // rc = tap CONV_CK + c
+                unsigned int c = rc % CONV_CK, tap = rc / CONV_CK;
+                swv[i] = *(const f4*)(wt + ((unsigned long long)tap * cin + c0 + c) * cout + cb
+                                      + 4 * co4);
+            }
         }
         __syncthreads();
 #pragma unroll 2
@@ -324,16 +341,27 @@ __device__ void conv3x3(float* smem, const float* x, const float* wt, float* y, 
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        if (out[j] < 0) continue;
-        f4* o = (f4*)(y + out[j]);
+        unsigned int m = lane + 32 * (threadIdx.y + blockDim.y * j);
+        unsigned int f = m / (rows * wo), t = (m / wo) % rows, xx = m % wo;
+        if (f >= frames || f0 + f >= b || oy0 + t >= ho) continue;
+        f4* o = (f4*)(y + (((unsigned long long)(f0 + f) * ho + oy0 + t) * wo + xx) * cout + cb
+                      + 16 * qg);
 #pragma unroll
         for (int q4 = 0; q4 < 4; ++q4)
             o[q4] = f4{acc[j][4 * q4], acc[j][4 * q4 + 1], acc[j][4 * q4 + 2], acc[j][4 * q4 + 3]};
     }
 }
-extern "C" __global__ void conv3x3_f32(const float* x, const float* wt, float* y, unsigned int b,
-        unsigned int h, unsigned int w, unsigned int cin, unsigned int ho, unsigned int wo,
-        unsigned int cout, unsigned int s, unsigned int frames, unsigned int rows) {
+// two entries: at most 128 registers a thread, so that two blocks of 256 threads share a
+// multiprocessor (some spilled), or as many as the compiler takes (165 for sm_90, none spilled;
+// FREQTAG_GPU_CONV_REGS=1)
+#define CONV3X3_ARGS const float* x, const float* wt, float* y, unsigned int b, unsigned int h, \
+        unsigned int w, unsigned int cin, unsigned int ho, unsigned int wo, unsigned int cout, \
+        unsigned int s, unsigned int frames, unsigned int rows
+extern "C" __global__ void __launch_bounds__(256, 2) conv3x3_f32(CONV3X3_ARGS) {
+    DYN_SHARED(smem);
+    conv3x3(smem, x, wt, y, b, h, w, cin, ho, wo, cout, s, frames, rows);
+}
+extern "C" __global__ void conv3x3_regs_f32(CONV3X3_ARGS) {
     DYN_SHARED(smem);
     conv3x3(smem, x, wt, y, b, h, w, cin, ho, wo, cout, s, frames, rows);
 }

@@ -99,8 +99,9 @@ impl Conv {
                     if k == 3
                         && dev.is_cuda()
                         && dt == candle_core::DType::F32
+                        && cin.is_multiple_of(8)
                         && cout.is_multiple_of(16)
-                        && super::cuda_ops::own_conv() =>
+                        && cout <= super::cuda_ops::own_conv_max() =>
                 {
                     Some(Tensor::from_slice(w, (k * k * cin, cout), &dev)?)
                 }
