@@ -327,23 +327,24 @@ impl CustomOp2 for DepthwiseConv {
 }
 
 /// The widest f32 3x3 convolution, in output channels, that freqtag's own kernel ([`Conv3x3`])
-/// runs rather than cuDNN: `FREQTAG_GPU_OWN_CONV=N` (0: none), 16 by default. Measured on an H100
-/// (session 17, one-worker profile of 500 CIFAR images, 4 050 frames a pass): 16 -> 16 channels
-/// 1.42 ms a call against cuDNN's 2.53; 32 -> 32 and 64 -> 64 1.37 and 1.33 ms against 1.13 and
-/// 1.07 (that kernel loaded its input with a division per float, since replaced).
+/// runs rather than cuDNN: `FREQTAG_GPU_OWN_CONV=N` (0: none), 64 by default, the widest measured.
+/// On an H100 (session 17, 4 050 frames a pass), a call took 0.70 ms against cuDNN's 2.32 ms for
+/// ResNet-32's 16 -> 16 channels, 0.70 against 1.07 for 32 -> 32, 0.67 against 1.02 for 64 -> 64.
+/// The paper pipeline in f32 (16 workers, 20 000 images, interleaved): 2 030 and 2 126 images/s,
+/// against 1 749 and 1 742 with cuDNN alone (and 1 880 and 2 018 with the kernel up to 16).
 pub fn own_conv_max() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
         let v = std::env::var("FREQTAG_GPU_OWN_CONV").ok();
         match v.as_deref().map(str::trim) {
             _ if !enabled() => 0,
-            None | Some("") => 16,
+            None | Some("") => 64,
             Some(v) => v.parse().unwrap_or_else(|_| {
                 tracing::warn!(
-                    "FREQTAG_GPU_OWN_CONV={v}: not a channel count; using 16 (0 turns the \
+                    "FREQTAG_GPU_OWN_CONV={v}: not a channel count; using 64 (0 turns the \
                      kernel off)"
                 );
-                16
+                64
             }),
         }
     })
@@ -418,12 +419,7 @@ impl CustomOp2 for Conv3x3 {
         }
         let xs = x.as_cuda_slice::<f32>()?.slice(xo..);
         let ws = w.as_cuda_slice::<f32>()?.slice(wo4..);
-        // FREQTAG_GPU_CONV_REGS=1: the entry without a register bound, to compare
-        static REGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let regs = *REGS
-            .get_or_init(|| std::env::var_os("FREQTAG_GPU_CONV_REGS").is_some_and(|v| v != "0"));
-        let name = if regs { "conv3x3_regs" } else { "conv3x3" };
-        let (func, stream) = kernel(&dev, name, DType::F32)?;
+        let (func, stream) = kernel(&dev, "conv3x3", DType::F32)?;
         // SAFETY: every element of `y` is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<f32>(b * ho * wo * cout)? };
         let dims = [
