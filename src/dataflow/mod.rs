@@ -165,10 +165,12 @@ fn check_writable(out: &Path) -> Result<()> {
 
 /// Images per worker in a chunk when `--chunk` is not given: 16 on the CPU. On a GPU, enough
 /// images to fill a pass (`model.device_batch`), and at least one per 512 KiB of the chunk's
-/// table of sums: a commit compresses and hands on the whole table (96 MB for
-/// MobileNetV2's 17 056 neurons and 6 terms, 0.3 s of one core here: 105-130 ms of zstd,
-/// 85-115 ms handing on 102 000 sums), which is 1.6 ms an image at the 182 images this gives
-/// against 6.7 ms at the 45 of one per 2 MB. Labelled images with `output.per_class` keep every
+/// sums counted as full [`crate::score::Acc`]s (936 bytes each; the table a worker allocates is
+/// the compact `SumTable`, 360 bytes a slot, 37 MB for MobileNetV2's 17 056 neurons and 6
+/// terms): a commit compresses and hands on the whole table (0.3 s of one core here: 105-130 ms
+/// of zstd, 85-115 ms handing on 102 000 sums), which is 1.6 ms an image at the 182 images this
+/// gives MobileNetV2 against 6.7 ms at the 45 of one per 2 MB. (Counted by `SumTable` slots it
+/// would be 70: more commits, and a table for each chunk in flight.) Labelled images with `output.per_class` keep every
 /// image's scores until the commit (7 MB an image for MobileNetV2), so there the table sets at
 /// most 32. Always 16 to 512.
 fn default_chunk(plan: &Plan, on_gpu: bool, labelled: bool) -> u64 {
