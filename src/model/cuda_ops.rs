@@ -326,37 +326,66 @@ impl CustomOp2 for DepthwiseConv {
     }
 }
 
-/// The widest f32 3x3 convolution, in output channels, that freqtag's own kernel ([`Conv3x3`])
-/// runs rather than cuDNN: `FREQTAG_GPU_OWN_CONV=N` (0: none), 64 by default, the widest measured.
-/// On an H100 (session 17, 4 050 frames a pass), a call took 0.70 ms against cuDNN's 2.32 ms for
-/// ResNet-32's 16 -> 16 channels, 0.70 against 1.07 for 32 -> 32, 0.67 against 1.02 for 64 -> 64.
-/// The paper pipeline in f32 (16 workers, 20 000 images, interleaved): 2 030 and 2 126 images/s,
-/// against 1 749 and 1 742 with cuDNN alone (and 1 880 and 2 018 with the kernel up to 16).
-pub fn own_conv_max() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
+/// Which f32 3x3 convolutions freqtag's own kernel ([`Conv3x3`]) runs rather than cuDNN: those of
+/// at most `max_cout` output channels, on inputs of at most 32x32 pixels unless `any_size`.
+/// By default 64 channels on inputs up to 32x32, the shapes measured; `FREQTAG_GPU_OWN_CONV=N`
+/// takes N channels on inputs of any size (0: cuDNN alone). On an H100 (session 17, 4 050 frames
+/// a pass), a call took 0.70 ms against cuDNN's 2.32 ms for ResNet-32's 16 -> 16 channels, 0.70
+/// against 1.07 for 32 -> 32, 0.67 against 1.02 for 64 -> 64. The paper pipeline in f32 (16
+/// workers, 20 000 images, interleaved): 2 030 and 2 126 images/s, against 1 749 and 1 742 with
+/// cuDNN alone (and 1 880 and 2 018 with the kernel up to 16 channels).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnConv {
+    pub max_cout: usize,
+    pub any_size: bool,
+}
+
+impl OwnConv {
+    /// Whether the kernel takes an input of `h x w` pixels.
+    pub fn takes(&self, h: usize, w: usize) -> bool {
+        self.any_size || h * w <= 32 * 32
+    }
+}
+
+/// The process's [`OwnConv`] (`FREQTAG_GPU_OWN_CONV`; none with `FREQTAG_NO_FUSED_GPU`).
+pub fn own_conv() -> OwnConv {
+    static ON: std::sync::OnceLock<OwnConv> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let default = OwnConv {
+            max_cout: 64,
+            any_size: false,
+        };
         let v = std::env::var("FREQTAG_GPU_OWN_CONV").ok();
         match v.as_deref().map(str::trim) {
-            _ if !enabled() => 0,
-            None | Some("") => 64,
-            Some(v) => v.parse().unwrap_or_else(|_| {
-                tracing::warn!(
-                    "FREQTAG_GPU_OWN_CONV={v}: not a channel count; using 64 (0 turns the \
-                     kernel off)"
-                );
-                64
-            }),
+            _ if !enabled() => OwnConv {
+                max_cout: 0,
+                any_size: false,
+            },
+            None | Some("") => default,
+            Some(v) => match v.parse() {
+                Ok(max_cout) => OwnConv {
+                    max_cout,
+                    any_size: true,
+                },
+                Err(_) => {
+                    tracing::warn!(
+                        "FREQTAG_GPU_OWN_CONV={v}: not a channel count; using the default (0 \
+                         turns the kernel off)"
+                    );
+                    default
+                }
+            },
         }
     })
 }
 
 /// A full 3x3 convolution in f32, zero padding 1, stride 1 or 2, on channels-last `[B, H, W,
 /// Cin]` with weight `[9 Cin, Cout]` (rows ordered ky, kx, cin; Cin a multiple of 8, Cout of
-/// 16), by freqtag's kernel: each
-/// thread 4 pixels by 16 output channels, input channels 8 at a time through shared memory
-/// ([`super::gpu_kernels::conv3x3`] gives the tiles). For the narrow layers of CIFAR networks,
-/// where cuDNN's f32 NHWC kernels ran at about 7.7 TFLOP/s on an H100 (ResNet-32's 16-channel
-/// layers, 2.5 ms a call at 4 050 frames). [`Conv3x3::tile`] says whether a shape fits.
+/// 16), by freqtag's kernel: each thread 4 pixels by 16 output channels, input channels 8 at a
+/// time through shared memory ([`super::gpu_kernels::conv3x3`] gives the tiles). For the narrow
+/// layers of CIFAR networks, where cuDNN's f32 NHWC kernels ran at about 7.7 TFLOP/s on an H100
+/// (ResNet-32's 16-channel layers, 2.5 ms a call at 4 050 frames). [`Conv3x3::tile`] says
+/// whether a shape fits.
 pub struct Conv3x3 {
     pub stride: usize,
 }
@@ -679,20 +708,8 @@ mod cudnn_conv {
     /// The profile entry of a convolution shape, e.g. `cuDNN 4050x32x32 16->16 k3 s1`: made
     /// once per shape and kept for the run (the profile's names are static).
     fn profile_name(key: &Key) -> &'static str {
-        static NAMES: std::sync::Mutex<Vec<(Key, &'static str)>> =
-            std::sync::Mutex::new(Vec::new());
-        let Ok(mut names) = NAMES.lock() else {
-            return "cuDNN";
-        };
-        if let Some((_, n)) = names.iter().find(|(k, _)| k == key) {
-            return n;
-        }
         let [b, h, w, c, co, k, _, s, _, _] = key.1;
-        let name: &'static str = Box::leak(
-            format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0).into_boxed_str(),
-        );
-        names.push((*key, name));
-        name
+        crate::model::profile::intern(format!("cuDNN {b}x{h}x{w} {c}->{co} k{k} s{s} {:?}", key.0))
     }
 
     /// The thread's workspace on `dev`, at least `size` bytes.

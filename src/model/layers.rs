@@ -35,7 +35,8 @@ enum ConvKind {
     GpuDepthwise(Tensor),
     /// On a CUDA GPU in f32, a full 3x3 convolution with padding 1: freqtag's kernel
     /// ([`super::cuda_ops::Conv3x3`]), weight `[9 Cin, Cout]` (rows ky, kx, cin); the boxed kind
-    /// (cuDNN's or candle's) runs the shapes the kernel does not cover.
+    /// (cuDNN's or candle's) runs the shapes the kernel does not cover or is not set to take
+    /// ([`super::cuda_ops::own_conv`]).
     #[cfg(feature = "cuda")]
     GpuConv3x3(Tensor, Box<ConvKind>),
 }
@@ -101,7 +102,7 @@ impl Conv {
                         && dt == candle_core::DType::F32
                         && cin.is_multiple_of(8)
                         && cout.is_multiple_of(16)
-                        && cout <= super::cuda_ops::own_conv_max() =>
+                        && cout <= super::cuda_ops::own_conv().max_cout =>
                 {
                     Some(Tensor::from_slice(w, (k * k * cin, cout), &dev)?)
                 }
@@ -255,8 +256,9 @@ impl Conv {
                 let op = super::cuda_ops::Conv3x3 {
                     stride: self.stride,
                 };
+                let takes = self.pad == 1 && super::cuda_ops::own_conv().takes(h, w);
                 match op.tile(x.dims(), self.cout) {
-                    Some(_) if self.pad == 1 => super::profile::op("conv", x, || {
+                    Some(_) if takes => super::profile::op("conv", x, || {
                         super::profile::op_named(
                             || format!("own {b}x{h}x{w} {c}->{} s{}", self.cout, self.stride),
                             x,

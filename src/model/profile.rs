@@ -44,7 +44,7 @@ pub fn op_named<R>(
 }
 
 /// `name` as a `&'static str`, leaked once per distinct name (a few per run).
-fn intern(name: String) -> &'static str {
+pub(crate) fn intern(name: String) -> &'static str {
     static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
     let Ok(mut names) = NAMES.lock() else {
         return "(unnamed)";
