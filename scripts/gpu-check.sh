@@ -12,8 +12,9 @@
 #                                  counts), BENCH_HALF (half dtypes benchmarked), SKIP_CANDLE
 #                                  (the A/B against candle's own ops), SKIP_SPIN (the A/B against
 #                                  spinning while waiting for the GPU) and SKIP_PROBE choose;
-#                                  SWITCHES (default: FREQTAG_GPU_FUSED_MEAN=0 and
-#                                  FREQTAG_GPU_PAGEABLE=1, the defaults' alternatives; several
+#                                  SWITCHES (default: FREQTAG_GPU_OWN_CONV=0,
+#                                  FREQTAG_GPU_FUSED_MEAN=0 and FREQTAG_GPU_PAGEABLE=1, the
+#                                  defaults' alternatives; several
 #                                  in one entry are written "A=1,B=1"; "" for none) are
 #                                  environment settings under test, each checked against the
 #                                  CPU's outputs and benchmarked beside the defaults;
@@ -194,7 +195,7 @@ check() {
 
     echo "== 2b. switches under test (SWITCHES), each against the defaults above"
     # an entry is VAR=VALUE or several joined by commas; its runs are named by the variables
-    local DEFAULT_SWITCHES="FREQTAG_GPU_FUSED_MEAN=0 FREQTAG_GPU_PAGEABLE=1"
+    local DEFAULT_SWITCHES="FREQTAG_GPU_OWN_CONV=0 FREQTAG_GPU_FUSED_MEAN=0 FREQTAG_GPU_PAGEABLE=1"
     # each: its outputs against the CPU's (tolerance 1e-4), then the benchmark in f32 and f16
     local sw
     for sw in ${SWITCHES-$DEFAULT_SWITCHES}; do
