@@ -128,6 +128,46 @@ pub(crate) fn human_bytes(b: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
+/// Environment variables that change how a run computes (kernels, rounding, memory): run.json
+/// records those set, under `environment`. The others freqtag reads are listed in the test's
+/// `NOT_SWITCHES`.
+pub(crate) const SWITCHES: &[&str] = &[
+    "FREQTAG_NO_WINOGRAD",
+    "FREQTAG_NO_FUSED_GPU",
+    "FREQTAG_GPU_OWN_CONV",
+    "FREQTAG_GPU_FUSED_MEAN",
+    "FREQTAG_GPU_PAGEABLE",
+    "FREQTAG_GPU_SPIN",
+    "FREQTAG_GPU_EVENTS",
+    "FREQTAG_CUDNN_ALGO",
+    "FREQTAG_GPU_PATH_ON_CPU",
+    "FREQTAG_GPU_PROFILE",
+    "MIMALLOC_PURGE_DELAY",
+    "MIMALLOC_ALLOW_THP",
+];
+
+/// Variables freqtag reads that only say where things are, and `RAYON_NUM_THREADS`, which the
+/// command line sets from `--threads` or the cores and run.json records as `threads_per_worker`.
+#[cfg(test)]
+const NOT_SWITCHES: &[&str] = &[
+    "FREQTAG_CACHE",
+    "FREQTAG_PYTHON",
+    "HOME",
+    "XDG_CACHE_HOME",
+    "RAYON_NUM_THREADS",
+];
+
+/// The [`SWITCHES`] set in this process, with their values.
+fn environment() -> serde_json::Map<String, serde_json::Value> {
+    SWITCHES
+        .iter()
+        .filter_map(|name| {
+            let v = std::env::var_os(name)?;
+            Some((name.to_string(), v.to_string_lossy().into_owned().into()))
+        })
+        .collect()
+}
+
 pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::Value {
     let noise = plan.stimulus.noise_std > 0.0;
     serde_json::json!({
@@ -164,6 +204,7 @@ pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::
             },
         },
         "warnings": plan.warnings,
+        "environment": environment(),
         "counts": {
             "images_listed": s.images_listed,
             "images_processed": s.images_processed,
@@ -179,4 +220,53 @@ pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::
         "images_per_s": s.images_per_s,
         "skipped": s.skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every environment variable the sources read is either recorded in run.json or names a
+    /// place: a new switch cannot be left out of `SWITCHES` unnoticed.
+    #[test]
+    fn run_json_records_every_switch_the_sources_read() {
+        fn walk(dir: &Path, names: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, names);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    for pat in ["var(\"", "var_os(\""] {
+                        for (i, _) in text.match_indices(pat) {
+                            let rest = &text[i + pat.len()..];
+                            let name: String = rest
+                                .chars()
+                                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                                .collect();
+                            if !name.is_empty() && rest[name.len()..].starts_with('"') {
+                                names.push(name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut names = Vec::new();
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut names,
+        );
+        assert!(
+            names.iter().any(|n| n == "FREQTAG_NO_WINOGRAD"),
+            "{names:?}"
+        );
+        for n in &names {
+            assert!(
+                SWITCHES.contains(&n.as_str()) || NOT_SWITCHES.contains(&n.as_str()),
+                "{n} is read from the environment: add it to SWITCHES (run.json records it) or, \
+                 if it only names a place, to NOT_SWITCHES"
+            );
+        }
+    }
 }

@@ -281,6 +281,16 @@ fn gpu_code_path_run_matches_the_cpu_run() {
     // the frames built as tensors are timed as a stage of their own, apart from the passes
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(gpu.join("run.json")).unwrap()).unwrap();
+    // the switch it ran with is on record, beside only those this test's own environment sets
+    let env = &run["environment"];
+    assert_eq!(env["FREQTAG_GPU_PATH_ON_CPU"], "1", "{env}");
+    for (k, v) in env.as_object().unwrap() {
+        let own = std::env::var(k).ok();
+        assert!(
+            k == "FREQTAG_GPU_PATH_ON_CPU" || own.as_deref() == v.as_str(),
+            "{k}={v} on record: {env}"
+        );
+    }
     let st = &run["stage_seconds"];
     let (stimulus, forward) = (st["stimulus"].as_f64(), st["forward"].as_f64());
     assert!(
