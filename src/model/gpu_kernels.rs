@@ -66,10 +66,11 @@ pub struct ConvTile {
 }
 
 /// The launch of `conv3x3` (3x3, padding 1, stride `s`) from `cin` channels to `b` frames of
-/// output `ho x wo x cout`, or `None` where the kernel does not apply: `cin` not a multiple of 8
-/// or `cout` of 16, or an output row too wide for a block's pixels and shared memory. Threads are (32 pixel lanes, `py`,
-/// `cw / 16` channel groups), each computing 4 pixels by 16 channels: a block holds `128 py`
-/// pixels, with `py` 4 (2 for 64 channels) or less where the input rows would not fit.
+/// output `ho x wo x cout`, or `None` where the kernel does not apply: `cin` not a multiple of
+/// [`CONV_CK`] or `cout` of 16, or an output row too wide for a block's pixels and shared
+/// memory. Threads are (32 pixel lanes, `py`, `cw / 16` channel groups), each computing 4 pixels
+/// by 16 channels: a block holds `128 py` pixels, with `py` 4 (2 for 64 channels) or less where
+/// the input rows would not fit.
 pub fn conv3x3(
     b: usize,
     ho: usize,
@@ -78,7 +79,7 @@ pub fn conv3x3(
     cout: usize,
     s: usize,
 ) -> Option<ConvTile> {
-    let channels = cin > 0 && cin.is_multiple_of(8) && cout > 0 && cout.is_multiple_of(16);
+    let channels = cin > 0 && cin.is_multiple_of(CONV_CK) && cout > 0 && cout.is_multiple_of(16);
     if b == 0 || ho == 0 || wo == 0 || !channels || !(1..=2).contains(&s) {
         return None;
     }
@@ -244,8 +245,8 @@ struct alignas(16) f4 { float x, y, z, w; };
 
 // 3x3 convolution, zero padding 1, stride s, channels last, in f32: x [b, h, w, cin], weights
 // wt [9 cin, cout] (rows ordered ky, kx, cin), y [b, ho, wo, cout]; cin a multiple of 8, cout of
-// 16, and x, wt and y aligned to 16 bytes. Launched as the host's
-// conv3x3 tile says: blockIdx.x a group of `frames` frames and a tile of `rows` output rows,
+// 16, and x, wt and y aligned to 16 bytes. Launched as the host's conv3x3 tile says:
+// blockIdx.x a group of `frames` frames and a tile of `rows` output rows,
 // blockIdx.y 64 output channels (cw = 16 blockDim.z of them); thread (lane, py, qg) computes the
 // block's pixels lane + 32 (py + blockDim.y j), j < 4, in order (frame, row, column), for the 16
 // channels of group qg. Input channels CONV_CK at a time pass through shared memory: the block's

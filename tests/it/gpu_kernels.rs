@@ -483,6 +483,9 @@ fn gpu_conv3x3_on_the_cpu() {
         assert_bits(&read(dir, "y"), &want, &what);
     }
     assert!(fewer_pixels, "no shape took the smaller blocks");
+    // the host's step of input channels is the kernel's
+    let step = format!("#define CONV_CK {}\n", gpu_kernels::CONV_CK);
+    assert!(gpu_kernels::SOURCE.contains(&step), "{step}");
     // shapes it leaves to cuDNN
     assert_eq!(gpu_kernels::conv3x3(4, 8, 8, 16, 24, 1), None);
     assert_eq!(gpu_kernels::conv3x3(4, 8, 8, 3, 16, 1), None);
