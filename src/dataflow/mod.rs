@@ -230,7 +230,12 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             "frames per pass on the device"
         );
     }
-    let (mut images, mut skipped) = source::list(&plan.source_dir, &plan.pipeline.source);
+    let (mut images, mut skipped, warning) =
+        source::list_checked(&plan.source_dir, &plan.pipeline.source);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+        plan.warnings.push(w);
+    }
     let expected = expected_output_bytes(&plan, images.len());
     tracing::info!(
         images = images.len(),

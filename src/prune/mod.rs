@@ -293,7 +293,11 @@ fn locator_key(l: &Locator) -> String {
 }
 
 fn load_eval(plan: &Plan, pr: &PruneConfig, eval_path: &Path) -> EvalSet {
-    let (refs, mut skipped) = source::list(eval_path, &pr.source);
+    let (refs, mut skipped, warning) = source::list_checked(eval_path, &pr.source);
+    if let Some(w) = warning {
+        // the evaluation's accuracy rests on these labels
+        tracing::warn!("[prune] {w}");
+    }
     let scored: HashSet<String> = if pr.exclude_scored {
         let (r, _) = source::list(&plan.source_dir, &plan.pipeline.source);
         r.iter().map(|r| locator_key(&r.loc)).collect()

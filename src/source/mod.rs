@@ -80,8 +80,18 @@ pub struct Skipped {
 /// Lists the images of a source, with labels; unreadable entries are skipped with a reason.
 /// `path` is the resolved `source.path` (a folder, a list file, or a file or glob of shards).
 pub fn list(path: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
+    let (images, skipped, _) = list_checked(path, cfg);
+    (images, skipped)
+}
+
+/// As [`list`], with a warning where the labels look wrong (see [`numbered_files_warning`]).
+pub fn list_checked(
+    path: &Path,
+    cfg: &SourceConfig,
+) -> (Vec<ImageRef>, Vec<Skipped>, Option<String>) {
+    let mut warning = None;
     let (mut out, mut skipped) = match cfg.kind {
-        SourceKind::Folder => list_folder(path, cfg),
+        SourceKind::Folder => list_folder(path, cfg, &mut warning),
         SourceKind::List => listfile::list(path, cfg),
         SourceKind::Tar => per_shard(path, cfg, tar::list),
         SourceKind::Parquet => per_shard(path, cfg, parquet_rows::list),
@@ -111,7 +121,7 @@ pub fn list(path: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
     for (i, r) in out.iter_mut().enumerate() {
         r.seq = i as u64;
     }
-    (out, skipped)
+    (out, skipped, warning)
 }
 
 /// The files a `tar`/`parquet` source path names: the file itself or the sorted matches of a glob.
@@ -159,7 +169,11 @@ fn shard_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
-fn list_folder(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) {
+fn list_folder(
+    dir: &Path,
+    cfg: &SourceConfig,
+    warning: &mut Option<String>,
+) -> (Vec<ImageRef>, Vec<Skipped>) {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     walk(dir, dir, &mut files, &mut skipped);
@@ -172,6 +186,9 @@ fn list_folder(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) 
         exts.contains(&ext)
     });
     files.sort();
+    if cfg.labels == LabelSource::Filename {
+        *warning = numbered_files_warning(&files);
+    }
     // class index = position of the top-level folder among the sorted folders holding images
     let classes: Vec<String> = if cfg.labels == LabelSource::Folders {
         let mut c: Vec<String> = files
@@ -218,6 +235,43 @@ fn list_folder(dir: &Path, cfg: &SourceConfig) -> (Vec<ImageRef>, Vec<Skipped>) 
         }
     }
     (out, skipped)
+}
+
+/// A warning where `source.labels = "filename"` looks like a mistake, from the relative paths
+/// of all a folder's images (before `source.limit`): they sit in two or more sub-folders, and
+/// the numbers ending their file names give more labels than there are sub-folders, as in a
+/// class-folder dataset whose files are numbered (`airplane/0000.jpg` gets label 0, and so
+/// does `automobile/0000.jpg`). Its labels are then wrong, and with `output.per_class` each of
+/// them keeps its own exact sums, so memory grows with the number of files (the paper pipeline
+/// on 450 CIFAR-10 test images in class folders: 1.6 GB, against 0.2 GB with `folders`).
+fn numbered_files_warning(files: &[String]) -> Option<String> {
+    let folders: std::collections::BTreeSet<&str> = files
+        .iter()
+        .filter_map(|f| f.split_once('/').map(|(d, _)| d))
+        .collect();
+    if folders.len() < 2 {
+        return None;
+    }
+    let labels: std::collections::BTreeSet<i64> =
+        files.iter().filter_map(|f| label_from_name(f)).collect();
+    if labels.len() <= folders.len() {
+        return None;
+    }
+    let example = files
+        .iter()
+        .filter(|f| f.contains('/'))
+        .find_map(|f| label_from_name(f).map(|l| format!(" ({f} has label {l})")))
+        .unwrap_or_default();
+    Some(format!(
+        "source.labels = \"filename\" takes each label from the number ending the file name, \
+         which gives the {} images of {} sub-folders {} different labels{example}: if the \
+         sub-folders are the classes, set source.labels = \"folders\" (with \
+         output.per_class, every label keeps its own exact score sums, so memory grows with \
+         the number of labels)",
+        files.len(),
+        folders.len(),
+        labels.len()
+    ))
 }
 
 fn walk(root: &Path, dir: &Path, files: &mut Vec<String>, skipped: &mut Vec<Skipped>) {
@@ -674,5 +728,57 @@ mod tests {
         assert_eq!(label_from_name("cifar10_03_0.png"), Some(0));
         assert_eq!(label_from_name("a/imagenet_00_243.jpg"), Some(243));
         assert_eq!(label_from_name("cat.png"), None);
+    }
+
+    #[test]
+    fn numbered_files_in_class_folders_are_warned_about() {
+        let listed = |files: &[&str], labels: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            for f in files {
+                let p = dir.path().join(f);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, b"").unwrap();
+            }
+            let cfg: SourceConfig =
+                toml::from_str(&format!("path = \".\"\nlabels = \"{labels}\"")).unwrap();
+            let cfg = SourceConfig {
+                limit: Some(1),
+                ..cfg
+            };
+            list_checked(dir.path(), &cfg).2
+        };
+        // CIFAR-10's test set in class folders: three labels from two folders
+        let numbered = [
+            "airplane/0000.jpg",
+            "airplane/0001.jpg",
+            "automobile/0002.jpg",
+        ];
+        let w = listed(&numbered, "filename").expect("a warning");
+        // from all the files, not only the first (source.limit)
+        assert!(
+            w.contains("3 images of 2 sub-folders 3 different labels"),
+            "{w}"
+        );
+        assert!(w.contains("airplane/0000.jpg has label 0"), "{w}");
+        assert!(w.contains("source.labels = \"folders\""), "{w}");
+        // the same files with the folders' labels, or none
+        assert_eq!(listed(&numbered, "folders"), None);
+        assert_eq!(listed(&numbered, "none"), None);
+        // labelled file names in class folders: as many labels as folders
+        let named = [
+            "cat/cifar10_00_3.png",
+            "cat/cifar10_01_3.png",
+            "dog/cifar10_02_5.png",
+        ];
+        assert_eq!(listed(&named, "filename"), None);
+        // numbered files in one folder, or none: nothing to suggest
+        assert_eq!(
+            listed(&["a/cifar10_00_3.png", "a/cifar10_01_4.png"], "filename"),
+            None
+        );
+        assert_eq!(
+            listed(&["cifar10_00_3.png", "cifar10_01_4.png"], "filename"),
+            None
+        );
     }
 }
