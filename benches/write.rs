@@ -1,0 +1,120 @@
+//! The write stage of one image, per image: the quickstart's neuron rows (MobileNetV2, its 52
+//! taps, 17 056 neurons, 6 terms: 102 336 rows) encoded to Parquet as a worker writes them
+//! (`ImageTables::write`, `output.spectra = "none"`), on the scores `analyse` gives for a
+//! recording of random values. Then the same with full spectra and with `spectra = "terms"`.
+//! Best of 7 rounds of 5 images, each round a new part file.
+//!
+//!     cargo bench --bench write
+//!
+//! Not a test: timings on a shared machine vary; compare the figures of one run.
+
+use freqtag::model::record::{Recording, TapSeries};
+use freqtag::score::{analyse, Neighbourhood};
+use freqtag::sink::ImageTables;
+use freqtag::source::{ImageRef, Locator};
+use freqtag::spectrum::Spectrum;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The binary's allocator, with its settings (`src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    // as the binary does: freed pages stay committed (mi_option_purge_delay = -1)
+    // SAFETY: called once, before any other thread exists
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("freqtag-bench-write-{}", std::process::id()));
+    let images: Vec<ImageRef> = (0..5)
+        .map(|i| ImageRef {
+            seq: i,
+            id: format!("n01440764/ILSVRC2012_val_{:08}.JPEG", 1000 + i),
+            loc: Locator::File(root.join("data/photos/none.jpg")),
+            label: Some(i as i64),
+        })
+        .collect();
+    // `cargo bench --bench write -- full`: that setting alone
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for spectra in ["none", "terms", "full"] {
+        if !only.is_empty() && !only.iter().any(|o| o == spectra) {
+            continue;
+        }
+        let sets = [
+            format!("source.path={}", root.join("data/photos").display()),
+            format!("output.spectra=\"{spectra}\""),
+        ];
+        let plan = match freqtag::config::load(&root.join("pipelines/quickstart.toml"), &sets) {
+            Ok(p) => Arc::new(p),
+            Err(e) => panic!("pipelines/quickstart.toml: {e}"),
+        };
+        let st = &plan.stimulus;
+        let (distinct, map) = st.distinct_frames();
+        let map: Arc<[usize]> = map.into();
+        let mut rng = 1u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let taps: Vec<TapSeries> = plan
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let channels = plan.arch.tap_channels(t).expect("a tap's channels");
+                let values: Vec<f32> = (0..channels * distinct.len()).map(|_| next()).collect();
+                TapSeries::new(i, channels, &values, map.clone())
+            })
+            .collect();
+        let rec = Recording {
+            pred: 0,
+            prob: 1.0,
+            distinct_frames: distinct.len(),
+            stimulus_seconds: 0.0,
+            taps,
+        };
+        let sp_cfg = &plan.pipeline.spectrum;
+        let nb = Neighbourhood {
+            n: sp_cfg.neighbours,
+            skip: sp_cfg.skip,
+        };
+        let mut sp = Spectrum::new(st.frames, sp_cfg.window);
+        let neurons = analyse(&rec, &mut sp, &plan.terms, nb, spectra != "none");
+        let mut round = 0;
+        let best = (0..7)
+            .map(|_| {
+                round += 1;
+                let t = Instant::now();
+                let mut tables =
+                    ImageTables::create(&dir, &format!("r{round}.parquet"), plan.clone())
+                        .expect("a part file in the temporary folder");
+                for img in &images {
+                    tables
+                        .write(img, 0, 1.0, distinct.len(), &neurons)
+                        .expect("written");
+                }
+                tables.finish().expect("finished");
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        let bytes: u64 = ["neurons", "spectra", "images"]
+            .iter()
+            .filter_map(|t| std::fs::metadata(dir.join(t).join(format!("r{round}.parquet"))).ok())
+            .map(|m| m.len())
+            .sum();
+        println!(
+            "write, output.spectra = {spectra:>5} ({} neurons, {} rows of neurons/ an image): \
+             {:.2} ms an image, {:.2} MB an image on disk",
+            neurons.len(),
+            neurons.len() * plan.terms.terms.len(),
+            best / images.len() as f64 * 1e3,
+            bytes as f64 / images.len() as f64 / 1e6
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
