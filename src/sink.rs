@@ -10,12 +10,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, PrimitiveBuilder,
-    StringBuilder,
-};
+use arrow_array::builder::{BooleanBufferBuilder, StringBuilder};
 use arrow_array::types::{ArrowPrimitiveType, Float16Type, Float32Type};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{
+    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, ListArray, PrimitiveArray,
+    RecordBatch,
+};
+use arrow_buffer::{NullBuffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
@@ -60,29 +61,99 @@ pub fn spectra_schema(float16: bool) -> SchemaRef {
     ]))
 }
 
-/// The amplitude lists of `neurons`, at `kept` bins or all, as `T` values.
+/// The amplitude lists of `neurons`, at `kept` bins or all, as `T` values: one flat values
+/// buffer and its offsets, built in one pass (not a value at a time through a list builder).
 fn amplitude_list<T: ArrowPrimitiveType>(
     neurons: &[NeuronResult],
     kept: Option<&[usize]>,
     convert: impl Fn(f32) -> T::Native,
 ) -> ArrayRef {
-    let mut amp = ListBuilder::new(PrimitiveBuilder::<T>::new());
+    let mut values = Vec::with_capacity(
+        neurons
+            .iter()
+            .map(|nr| kept.map_or(nr.amplitude.len(), <[usize]>::len))
+            .sum(),
+    );
+    let mut offsets = Vec::with_capacity(neurons.len() + 1);
+    offsets.push(0i32);
     for nr in neurons {
         match kept {
-            Some(kept) => {
-                for k in kept {
-                    amp.values().append_value(convert(nr.amplitude[*k]));
-                }
-            }
-            None => {
-                for a in &nr.amplitude {
-                    amp.values().append_value(convert(*a));
-                }
-            }
+            Some(kept) => values.extend(kept.iter().map(|k| convert(nr.amplitude[*k]))),
+            None => values.extend(nr.amplitude.iter().map(|a| convert(*a))),
         }
-        amp.append(true);
+        offsets.push(values.len() as i32);
     }
-    Arc::new(amp.finish())
+    let item = Arc::new(Field::new("item", T::DATA_TYPE, true));
+    Arc::new(ListArray::new(
+        item,
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(PrimitiveArray::<T>::new(values.into(), None)),
+        None,
+    ))
+}
+
+/// A string column of `values`, its buffers sized before it is filled.
+fn strings<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ArrayRef {
+    let (rows, bytes) = values
+        .clone()
+        .fold((0, 0), |(n, b), v| (n + 1, b + v.len()));
+    let mut b = StringBuilder::with_capacity(rows, bytes);
+    for v in values {
+        b.append_value(v);
+    }
+    Arc::new(b.finish())
+}
+
+/// A float column filled a value at a time: null where a value is `None` or not finite.
+struct Floats {
+    values: Vec<f64>,
+    valid: BooleanBufferBuilder,
+}
+
+impl Floats {
+    fn with_capacity(rows: usize) -> Self {
+        Floats {
+            values: Vec::with_capacity(rows),
+            valid: BooleanBufferBuilder::new(rows),
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, v: Option<f64>) {
+        let v = v.filter(|x| x.is_finite());
+        self.values.push(v.unwrap_or(0.0));
+        self.valid.append(v.is_some());
+    }
+
+    /// The column (without a null buffer where no value is null).
+    fn finish(mut self) -> ArrayRef {
+        let nulls = NullBuffer::new(self.valid.finish());
+        Arc::new(Float64Array::new(
+            self.values.into(),
+            (nulls.null_count() > 0).then_some(nulls),
+        ))
+    }
+}
+
+/// The term columns ([`term_fields`]) of rows of `terms`.
+fn term_columns<'a>(terms: impl Iterator<Item = &'a crate::score::Term> + Clone) -> Vec<ArrayRef> {
+    vec![
+        strings(terms.clone().map(|t| t.name.as_str())),
+        strings(terms.clone().map(|t| t.kind.as_str())),
+        Arc::new(Float64Array::from_iter_values(
+            terms.clone().map(|t| t.freq_hz),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            terms.clone().map(|t| t.alias_hz),
+        )),
+        Arc::new(BooleanArray::from_iter(
+            terms.clone().map(|t| Some(t.aliased)),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            terms.clone().map(|t| t.bin as i32),
+        )),
+        Arc::new(BooleanArray::from_iter(terms.map(|t| Some(t.on_bin)))),
+    ]
 }
 
 fn term_fields() -> Vec<Field> {
@@ -236,10 +307,6 @@ pub fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
     })
 }
 
-fn opt_f64(b: &mut Float64Builder, v: Option<f64>) {
-    b.append_option(v.filter(|x| x.is_finite()));
-}
-
 /// A worker's per-image tables.
 pub struct ImageTables {
     spectra: Option<Part>,
@@ -315,29 +382,31 @@ impl ImageTables {
         let plan = &self.plan;
         let st = &plan.stimulus;
         let n = neurons.len();
+        let label = |rows| -> ArrayRef {
+            Arc::new(match img.label {
+                Some(l) => Int64Array::from_value(l, rows),
+                None => Int64Array::new_null(rows),
+            })
+        };
         if let Some(part) = self.spectra.as_mut() {
-            let mut id = StringBuilder::new();
-            let mut label = Int64Builder::new();
-            let mut layer = StringBuilder::new();
-            let mut channel = Int32Builder::new();
-            let mut bin_hz = Float64Builder::new();
-            let mut bins = ListBuilder::new(Int32Builder::new());
-            for nr in neurons {
-                id.append_value(&img.id);
-                label.append_option(img.label);
-                layer.append_value(&plan.taps[nr.tap as usize]);
-                channel.append_value(nr.channel as i32);
-                bin_hz.append_value(st.fps / st.frames as f64);
-                match &self.kept {
-                    Some(kept) => {
-                        for k in kept {
-                            bins.values().append_value(*k as i32);
-                        }
-                        bins.append(true);
-                    }
-                    None => bins.append_null(),
+            let bins: ArrayRef = match &self.kept {
+                // the same kept bins on every row
+                Some(kept) => {
+                    let k = kept.len() as i32;
+                    Arc::new(ListArray::new(
+                        Arc::new(Field::new("item", DataType::Int32, true)),
+                        OffsetBuffer::new((0..=n as i32).map(|i| i * k).collect()),
+                        Arc::new(Int32Array::from_iter_values(
+                            (0..n).flat_map(|_| kept.iter().map(|b| *b as i32)),
+                        )),
+                        None,
+                    ))
                 }
-            }
+                None => Arc::new(ListArray::new_null(
+                    Arc::new(Field::new("item", DataType::Int32, true)),
+                    n,
+                )),
+            };
             let float16 = plan.pipeline.output.float16;
             let kept = self.kept.as_deref();
             let amp = if float16 {
@@ -346,46 +415,48 @@ impl ImageTables {
                 amplitude_list::<Float32Type>(neurons, kept, |a| a)
             };
             let cols: Vec<ArrayRef> = vec![
-                Arc::new(id.finish()),
-                Arc::new(label.finish()),
-                Arc::new(layer.finish()),
-                Arc::new(channel.finish()),
-                Arc::new(bin_hz.finish()),
-                Arc::new(bins.finish()),
+                strings(std::iter::repeat_n(img.id.as_str(), n)),
+                label(n),
+                strings(neurons.iter().map(|nr| plan.taps[nr.tap as usize].as_str())),
+                Arc::new(Int32Array::from_iter_values(
+                    neurons.iter().map(|nr| nr.channel as i32),
+                )),
+                Arc::new(Float64Array::from_value(st.fps / st.frames as f64, n)),
+                bins,
                 amp,
             ];
             part.write(&batch(spectra_schema(float16), cols)?)?;
         }
         if let Some(part) = self.neurons.as_mut() {
-            let rows = n * plan.terms.terms.len();
-            let mut id = StringBuilder::with_capacity(rows, rows * img.id.len());
-            let mut label = Int64Builder::with_capacity(rows);
-            let mut layer = StringBuilder::new();
-            let mut channel = Int32Builder::with_capacity(rows);
-            let mut terms = TermColumns::default();
-            let mut scores: Vec<Float64Builder> = (0..SCORE_NAMES.len())
-                .map(|_| Float64Builder::with_capacity(rows))
+            let terms = &plan.terms.terms;
+            let nt = terms.len();
+            let rows = n * nt;
+            // a neuron's rows are its terms'
+            let mut cols: Vec<ArrayRef> =
+                vec![
+                    strings(std::iter::repeat_n(img.id.as_str(), rows)),
+                    label(rows),
+                    strings(neurons.iter().flat_map(|nr| {
+                        std::iter::repeat_n(plan.taps[nr.tap as usize].as_str(), nt)
+                    })),
+                    Arc::new(Int32Array::from_iter_values(
+                        neurons
+                            .iter()
+                            .flat_map(|nr| std::iter::repeat_n(nr.channel as i32, nt)),
+                    )),
+                ];
+            cols.extend(term_columns((0..n).flat_map(|_| terms.iter())));
+            let mut scores: Vec<Floats> = (0..SCORE_NAMES.len())
+                .map(|_| Floats::with_capacity(rows))
                 .collect();
             for nr in neurons {
-                for (t, s) in plan.terms.terms.iter().zip(&nr.terms) {
-                    id.append_value(&img.id);
-                    label.append_option(img.label);
-                    layer.append_value(&plan.taps[nr.tap as usize]);
-                    channel.append_value(nr.channel as i32);
-                    terms.push(t);
-                    for (b, v) in scores.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
-                        opt_f64(b, v);
+                for s in &nr.terms {
+                    for (c, v) in scores.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
+                        c.push(v);
                     }
                 }
             }
-            let mut cols: Vec<ArrayRef> = vec![
-                Arc::new(id.finish()),
-                Arc::new(label.finish()),
-                Arc::new(layer.finish()),
-                Arc::new(channel.finish()),
-            ];
-            cols.extend(terms.finish());
-            cols.extend(scores.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+            cols.extend(scores.into_iter().map(Floats::finish));
             part.write(&batch(neurons_schema(), cols)?)?;
         }
         Ok(())
@@ -400,41 +471,6 @@ impl ImageTables {
             p.finish()?;
         }
         self.images.finish()
-    }
-}
-
-#[derive(Default)]
-struct TermColumns {
-    term: StringBuilder,
-    kind: StringBuilder,
-    freq: Float64Builder,
-    alias: Float64Builder,
-    aliased: BooleanBuilder,
-    bin: Int32Builder,
-    on_bin: BooleanBuilder,
-}
-
-impl TermColumns {
-    fn push(&mut self, t: &crate::score::Term) {
-        self.term.append_value(&t.name);
-        self.kind.append_value(t.kind.as_str());
-        self.freq.append_value(t.freq_hz);
-        self.alias.append_value(t.alias_hz);
-        self.aliased.append_value(t.aliased);
-        self.bin.append_value(t.bin as i32);
-        self.on_bin.append_value(t.on_bin);
-    }
-
-    fn finish(mut self) -> Vec<ArrayRef> {
-        vec![
-            Arc::new(self.term.finish()),
-            Arc::new(self.kind.finish()),
-            Arc::new(self.freq.finish()),
-            Arc::new(self.alias.finish()),
-            Arc::new(self.aliased.finish()),
-            Arc::new(self.bin.finish()),
-            Arc::new(self.on_bin.finish()),
-        ]
     }
 }
 
@@ -453,31 +489,31 @@ pub fn write_scores(
         &format!("part-{worker:05}.parquet"),
         scores_schema(),
     )?;
-    let mut layer = StringBuilder::new();
-    let mut channel = Int32Builder::new();
-    let mut terms = TermColumns::default();
-    let mut label = Int64Builder::new();
-    let mut n_images = Int64Builder::new();
-    let mut cols: Vec<Float64Builder> = (0..2 * SCORE_NAMES.len())
-        .map(|_| Float64Builder::new())
+    let rows = aggregates.len();
+    let terms = &plan.terms.terms;
+    let mut n_images = Vec::with_capacity(rows);
+    let mut cols: Vec<Floats> = (0..2 * SCORE_NAMES.len())
+        .map(|_| Floats::with_capacity(rows))
         .collect();
-    for ((tap, ch, term, lab), update) in aggregates {
+    for update in aggregates.values() {
         let acc = update.to_acc();
-        layer.append_value(&plan.taps[*tap as usize]);
-        channel.append_value(*ch as i32);
-        terms.push(&plan.terms.terms[*term as usize]);
-        label.append_option(*lab);
-        n_images.append_value(acc.count[0]);
+        n_images.push(acc.count[0]);
         for i in 0..SCORE_NAMES.len() {
-            opt_f64(&mut cols[2 * i], acc.mean(i));
-            opt_f64(&mut cols[2 * i + 1], acc.std(i));
+            cols[2 * i].push(acc.mean(i));
+            cols[2 * i + 1].push(acc.std(i));
         }
     }
-    let mut arrays: Vec<ArrayRef> = vec![Arc::new(layer.finish()), Arc::new(channel.finish())];
-    arrays.extend(terms.finish());
-    arrays.push(Arc::new(label.finish()));
-    arrays.push(Arc::new(n_images.finish()));
-    arrays.extend(cols.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    let keys = aggregates.keys();
+    let mut arrays: Vec<ArrayRef> = vec![
+        strings(keys.clone().map(|k| plan.taps[k.0 as usize].as_str())),
+        Arc::new(Int32Array::from_iter_values(
+            keys.clone().map(|k| k.1 as i32),
+        )),
+    ];
+    arrays.extend(term_columns(keys.clone().map(|k| &terms[k.2 as usize])));
+    arrays.push(Arc::new(Int64Array::from_iter(keys.map(|k| k.3))));
+    arrays.push(Arc::new(Int64Array::from(n_images)));
+    arrays.extend(cols.into_iter().map(Floats::finish));
     part.write(&batch(scores_schema(), arrays)?)?;
     part.finish()
 }
