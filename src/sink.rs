@@ -24,7 +24,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::config::{Plan, SpectraMode};
 use crate::error::{Error, Result};
-use crate::score::{NeuronResult, Update, SCORE_NAMES};
+use crate::score::{ImageScores, Neuron, Update, SCORE_NAMES};
 use crate::source::ImageRef;
 
 /// The tables, in the order they are committed.
@@ -64,7 +64,7 @@ pub fn spectra_schema(float16: bool) -> SchemaRef {
 /// The amplitude lists of `neurons`, at `kept` bins or all, as `T` values: one flat values
 /// buffer and its offsets, built in one pass (not a value at a time through a list builder).
 fn amplitude_list<T: ArrowPrimitiveType>(
-    neurons: &[NeuronResult],
+    neurons: &[Neuron],
     kept: Option<&[usize]>,
     convert: impl Fn(f32) -> T::Native,
 ) -> ArrayRef {
@@ -120,9 +120,15 @@ impl Floats {
 
     #[inline]
     fn push(&mut self, v: Option<f64>) {
-        let v = v.filter(|x| x.is_finite());
-        self.values.push(v.unwrap_or(0.0));
-        self.valid.append(v.is_some());
+        self.push_value(v.unwrap_or(f64::NAN));
+    }
+
+    /// As `push`, NaN standing for `None`.
+    #[inline]
+    fn push_value(&mut self, v: f64) {
+        let finite = v.is_finite();
+        self.values.push(if finite { v } else { 0.0 });
+        self.valid.append(finite);
     }
 
     /// The column (without a null buffer where no value is null).
@@ -352,8 +358,9 @@ impl ImageTables {
         pred: i64,
         prob: f32,
         distinct: usize,
-        neurons: &[NeuronResult],
+        scores: &ImageScores,
     ) -> Result<()> {
+        let neurons: Vec<Neuron> = scores.neurons().collect();
         for slice in neurons.chunks(Self::SLICE) {
             self.write_neurons(img, slice)?;
         }
@@ -378,7 +385,7 @@ impl ImageTables {
     const SLICE: usize = 2048;
 
     /// The spectra and neuron rows of some of an image's neurons.
-    fn write_neurons(&mut self, img: &ImageRef, neurons: &[NeuronResult]) -> Result<()> {
+    fn write_neurons(&mut self, img: &ImageRef, neurons: &[Neuron]) -> Result<()> {
         let plan = &self.plan;
         let st = &plan.stimulus;
         let n = neurons.len();
@@ -450,9 +457,9 @@ impl ImageTables {
                 .map(|_| Floats::with_capacity(rows))
                 .collect();
             for nr in neurons {
-                for s in &nr.terms {
-                    for (c, v) in scores.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
-                        c.push(v);
+                for term in nr.scores.chunks_exact(SCORE_NAMES.len()) {
+                    for (c, v) in scores.iter_mut().zip(term) {
+                        c.push_value(*v);
                     }
                 }
             }

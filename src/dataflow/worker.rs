@@ -26,7 +26,7 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Fixed, Neighbourhood, NeuronResult, SumTable, Update, N_SCORES};
+use crate::score::{analyse, Acc, Fixed, ImageScores, Neighbourhood, SumTable, Update, N_SCORES};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -71,7 +71,7 @@ struct Analysed {
     pred: i64,
     prob: f32,
     distinct: usize,
-    neurons: Vec<NeuronResult>,
+    scores: ImageScores,
 }
 
 /// What a worker's operators share.
@@ -186,17 +186,21 @@ impl ChunkSums {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
     }
 
-    /// An image's scores, [`N_SCORES`] per slot, NaN where absent.
-    fn scores(&self, neurons: &[NeuronResult]) -> Vec<f64> {
+    /// An image's scores, [`N_SCORES`] per slot, NaN where absent: a copy of its own where
+    /// it recorded every tap in order (as the pipeline does), else placed neuron by neuron.
+    fn scores(&self, image: &ImageScores) -> Vec<f64> {
+        let whole = image.terms == self.terms
+            && image.taps.len() + 1 == self.offsets.len()
+            && image.taps.iter().enumerate().all(|(i, &(tap, channels))| {
+                tap as usize == i && channels as usize == self.offsets[i + 1] - self.offsets[i]
+            });
+        if whole {
+            return image.scores.clone();
+        }
         let mut kept = vec![f64::NAN; self.slots() * N_SCORES];
-        for nr in neurons {
-            let base = self.slot(nr.tap, nr.channel, 0);
-            for (ti, s) in nr.terms.iter().enumerate() {
-                let k = &mut kept[(base + ti) * N_SCORES..][..N_SCORES];
-                for (k, v) in k.iter_mut().zip(s.as_array(nr.mean_snr_db)) {
-                    *k = v.unwrap_or(f64::NAN);
-                }
-            }
+        for nr in image.neurons() {
+            let base = self.slot(nr.tap, nr.channel, 0) * N_SCORES;
+            kept[base..][..nr.scores.len()].copy_from_slice(nr.scores);
         }
         kept
     }
@@ -208,10 +212,10 @@ impl ChunkSums {
     /// all of them rather than once per image, as the whole table (36 MB for MobileNetV2) does
     /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
     /// image, microbenchmark). Exact sums: the order changes nothing.
-    fn add_images(&mut self, images: &[(&[NeuronResult], Option<i64>)], pool: &mut Tables) {
+    fn add_images(&mut self, images: &[(&ImageScores, Option<i64>)], pool: &mut Tables) {
         if !self.folded {
-            for (neurons, label) in images {
-                let kept = self.scores(neurons);
+            for (scores, label) in images {
+                let kept = self.scores(scores);
                 self.kept.push((*label, kept));
             }
             if self.kept.len() > self.keep {
@@ -229,13 +233,14 @@ impl ChunkSums {
             }
             return;
         }
-        let longest = images.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-        for i in 0..longest {
-            for (neurons, _) in images {
-                let Some(nr) = neurons.get(i) else { continue };
+        let mut each: Vec<_> = images.iter().map(|(s, _)| s.neurons()).collect();
+        loop {
+            let mut any = false;
+            for nr in each.iter_mut().filter_map(Iterator::next) {
+                any = true;
                 let base = self.slot(nr.tap, nr.channel, 0);
-                for (ti, s) in nr.terms.iter().enumerate() {
-                    let mut values = s.as_array(nr.mean_snr_db);
+                for ti in 0..nr.scores.len() / N_SCORES {
+                    let mut values = nr.term(ti);
                     // the neuron's own score, the same for each of its terms: summed in its
                     // first term's only (a ninth of the additions), copied out by `drain`
                     if ti > 0 {
@@ -244,10 +249,13 @@ impl ChunkSums {
                     self.all.add(base + ti, &values);
                 }
             }
+            if !any {
+                break;
+            }
         }
-        for (neurons, label) in images {
+        for (scores, label) in images {
             if label.is_some() {
-                let kept = self.scores(neurons);
+                let kept = self.scores(scores);
                 self.kept.push((*label, kept));
             }
         }
@@ -435,7 +443,7 @@ impl ChunkState {
                 }
             }
             if let Some(t) = self.tables.as_mut() {
-                if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.neurons) {
+                if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.scores) {
                     ctx.errors.borrow_mut().push(e.to_string());
                 }
             }
@@ -444,9 +452,9 @@ impl ChunkState {
             written.push(a);
         }
         // the batch's sums together (on a GPU a batch is a pass's images)
-        let images: Vec<(&[NeuronResult], Option<i64>)> = written
+        let images: Vec<(&ImageScores, Option<i64>)> = written
             .iter()
-            .map(|a| (&a.neurons[..], a.image.label.filter(|_| per_class)))
+            .map(|a| (&a.scores, a.image.label.filter(|_| per_class)))
             .collect();
         self.partial.add_images(&images, pool);
     }
@@ -933,7 +941,7 @@ pub(crate) fn run_worker(
         let analysed = recorded.map(move |(r, rec)| {
             let p = &c.plan;
             let out = rec.map(|rec| Analysed {
-                neurons: timed(
+                scores: timed(
                     &c.times,
                     |t| &mut t.spectrum,
                     || analyse(&rec, &mut spectrum, &p.terms, nb, keep),
@@ -1119,43 +1127,49 @@ mod tests {
             (rng >> 11) as f64 / (1u64 << 53) as f64 - 0.3
         };
         // each image's neurons; some scores missing, some negative
-        let images: Vec<(Vec<NeuronResult>, Option<i64>)> = (0..8)
+        let images: Vec<(ImageScores, Option<i64>)> = (0..8)
             .map(|i| {
-                let neurons = channels
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(tap, &c)| (0..c).map(move |ch| (tap as u32, ch as u32)))
-                    .map(|(tap, channel)| NeuronResult {
-                        tap,
-                        channel,
-                        amplitude: Vec::new(),
-                        terms: (0..terms)
-                            .map(|t| TermScores {
-                                amplitude: next().abs(),
-                                snr: Some(next() * 10.0),
-                                snr_db: (t % 2 == 0).then(&mut next),
-                                snr_lattice: None,
-                                snr_lattice_db: Some(next() * 1e-9),
-                                zscore: Some(next() * 1e6),
-                                baseline_corrected: Some(next()),
-                                response_share: Some(next()),
-                            })
-                            .collect(),
-                        mean_snr_db: next() * 30.0,
-                    })
-                    .collect();
+                let neurons: usize = channels.iter().sum();
+                let mut scores = Vec::new();
+                for _ in 0..neurons {
+                    let mean_snr_db = next() * 30.0;
+                    for t in 0..terms {
+                        let s = TermScores {
+                            amplitude: next().abs(),
+                            snr: Some(next() * 10.0),
+                            snr_db: (t % 2 == 0).then(&mut next),
+                            snr_lattice: None,
+                            snr_lattice_db: Some(next() * 1e-9),
+                            zscore: Some(next() * 1e6),
+                            baseline_corrected: Some(next()),
+                            response_share: Some(next()),
+                        };
+                        scores.extend(s.as_array(mean_snr_db).map(|v| v.unwrap_or(f64::NAN)));
+                    }
+                }
+                let image = ImageScores {
+                    taps: channels
+                        .iter()
+                        .enumerate()
+                        .map(|(tap, &c)| (tap as u32, c as u32))
+                        .collect(),
+                    terms,
+                    scores,
+                    bins: 0,
+                    amplitude: Vec::new(),
+                };
                 // labels 0 and 1 of two images each, 7 of one (the last), and none
                 let label = if i == 7 { 7 } else { i as i64 % 2 };
-                (neurons, (i % 3 != 0).then_some(label))
+                (image, (i % 3 != 0).then_some(label))
             })
             .collect();
         // what the sums must be: each image's own accumulator, added up per key
-        let want = |images: &[(Vec<NeuronResult>, Option<i64>)]| {
+        let want = |images: &[(ImageScores, Option<i64>)]| {
             let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-            for (neurons, label) in images {
-                for nr in neurons {
-                    for (t, s) in nr.terms.iter().enumerate() {
-                        let one = Acc::of(&s.as_array(nr.mean_snr_db));
+            for (image, label) in images {
+                for nr in image.neurons() {
+                    for t in 0..terms {
+                        let one = Acc::of(&nr.term(t));
                         // over all images, and over the image's label's if it has one
                         let labels = std::iter::once(None).chain(label.map(Some));
                         for l in labels {
@@ -1189,14 +1203,14 @@ mod tests {
             sums.keep = keep;
             let mut pool = Tables::default();
             for batch in [&images[..3], &images[3..4], &images[4..]] {
-                let b: Vec<(&[NeuronResult], Option<i64>)> =
-                    batch.iter().map(|(n, l)| (&n[..], *l)).collect();
+                let b: Vec<(&ImageScores, Option<i64>)> =
+                    batch.iter().map(|(n, l)| (n, *l)).collect();
                 sums.add_images(&b, &mut pool);
             }
             assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
             assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
             let first = &images[..1];
-            sums.add_images(&[(&first[0].0[..], first[0].1)], &mut pool);
+            sums.add_images(&[(&first[0].0, first[0].1)], &mut pool);
             let ones: &[Option<i64>] = if keep > 0 { &[None] } else { &[] };
             assert_eq!(drain(&mut sums, ones), want(first), "keep {keep}");
             // drained: the next chunk starts from zero
@@ -1204,8 +1218,8 @@ mod tests {
         }
         // two chunks in flight: the second keeps its images while the first holds the only
         // table, and folds them into it once the first has given it back
-        let batch = |r: std::ops::Range<usize>| -> Vec<(&[NeuronResult], Option<i64>)> {
-            images[r].iter().map(|(n, l)| (&n[..], *l)).collect()
+        let batch = |r: std::ops::Range<usize>| -> Vec<(&ImageScores, Option<i64>)> {
+            images[r].iter().map(|(n, l)| (n, *l)).collect()
         };
         let mut pool = Tables::default();
         let (mut first, mut second) = (
@@ -1221,6 +1235,17 @@ mod tests {
         second.add_images(&batch(5..8), &mut pool);
         assert!(second.folded && pool.built == 1 && pool.spare.is_empty());
         assert_eq!(drain(&mut second, &[Some(1), Some(7)]), want(&images[2..]));
+        // an image whose taps came in another order is placed neuron by neuron
+        let image = &images[0].0;
+        let split = channels[0] * terms * N_SCORES;
+        let swapped = ImageScores {
+            taps: vec![(1, 2), (0, 3)],
+            scores: [&image.scores[split..], &image.scores[..split]].concat(),
+            ..image.clone()
+        };
+        let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(first.scores(&swapped)), bits(image.scores.clone()));
+        assert_eq!(bits(first.scores(image)), bits(image.scores.clone()));
     }
 
     #[test]
