@@ -186,16 +186,16 @@ impl ChunkSums {
         (self.offsets[tap as usize] + channel as usize) * self.terms + term as usize
     }
 
-    /// An image's scores, [`N_SCORES`] per slot, NaN where absent: a copy of its own where
-    /// it recorded every tap in order (as the pipeline does), else placed neuron by neuron.
-    fn scores(&self, image: &ImageScores) -> Vec<f64> {
+    /// An image's scores, [`N_SCORES`] per slot, NaN where absent: its own buffer where it
+    /// recorded every tap in order (as the pipeline does), else placed neuron by neuron.
+    fn scores(&self, image: ImageScores) -> Vec<f64> {
         let whole = image.terms == self.terms
             && image.taps.len() + 1 == self.offsets.len()
             && image.taps.iter().enumerate().all(|(i, &(tap, channels))| {
                 tap as usize == i && channels as usize == self.offsets[i + 1] - self.offsets[i]
             });
         if whole {
-            return image.scores.clone();
+            return image.scores;
         }
         let mut kept = vec![f64::NAN; self.slots() * N_SCORES];
         for nr in image.neurons() {
@@ -211,12 +211,13 @@ impl ChunkSums {
     /// interleaved, neuron by neuron: a neuron's sums (5.6 KB for 6 terms) are loaded once for
     /// all of them rather than once per image, as the whole table (36 MB for MobileNetV2) does
     /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
-    /// image, microbenchmark). Exact sums: the order changes nothing.
-    fn add_images(&mut self, images: &[(&ImageScores, Option<i64>)], pool: &mut Tables) {
+    /// image, microbenchmark). Exact sums: the order changes nothing. An image kept keeps its
+    /// own buffer of scores, not a copy.
+    fn add_images(&mut self, images: Vec<(ImageScores, Option<i64>)>, pool: &mut Tables) {
         if !self.folded {
             for (scores, label) in images {
                 let kept = self.scores(scores);
-                self.kept.push((*label, kept));
+                self.kept.push((label, kept));
             }
             if self.kept.len() > self.keep {
                 if self.all.is_empty() {
@@ -253,10 +254,11 @@ impl ChunkSums {
                 break;
             }
         }
+        drop(each);
         for (scores, label) in images {
             if label.is_some() {
                 let kept = self.scores(scores);
-                self.kept.push((*label, kept));
+                self.kept.push((label, kept));
             }
         }
     }
@@ -452,11 +454,11 @@ impl ChunkState {
             written.push(a);
         }
         // the batch's sums together (on a GPU a batch is a pass's images)
-        let images: Vec<(&ImageScores, Option<i64>)> = written
-            .iter()
-            .map(|a| (&a.scores, a.image.label.filter(|_| per_class)))
+        let images: Vec<(ImageScores, Option<i64>)> = written
+            .into_iter()
+            .map(|a| (a.scores, a.image.label.filter(|_| per_class)))
             .collect();
-        self.partial.add_images(&images, pool);
+        self.partial.add_images(images, pool);
     }
 
     /// Starts committing the chunk: its parts (renamed into place) and, when `output.neurons`
@@ -1203,14 +1205,12 @@ mod tests {
             sums.keep = keep;
             let mut pool = Tables::default();
             for batch in [&images[..3], &images[3..4], &images[4..]] {
-                let b: Vec<(&ImageScores, Option<i64>)> =
-                    batch.iter().map(|(n, l)| (n, *l)).collect();
-                sums.add_images(&b, &mut pool);
+                sums.add_images(batch.to_vec(), &mut pool);
             }
             assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
             assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
             let first = &images[..1];
-            sums.add_images(&[(&first[0].0, first[0].1)], &mut pool);
+            sums.add_images(first.to_vec(), &mut pool);
             let ones: &[Option<i64>] = if keep > 0 { &[None] } else { &[] };
             assert_eq!(drain(&mut sums, ones), want(first), "keep {keep}");
             // drained: the next chunk starts from zero
@@ -1218,21 +1218,19 @@ mod tests {
         }
         // two chunks in flight: the second keeps its images while the first holds the only
         // table, and folds them into it once the first has given it back
-        let batch = |r: std::ops::Range<usize>| -> Vec<(&ImageScores, Option<i64>)> {
-            images[r].iter().map(|(n, l)| (n, *l)).collect()
-        };
+        let batch = |r: std::ops::Range<usize>| images[r].to_vec();
         let mut pool = Tables::default();
         let (mut first, mut second) = (
             ChunkSums::new(&channels, terms),
             ChunkSums::new(&channels, terms),
         );
         (first.keep, second.keep) = (0, 0);
-        first.add_images(&batch(0..2), &mut pool);
-        second.add_images(&batch(2..5), &mut pool);
+        first.add_images(batch(0..2), &mut pool);
+        second.add_images(batch(2..5), &mut pool);
         assert!(first.folded && !second.folded && pool.built == 1);
         assert_eq!(drain(&mut first, &[Some(1)]), want(&images[..2]));
         pool.spare.push(std::mem::take(&mut first.all));
-        second.add_images(&batch(5..8), &mut pool);
+        second.add_images(batch(5..8), &mut pool);
         assert!(second.folded && pool.built == 1 && pool.spare.is_empty());
         assert_eq!(drain(&mut second, &[Some(1), Some(7)]), want(&images[2..]));
         // an image whose taps came in another order is placed neuron by neuron
@@ -1244,8 +1242,11 @@ mod tests {
             ..image.clone()
         };
         let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(first.scores(&swapped)), bits(image.scores.clone()));
-        assert_eq!(bits(first.scores(image)), bits(image.scores.clone()));
+        assert_eq!(bits(first.scores(swapped)), bits(image.scores.clone()));
+        assert_eq!(
+            bits(first.scores(image.clone())),
+            bits(image.scores.clone())
+        );
     }
 
     #[test]
