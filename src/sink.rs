@@ -5,7 +5,6 @@
 //! Tables (schemas in README.md): `spectra/`, `neurons/`, `images/` (per image, written as images
 //! stream in) and `scores/` (aggregates, written by the worker that owns each key).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::config::{Plan, SpectraMode};
 use crate::error::{Error, Result};
-use crate::score::{ImageScores, Neuron, Update, SCORE_NAMES};
+use crate::score::{ImageScores, Neuron, Sums, SCORE_NAMES};
 use crate::source::ImageRef;
 
 /// The tables, in the order they are committed.
@@ -489,7 +488,7 @@ pub fn write_scores(
     staging: &Path,
     worker: usize,
     plan: &Plan,
-    aggregates: &BTreeMap<ScoreKey, Update>,
+    aggregates: &Sums<ScoreKey>,
 ) -> Result<()> {
     let mut part = Part::create(
         &staging.join("scores"),
@@ -498,19 +497,20 @@ pub fn write_scores(
     )?;
     let rows = aggregates.len();
     let terms = &plan.terms.terms;
+    let mut keys = Vec::with_capacity(rows);
     let mut n_images = Vec::with_capacity(rows);
     let mut cols: Vec<Floats> = (0..2 * SCORE_NAMES.len())
         .map(|_| Floats::with_capacity(rows))
         .collect();
-    for update in aggregates.values() {
-        let acc = update.to_acc();
+    for (key, acc) in aggregates.iter() {
+        keys.push(*key);
         n_images.push(acc.count[0]);
         for i in 0..SCORE_NAMES.len() {
             cols[2 * i].push(acc.mean(i));
             cols[2 * i + 1].push(acc.std(i));
         }
     }
-    let keys = aggregates.keys();
+    let keys = keys.iter();
     let mut arrays: Vec<ArrayRef> = vec![
         strings(keys.clone().map(|k| plan.taps[k.0 as usize].as_str())),
         Arc::new(Int32Array::from_iter_values(

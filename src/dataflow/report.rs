@@ -80,8 +80,9 @@ pub fn expected_output_bytes(plan: &Plan, images: usize) -> u64 {
     images as u64 * neurons * (spectra + terms * per_term)
 }
 
-/// Memory the exact score sums take: one [`crate::score::Acc`] per (neuron, term, label group)
-/// in the aggregates, and as much again in flight (a chunk's partial sums and the exchange).
+/// Memory the exact score sums take: a slot of a [`crate::score::SumTable`] and its key per
+/// (neuron, term, label group) in the aggregates ([`crate::score::Sums`]), and an
+/// [`crate::score::Acc`] in flight (a chunk's partial sums and the exchange).
 pub fn expected_aggregate_bytes(plan: &Plan, labels: usize) -> u64 {
     let neurons = plan.neurons() as u64;
     let groups = 1 + if plan.pipeline.output.per_class {
@@ -89,8 +90,9 @@ pub fn expected_aggregate_bytes(plan: &Plan, labels: usize) -> u64 {
     } else {
         0
     };
-    let entry = (std::mem::size_of::<crate::score::Acc>() + 64) as u64;
-    2 * neurons * plan.terms.terms.len() as u64 * groups * entry
+    let held = crate::score::SumTable::SLOT_BYTES + 64;
+    let in_flight = std::mem::size_of::<crate::score::Acc>() + 64;
+    neurons * plan.terms.terms.len() as u64 * groups * (held + in_flight) as u64
 }
 
 /// Physical memory of this machine (`MemTotal`), bytes; `None` where /proc is absent.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use differential_dataflow::collection::AsCollection;
-use differential_dataflow::difference::{IsZero, Monoid, Semigroup};
+use differential_dataflow::difference::{IsZero, Monoid};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
@@ -26,7 +26,9 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{Segment, WorkDir};
-use crate::score::{analyse, Acc, Fixed, ImageScores, Neighbourhood, SumTable, Update, N_SCORES};
+use crate::score::{
+    analyse, Acc, Fixed, ImageScores, Neighbourhood, SumTable, Sums, Update, N_SCORES,
+};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -775,10 +777,9 @@ pub(crate) fn run_worker(
     let index = worker.index();
     let peers = worker.peers();
     let plan = ctx.plan.clone();
-    // an Update is one image's scores inline (72 bytes) or a boxed sum: a B-tree node holds its
-    // values inline, and shifting 936-byte sums on every insert cost more than the sums
-    let aggregates: Rc<RefCell<BTreeMap<ScoreKey, Update>>> =
-        Rc::new(RefCell::new(BTreeMap::new()));
+    // each key's exact sums, compact (a key of one image keeps its scores, any other a slot of
+    // a table of 128-bit windows)
+    let aggregates: Rc<RefCell<Sums<ScoreKey>>> = Rc::new(RefCell::new(Sums::default()));
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let probe = ProbeHandle::new();
     let pre = plan.preprocess();
@@ -1035,12 +1036,7 @@ pub(crate) fn run_worker(
                 input.for_each(|_, data| {
                     let mut ag = ag.borrow_mut();
                     for (k, _t, update) in data.drain(..) {
-                        match ag.entry(k) {
-                            Entry::Vacant(v) => {
-                                v.insert(update);
-                            }
-                            Entry::Occupied(mut o) => o.get_mut().plus_equals(&update),
-                        }
+                        ag.add(k, update);
                     }
                 });
                 c.times.borrow_mut().aggregate += started.elapsed().as_secs_f64();
@@ -1113,6 +1109,7 @@ pub(crate) fn run_worker(
 mod tests {
     use super::*;
     use crate::score::TermScores;
+    use differential_dataflow::difference::Semigroup;
 
     /// A chunk's drained sums equal, key by key, the sums of each image's own accumulator
     /// (`Acc::of` of its scores): images kept as scores or added to the table in batches of

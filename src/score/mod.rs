@@ -15,7 +15,7 @@ pub mod snr;
 pub mod terms;
 
 pub use crate::spectrum::Window;
-pub use moments::{Acc, Fixed, SumTable, Update, LIMBS, N_SCORES, SCORE_NAMES};
+pub use moments::{Acc, Fixed, SumTable, Sums, Update, LIMBS, N_SCORES, SCORE_NAMES};
 pub use snr::{authors_mean_snr_db, score_terms, Neighbourhood, TermScores};
 pub use terms::{Term, TermKind, TermSet};
 
