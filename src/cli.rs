@@ -610,6 +610,29 @@ fn cmd_prune(
 fn cmd_validate(pipeline: PathBuf, sets: &[String]) -> anyhow::Result<i32> {
     let plan = config::load(&pipeline, sets)?;
     print!("{}", plan.describe());
+    // what a run would find in the source: its images, their labels, and a labelling that
+    // looks wrong (the source is listed as a run lists it, without reading an image)
+    let src = &plan.pipeline.source;
+    let (images, skipped, warning) = crate::source::list_checked(&plan.source_dir, src);
+    let labels = images
+        .iter()
+        .filter_map(|r| r.label)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let mut line = format!("images     {} listed", images.len());
+    if src.limit.is_some() {
+        line.push_str(" (source.limit)");
+    }
+    if !skipped.is_empty() {
+        line.push_str(&format!(", {} skipped (a run names each)", skipped.len()));
+    }
+    if src.labels != config::LabelSource::None {
+        line.push_str(&format!(", {labels} different labels"));
+    }
+    println!("{line}");
+    if let Some(w) = warning {
+        println!("warning    {w}");
+    }
     println!("ok: {} is valid", pipeline.display());
     Ok(0)
 }

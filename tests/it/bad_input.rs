@@ -121,8 +121,63 @@ fn validate_prints_the_plan_of_every_shipped_pipeline() {
                 out.contains("distinct frames") && out.contains("f1+f2"),
                 "{out}"
             );
+            assert!(
+                out.contains("\nimages     ") && out.contains(" listed"),
+                "{out}"
+            );
         }
     }
+}
+
+/// `validate` lists the source as a run would: how many images and labels it finds, and a
+/// warning where file-name labels look wrong (numbered files in class folders, as CIFAR-10's
+/// test set comes), with the setting to use instead.
+#[test]
+fn validate_warns_of_numbered_files_in_class_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "airplane/0000.png",
+        "airplane/0001.png",
+        "automobile/0002.png",
+    ] {
+        let p = dir.path().join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap(); // listed, not read
+    }
+    let pipeline = root().join("pipelines/paper-resnet32-cifar10.toml");
+    let validate = |labels: &str| {
+        freqtag(&[
+            "validate",
+            &pipeline.display().to_string(),
+            "--set",
+            &format!("source.path={}", dir.path().display()),
+            "--set",
+            &format!("source.labels=\"{labels}\""),
+            // the weights are checked, not read: any existing file will do
+            "--set",
+            &format!("model.weights={}", root().join("Cargo.toml").display()),
+        ])
+    };
+    let o = validate("filename");
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("images     3 listed, 3 different labels"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning    source.labels = \"filename\"")
+            && out.contains("set source.labels = \"folders\""),
+        "{out}"
+    );
+    let o = validate("folders");
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("images     3 listed, 2 different labels"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
 }
 
 #[test]
