@@ -1,10 +1,12 @@
 //! The write stage of one image, per image: the quickstart's neuron rows (MobileNetV2, its 52
 //! taps, 17 056 neurons, 6 terms: 102 336 rows) encoded to Parquet as a worker writes them
 //! (`ImageTables::write`, `output.spectra = "none"`), on the scores `analyse` gives for a
-//! recording of random values. Then the same with full spectra and with `spectra = "terms"`.
-//! Best of 7 rounds of 5 images, each round a new part file.
+//! recording of random values. Then the same with full spectra and with `spectra = "terms"`,
+//! and all three for the paper pipeline (ResNet-32, 1 136 neurons; skipped where its weights in
+//! `../shared/data` are absent). Best of 7 rounds of 5 images (the paper's: 40), each round a
+//! new part file.
 //!
-//!     cargo bench --bench write
+//!     cargo bench --bench write [-- none|terms|full|quickstart|paper]
 //!
 //! Not a test: timings on a shared machine vary; compare the figures of one run.
 
@@ -26,30 +28,52 @@ fn main() {
     unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("freqtag-bench-write-{}", std::process::id()));
-    let images: Vec<ImageRef> = (0..5)
-        .map(|i| ImageRef {
-            seq: i,
-            id: format!("n01440764/ILSVRC2012_val_{:08}.JPEG", 1000 + i),
-            loc: Locator::File(root.join("data/photos/none.jpg")),
-            label: Some(i as i64),
-        })
-        .collect();
+    let images = |n: u64| -> Vec<ImageRef> {
+        (0..n)
+            .map(|i| ImageRef {
+                seq: i,
+                id: format!("n01440764/ILSVRC2012_val_{:08}.JPEG", 1000 + i),
+                loc: Locator::File(root.join("data/photos/none.jpg")),
+                label: Some(i as i64),
+            })
+            .collect()
+    };
     // `cargo bench --bench write -- full`: that setting alone
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    for spectra in ["none", "terms", "full"] {
-        if !only.is_empty() && !only.iter().any(|o| o == spectra) {
+    // the paper pipeline's images are small: 40 a round
+    let runs = [
+        ("quickstart", "data/photos", 5),
+        ("paper-resnet32-cifar10", "data/cifar10-foolbox-20", 40),
+    ];
+    for ((name, source, n), spectra) in runs
+        .iter()
+        .flat_map(|r| ["none", "terms", "full"].map(|s| (*r, s)))
+    {
+        if !only.is_empty()
+            && !only
+                .iter()
+                .any(|o| o == spectra || name.starts_with(o.as_str()))
+        {
             continue;
         }
+        let images = images(n);
+        // a clean folder, so that the sizes below are this run's parts
+        let _ = std::fs::remove_dir_all(&dir);
         let sets = [
-            format!("source.path={}", root.join("data/photos").display()),
+            format!("source.path={}", root.join(source).display()),
             format!("output.spectra=\"{spectra}\""),
         ];
-        let plan = match freqtag::config::load(&root.join("pipelines/quickstart.toml"), &sets) {
+        let file = root.join("pipelines").join(format!("{name}.toml"));
+        let plan = match freqtag::config::load(&file, &sets) {
             Ok(p) => Arc::new(p),
-            Err(e) => panic!("pipelines/quickstart.toml: {e}"),
+            Err(e) => {
+                // the paper pipeline's weights are in ../shared/data
+                eprintln!("!!! {name}: skipped, the pipeline does not load here: {e}");
+                continue;
+            }
         };
         let st = &plan.stimulus;
         let (distinct, map) = st.distinct_frames();
@@ -108,8 +132,8 @@ fn main() {
             .map(|m| m.len())
             .sum();
         println!(
-            "write, output.spectra = {spectra:>5} ({} neurons, {} rows of neurons/ an image): \
-             {:.2} ms an image, {:.2} MB an image on disk",
+            "write, {name}, output.spectra = {spectra:>5} ({} neurons, {} rows of neurons/ an \
+             image): {:.3} ms an image, {:.3} MB an image on disk",
             neurons.len(),
             neurons.len() * plan.terms.terms.len(),
             best / images.len() as f64 * 1e3,
