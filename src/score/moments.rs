@@ -819,29 +819,39 @@ impl Monoid for Update {
 mod tests {
     use super::*;
 
+    /// A seeded stream of 53-bit numbers.
+    fn stream(seed: u64) -> impl FnMut() -> u64 {
+        let mut rng = seed;
+        move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            rng >> 11
+        }
+    }
+
+    /// Kinds of values, each from a random number, that exact sums in windows must hold: one
+    /// magnitude, magnitudes 2^300 apart, ones too small or too large for a window, values
+    /// that cancel, tiny ones truncated away, negative zero, ones not counted.
+    const KINDS: [fn(u64) -> f64; 8] = [
+        |r| (r % 1000) as f64 * 1e-3 - 0.3,
+        |r| ((r % 2000) as f64 - 1000.0) * 2f64.powi((r % 200) as i32 - 120),
+        |r| if r % 2 == 0 { 1e20 } else { -3e-30 },
+        |r| [1.5, -1.5, 0.0, -0.0][(r % 4) as usize],
+        |r| (r % 7) as f64 * 1e-45,
+        |r| [f64::NAN, f64::INFINITY, 2e27, 1e-200][(r % 4) as usize],
+        |r| 1.2e27 * ((r % 3) as f64 - 1.0),
+        |r| f64::from_bits(r) % 1e6,
+    ];
+
     /// A [`SumTable`]'s sums are [`Acc::add_values`]' bit for bit: values of one magnitude and
     /// of magnitudes 2^300 apart, smaller ones after larger (the window moves down), ones too
     /// small or too large for the window (it spills to a full number), cancellations to zero,
     /// tiny values truncated away, negative zero, values not counted; a slot taken is zero.
     #[test]
     fn sum_table_sums_are_exact() {
-        let mut rng = 12345u64;
-        let mut next = || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            rng >> 11
-        };
-        let kinds: [fn(u64) -> f64; 8] = [
-            |r| (r % 1000) as f64 * 1e-3 - 0.3,
-            |r| ((r % 2000) as f64 - 1000.0) * 2f64.powi((r % 200) as i32 - 120),
-            |r| if r % 2 == 0 { 1e20 } else { -3e-30 },
-            |r| [1.5, -1.5, 0.0, -0.0][(r % 4) as usize],
-            |r| (r % 7) as f64 * 1e-45,
-            |r| [f64::NAN, f64::INFINITY, 2e27, 1e-200][(r % 4) as usize],
-            |r| 1.2e27 * ((r % 3) as f64 - 1.0),
-            |r| f64::from_bits(r) % 1e6,
-        ];
+        let mut next = stream(12345);
+        let kinds = KINDS;
         let slots = 64;
         let mut table = SumTable::new(slots);
         let mut want = vec![Acc::zero(); slots];
@@ -870,21 +880,8 @@ mod tests {
     /// key of one image that moved to the table is reused.
     #[test]
     fn sums_hold_each_keys_exact_sums() {
-        let mut rng = 99u64;
-        let mut next = || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            rng >> 11
-        };
-        let kinds: [fn(u64) -> f64; 6] = [
-            |r| (r % 1000) as f64 * 1e-3 - 0.3,
-            |r| ((r % 2000) as f64 - 1000.0) * 2f64.powi((r % 200) as i32 - 120),
-            |r| if r % 2 == 0 { 1e20 } else { -3e-30 },
-            |r| [1.5, -1.5, 0.0, -0.0][(r % 4) as usize],
-            |r| [f64::NAN, f64::INFINITY, 2e27, 1e-200][(r % 4) as usize],
-            |r| f64::from_bits(r) % 1e6,
-        ];
+        let mut next = stream(99);
+        let kinds = KINDS;
         let mut sums = Sums::<u32>::default();
         let mut want: std::collections::BTreeMap<u32, Acc> = Default::default();
         let mut ones_ever = 0;
