@@ -859,7 +859,7 @@ mod tests {
             for (slot, w) in want.iter_mut().enumerate() {
                 let kind = kinds[(slot + round / 20) % kinds.len()];
                 let values: Vec<Option<f64>> = (0..N_SCORES)
-                    .map(|i| (next() % 9 != 0).then(|| kind(next()) * (1 + i) as f64))
+                    .map(|i| (!next().is_multiple_of(9)).then(|| kind(next()) * (1 + i) as f64))
                     .collect();
                 table.add(slot, &values);
                 w.add_values(&values);
@@ -895,7 +895,7 @@ mod tests {
                 let images = 1 + next() % 4;
                 let mut values = || -> Vec<Option<f64>> {
                     (0..N_SCORES)
-                        .map(|i| (next() % 9 != 0).then(|| kind(next()) * (1 + i) as f64))
+                        .map(|i| (!next().is_multiple_of(9)).then(|| kind(next()) * (1 + i) as f64))
                         .collect()
                 };
                 let update = if (key as usize + round).is_multiple_of(3) {
