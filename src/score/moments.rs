@@ -582,25 +582,15 @@ impl SumTable {
 
     /// The sums of `slot`, which is left zero.
     pub fn take(&mut self, slot: usize) -> Acc {
-        let mut acc = Acc::zero();
-        acc.count = std::mem::take(&mut self.count[slot]).map(|c| c as i64);
+        let acc = self.get(slot);
         for k in 0..2 * N_SCORES {
-            let base = std::mem::replace(&mut self.base[slot][k], EMPTY);
-            let win = std::mem::take(&mut self.win[slot][k]);
-            let f = match base {
-                EMPTY => Fixed::default(),
-                SPILLED => self
-                    .spills
-                    .remove(&(slot as u32, k as u8))
-                    .unwrap_or_default(),
-                b => window_fixed(win, b as u32),
-            };
-            if k < N_SCORES {
-                acc.sum[k] = f;
-            } else {
-                acc.sumsq[k - N_SCORES] = f;
+            if self.base[slot][k] == SPILLED {
+                self.spills.remove(&(slot as u32, k as u8));
             }
         }
+        self.count[slot] = [0; N_SCORES];
+        self.win[slot] = [0; 2 * N_SCORES];
+        self.base[slot] = [EMPTY; 2 * N_SCORES];
         acc
     }
 }
