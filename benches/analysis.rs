@@ -19,11 +19,6 @@ use freqtag::score::*;
 use freqtag::spectrum::{Spectrum, Window};
 use std::time::Instant;
 
-/// The binary's allocator, with its settings (`src/main.rs`): the spectrum stage allocates
-/// each image's results, so the allocator is part of what is timed.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn best_of(rounds: usize, mut f: impl FnMut()) -> f64 {
     (0..rounds)
         .map(|_| {
@@ -74,9 +69,9 @@ fn decode() {
 }
 
 fn main() {
-    // as the binary does: freed pages stay committed (mi_option_purge_delay = -1)
-    // SAFETY: called once, before any other thread exists
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // the binary's malloc settings (src/malloc.rs): the spectrum stage allocates each image's
+    // results, so the allocator is part of what is timed
+    freqtag::malloc::tune();
     // and transparent huge pages off
     // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag on this process
     #[cfg(target_os = "linux")]

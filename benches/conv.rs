@@ -14,12 +14,9 @@
 use freqtag::model::direct::{self, Shape};
 use freqtag::model::winograd;
 use std::time::Instant;
-/// As the binary: mimalloc, freed pages kept.
-#[global_allocator]
-static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
-    // SAFETY: before any other thread; mi_option_purge_delay = -1, as the binary sets it
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // the binary's malloc settings (src/malloc.rs)
+    freqtag::malloc::tune();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         rayon::ThreadPoolBuilder::new()
             .num_threads(1)

@@ -10,12 +10,9 @@
 use candle_core::{Device, Tensor};
 use freqtag::model::layers::{depthwise_reference, Depthwise};
 use std::time::Instant;
-/// As the binary: mimalloc, freed pages kept.
-#[global_allocator]
-static A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
-    // SAFETY: before any other thread; mi_option_purge_delay = -1, as the binary sets it
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // the binary's malloc settings (src/malloc.rs)
+    freqtag::malloc::tune();
     // one thread, unless RAYON_NUM_THREADS says otherwise
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         rayon::ThreadPoolBuilder::new()

@@ -18,14 +18,9 @@ use freqtag::spectrum::Spectrum;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The binary's allocator, with its settings (`src/main.rs`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
-    // as the binary does: freed pages stay committed (mi_option_purge_delay = -1)
-    // SAFETY: called once, before any other thread exists
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    // the binary's malloc settings (src/malloc.rs)
+    freqtag::malloc::tune();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("freqtag-bench-write-{}", std::process::id()));
     let images = |n: u64| -> Vec<ImageRef> {

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataflow;
 pub mod error;
+pub mod malloc;
 pub mod model;
 pub mod prune;
 pub mod report;

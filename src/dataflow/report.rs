@@ -144,8 +144,8 @@ pub(crate) const SWITCHES: &[&str] = &[
     "FREQTAG_CUDNN_ALGO",
     "FREQTAG_GPU_PATH_ON_CPU",
     "FREQTAG_GPU_PROFILE",
-    "MIMALLOC_PURGE_DELAY",
-    "MIMALLOC_ALLOW_THP",
+    "GLIBC_TUNABLES",
+    "FREQTAG_ALLOW_THP",
 ];
 
 /// Variables freqtag reads that only say where things are, and `RAYON_NUM_THREADS`, which the
