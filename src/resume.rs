@@ -25,8 +25,10 @@ use crate::source::Skipped;
 /// Name of the work folder inside the output folder.
 pub const WORK: &str = ".freqtag";
 
-/// One committed segment, one line of a manifest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One worker's committed segment of a chunk. A manifest line holds a chunk's segments of all
+/// the workers of a process, committed together (they share the chunk's sums); a line of one
+/// segment, as written before session 19, is still read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Segment {
     /// Part file name shared by the segment's tables.
     pub part: String,
@@ -34,6 +36,19 @@ pub struct Segment {
     pub images: Vec<String>,
     /// Inputs of the segment that were skipped.
     pub skipped: Vec<Skipped>,
+    /// The sums file (in the work folder's `sums/`) with this segment's share of the chunk's
+    /// sums, when `output.neurons` is off; absent in lines written before session 19, whose
+    /// sums file is named after the part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<String>,
+}
+
+/// The segments of a manifest line: a list, or one segment (lines before session 19). A line
+/// torn by a crash parses as neither: its segments were not committed.
+fn parse_line(line: &str) -> Option<Vec<Segment>> {
+    serde_json::from_str::<Vec<Segment>>(line)
+        .or_else(|_| serde_json::from_str::<Segment>(line).map(|s| vec![s]))
+        .ok()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -203,6 +218,7 @@ impl WorkDir {
         w.write_stamp(plan, stamp.attempts + 1)?;
         let mut resumed = Resumed::default();
         let mut committed = HashSet::new();
+        let mut committed_sums = HashSet::new();
         for entry in std::fs::read_dir(&w.root).map_err(io(&w.root))?.flatten() {
             let p = entry.path();
             if !p
@@ -213,22 +229,21 @@ impl WorkDir {
             }
             let text = std::fs::read_to_string(&p).map_err(io(&p))?;
             // a line torn by a crash does not parse: its segment was not committed
-            for seg in text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Segment>(l).ok())
-            {
+            for seg in text.lines().filter_map(parse_line).flatten() {
                 resumed.done.extend(seg.images.iter().cloned());
                 resumed
                     .done
                     .extend(seg.skipped.iter().map(|s| s.id.clone()));
                 resumed.skipped.extend(seg.skipped);
-                let sums = w.sums_dir().join(sums_name(&seg.part));
+                let sums_file = seg.sums.unwrap_or_else(|| sums_name(&seg.part));
+                let sums = w.sums_dir().join(&sums_file);
                 let part = w.tables().join("neurons").join(&seg.part);
                 if sums.is_file() {
                     resumed.sum_files.push(sums);
                 } else if part.is_file() {
                     resumed.neuron_parts.push(part);
                 }
+                committed_sums.insert(sums_file);
                 committed.insert(seg.part);
             }
         }
@@ -237,8 +252,7 @@ impl WorkDir {
         if let Ok(entries) = std::fs::read_dir(w.sums_dir()) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                let part = name.strip_suffix(".sums").unwrap_or("");
-                if !committed.contains(part) {
+                if !committed_sums.contains(&name) {
                     std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
                 }
             }
@@ -259,8 +273,9 @@ impl WorkDir {
         Ok((w, resumed))
     }
 
-    /// Appends `seg` to `worker`'s manifest and fsyncs it: the segment is committed.
-    pub fn commit_segment(&self, worker: usize, seg: &Segment) -> Result<()> {
+    /// Appends one line of `segs` (a chunk's segments of this process's workers) to `worker`'s
+    /// manifest and fsyncs it: the segments are committed together.
+    pub fn commit_segments(&self, worker: usize, segs: &[Segment]) -> Result<()> {
         let path = self
             .root
             .join(format!("manifest-a{:02}-w{worker:05}.jsonl", self.attempt));
@@ -269,7 +284,7 @@ impl WorkDir {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
-        let mut line = serde_json::to_string(seg).unwrap_or_default();
+        let mut line = serde_json::to_string(segs).unwrap_or_default();
         line.push('\n');
         f.write_all(line.as_bytes()).map_err(io(&path))?;
         f.sync_all().map_err(io(&path))
@@ -306,7 +321,8 @@ fn clear_leftovers(out: &Path) {
 }
 
 /// The sums file of the segment whose parts are named `part`.
-fn sums_name(part: &str) -> String {
+/// The file name of the sums of the segment whose parts are named `part`.
+pub fn sums_name(part: &str) -> String {
     format!("{part}.sums")
 }
 
@@ -364,7 +380,8 @@ pub struct SumsFile {
 const SUMS_BLOCK: usize = 1 << 18;
 
 impl SumsFile {
-    /// Starts the sums file of the segment whose parts are named `part`.
+    /// Starts the sums file of the segment whose parts are named `part` (file name
+    /// [`sums_name`]).
     pub fn create(work: &WorkDir, part: &str) -> Result<Self> {
         let dir = work.sums_dir();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;

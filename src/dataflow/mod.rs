@@ -13,6 +13,7 @@
 //! [`worker`] is the dataflow each worker builds; [`report`] the progress, size and `run.json`.
 
 mod report;
+mod shared;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -165,9 +166,11 @@ fn check_writable(out: &Path) -> Result<()> {
 
 /// Images per worker in a chunk when `--chunk` is not given: 16 on the CPU. On a GPU, enough
 /// images to fill a pass (`model.device_batch`), and at least one per 512 KiB of the chunk's
-/// sums counted as full [`crate::score::Acc`]s (936 bytes each; the table a worker allocates is
-/// the compact `SumTable`, 360 bytes a slot, 37 MB for MobileNetV2's 17 056 neurons and 6
-/// terms): a commit compresses and hands on the whole table (0.3 s of one core here: 105-130 ms
+/// sums counted as full [`crate::score::Acc`]s (936 bytes each; the table allocated is the
+/// compact `SumTable`, 360 bytes a slot, 37 MB for MobileNetV2's 17 056 neurons and 6 terms,
+/// and since session 19 one a chunk for all of a process's workers, which share its commit: the
+/// figures here are from before, when each worker had its own): a commit compresses and hands
+/// on the whole table (0.3 s of one core here: 105-130 ms
 /// of zstd, 85-115 ms handing on 102 000 sums), which is 1.6 ms an image at the 182 images this
 /// gives MobileNetV2 against 6.7 ms at the 45 of one per 2 MB. (Counted by `SumTable` slots it
 /// would be 70: more commits, and a table for each chunk in flight.) Labelled images with `output.per_class` keep every
@@ -325,6 +328,8 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
     let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
+    // the chunks' tables of sums, one a chunk for all of this process's workers
+    let process = Arc::new(shared::ProcessSums::default());
     let (p, n, i, w, j) = (
         plan.clone(),
         net.clone(),
@@ -345,7 +350,13 @@ pub fn run(plan: Plan, opts: &RunOptions) -> Result<Summary> {
             if let Some(f) = &check {
                 cluster::check_fingerprints(worker, f)?;
             }
-            let ctx = WorkerCtx::new(worker.index(), p.clone(), w.clone(), d.clone());
+            let ctx = WorkerCtx::new(
+                worker.index(),
+                p.clone(),
+                w.clone(),
+                d.clone(),
+                process.clone(),
+            );
             let seeds = if worker.index() == 0 {
                 seeds.clone()
             } else {

@@ -21,14 +21,13 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Exchange, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
+use super::shared::{ProcessSums, SharedChunk};
 use super::{StageTimes, WorkerReport, STOP};
 use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
-use crate::resume::{Segment, WorkDir};
-use crate::score::{
-    analyse, Acc, Fixed, ImageScores, Neighbourhood, SumTable, Sums, Update, N_SCORES,
-};
+use crate::resume::{sums_name, Segment, WorkDir};
+use crate::score::{analyse, Acc, Fixed, ImageScores, Neighbourhood, Sums, Update, N_SCORES};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -82,6 +81,8 @@ pub(crate) struct WorkerCtx {
     plan: Arc<Plan>,
     work: Arc<WorkDir>,
     done: Arc<AtomicU64>,
+    /// The chunks' tables of sums this process's workers share.
+    process: Arc<ProcessSums>,
     skipped: RefCell<Vec<Skipped>>,
     errors: RefCell<Vec<String>>,
     processed: std::cell::Cell<u64>,
@@ -100,12 +101,14 @@ impl WorkerCtx {
         plan: Arc<Plan>,
         work: Arc<WorkDir>,
         done: Arc<AtomicU64>,
+        process: Arc<ProcessSums>,
     ) -> Rc<Self> {
         Rc::new(WorkerCtx {
             index,
             plan,
             work,
             done,
+            process,
             skipped: RefCell::new(Vec::new()),
             errors: RefCell::new(Vec::new()),
             processed: std::cell::Cell::new(0),
@@ -116,48 +119,36 @@ impl WorkerCtx {
     }
 }
 
-/// Images a chunk keeps as their scores before its all-images sums go into the dense table. A
-/// kept image is 72 bytes per (neuron, term) against the table's 360. With one, a worker with one
-/// image in a chunk (a short run on many workers: the quickstart's 5 photos on 16 cores) hands
-/// on its scores and builds no table (16 workers: 1 284 -> 760 MB peak); with more, the kept
-/// images and the new table were held together at the fold, and the peak grew (4 kept: 644
-/// against 591 MB, the quickstart on 20 photos and 2 workers).
+/// Images a worker keeps as their scores before its sums of a chunk go into the chunk's shared
+/// table. A kept image is 72 bytes per (neuron, term) against the table's 360. With one, a
+/// worker with one image in a chunk (a short run on many workers: the quickstart's 5 photos on
+/// 16 cores) hands on its scores, and where every worker has one, no table is built (16
+/// workers: 1 284 -> 760 MB peak, session 10, when each worker had a table of its own).
 const KEEP: usize = 1;
 
-/// A worker's dense tables of sums (see [`ChunkSums`]): the zeroed ones its committed chunks
-/// gave back, and how many it has built. Up to two chunks are in flight, and a chunk waits for
-/// the slowest worker's before it commits, so the next one starts while the last still holds
-/// its table; the next one keeps its images as scores while the pool is empty and a table has
-/// been built (up to a table's worth of them), and takes the table back at the commit, rather
-/// than build a second one (two of them, 96 MB each for MobileNetV2 before [`SumTable`], were a
-/// third of a worker's peak).
-#[derive(Default)]
-struct Tables {
-    spare: Vec<SumTable>,
-    built: usize,
-}
-
-/// A chunk's partial sums. Up to [`KEEP`] images are kept as their scores (72 bytes per
-/// neuron and term, NaN where absent); at drain their sums are built per key, or handed on as
-/// the one image's scores ([`Update::One`]) where the chunk has one image. Past that, the sums
-/// over all images go into a dense table of exact sums per (neuron, term) in forward order (a
-/// [`SumTable`], 36 MB for MobileNetV2), so that an image's updates walk memory in order (in a
-/// hash map of 936-byte [`Acc`]s each of an image's updates, about 14 000 for the paper
-/// pipeline, missed the cache); after the commit the table goes back to the worker's [`Tables`] for a later chunk.
-/// Sums per label are built only when the chunk is drained, from the kept scores of its
-/// labelled images: a dense table per label seen cost a chunk of ten classes 85 MB of fresh
-/// pages for the paper pipeline. In the table the neuron's own score (the authors' mean
-/// dB-SNR, the same for all its terms) is summed in its first term's sum only and copied into
-/// the others' when the chunk is drained.
+/// A worker's partial sums of a chunk. Up to [`KEEP`] images are kept as their scores (72 bytes
+/// per neuron and term, NaN where absent); at drain their sums are built per key, or handed on
+/// as the one image's scores ([`Update::One`]) where the worker has one image in the chunk.
+/// Past that, the sums over all images go into the dense table of exact sums per (neuron, term)
+/// in forward order that the process's workers share ([`SharedChunk`], 36 MB for MobileNetV2),
+/// so that an image's updates walk memory in order (in a hash map of 936-byte [`Acc`]s each of
+/// an image's updates, about 14 000 for the paper pipeline, missed the cache). Sums per label
+/// are built only when the chunk is drained, from the kept scores of the worker's labelled
+/// images: a dense table per label seen cost a chunk of ten classes 85 MB of fresh pages for
+/// the paper pipeline. In the table the neuron's own score (the authors' mean dB-SNR, the same
+/// for all its terms) is summed in its first term's sum only and copied into the others' when
+/// the chunk is drained.
 struct ChunkSums {
     terms: usize,
     /// First neuron of each tap (plan order), then the total.
     offsets: Vec<usize>,
     /// Images kept as scores before the table takes over ([`KEEP`]; tests set others).
     keep: usize,
-    /// The dense table (empty until the chunk has more than `keep` images and a table to use).
-    all: SumTable,
-    /// Whether this chunk's all-images sums are in `all` (else every image is in `kept`).
+    /// The chunk's table, shared with the process's other workers.
+    shared: Arc<SharedChunk>,
+    /// This worker, where its adds start in the table (workers start at different stripes).
+    worker: usize,
+    /// Whether this worker's all-images sums are in the table (else every image is in `kept`).
     folded: bool,
     /// Images' scores with their labels, [`N_SCORES`] per (neuron, term) slot, NaN where
     /// absent: every image of the chunk until it is folded into the table, then the labelled.
@@ -165,16 +156,25 @@ struct ChunkSums {
 }
 
 impl ChunkSums {
-    fn new(channels: &[usize], terms: usize) -> Self {
+    /// Worker `worker`'s sums of chunk `time`, joined to the process's table of it.
+    fn new(
+        channels: &[usize],
+        terms: usize,
+        process: &ProcessSums,
+        time: u64,
+        worker: usize,
+    ) -> Self {
         let mut offsets = vec![0];
         for c in channels {
             offsets.push(offsets[offsets.len() - 1] + c);
         }
+        let slots = offsets[offsets.len() - 1] * terms;
         ChunkSums {
             terms,
             offsets,
             keep: KEEP,
-            all: SumTable::default(),
+            shared: process.join(time, slots, terms),
+            worker,
             folded: false,
             kept: Vec::new(),
         }
@@ -208,87 +208,61 @@ impl ChunkSums {
     }
 
     /// Adds images' scores to all images' sums, and keeps each labelled one's (`Some` label)
-    /// for its label's. Until the chunk has more than `keep` images they are only kept; then
-    /// the kept ones are folded into the table. Into the table, the images' updates are
-    /// interleaved, neuron by neuron: a neuron's sums (5.6 KB for 6 terms) are loaded once for
-    /// all of them rather than once per image, as the whole table (36 MB for MobileNetV2) does
-    /// not stay in cache from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an
-    /// image, microbenchmark). Exact sums: the order changes nothing. An image kept keeps its
-    /// own buffer of scores, not a copy.
-    fn add_images(&mut self, images: Vec<(ImageScores, Option<i64>)>, pool: &mut Tables) {
+    /// for its label's. Until the worker has more than `keep` images in the chunk they are only
+    /// kept; then the kept ones are folded into the table. Into the table, the images' updates
+    /// are interleaved, slot by slot: a stripe's sums are loaded once for all of them rather
+    /// than once per image, as the whole table (36 MB for MobileNetV2) does not stay in cache
+    /// from one image to the next (exact sums of 5 images 7.6 -> 5.4 ms an image,
+    /// microbenchmark). Exact sums: the order changes nothing. An image kept keeps its own
+    /// buffer of scores, not a copy.
+    fn add_images(&mut self, images: Vec<(ImageScores, Option<i64>)>) {
+        let images: Vec<(Option<i64>, Vec<f64>)> = images
+            .into_iter()
+            .map(|(scores, label)| (label, self.scores(scores)))
+            .collect();
         if !self.folded {
-            for (scores, label) in images {
-                let kept = self.scores(scores);
-                self.kept.push((label, kept));
-            }
+            self.kept.extend(images);
             if self.kept.len() > self.keep {
-                if self.all.is_empty() {
-                    if let Some(t) = pool.spare.pop() {
-                        self.all = t;
-                    }
-                }
-                // a table at hand, none built yet, or as much kept as a table takes
-                // (bytes per slot)
-                let kept = self.kept.len() * N_SCORES * std::mem::size_of::<f64>();
-                if !self.all.is_empty() || pool.built == 0 || kept >= SumTable::SLOT_BYTES {
-                    self.fold(pool);
-                }
+                self.fold();
             }
             return;
         }
-        let mut each: Vec<_> = images.iter().map(|(s, _)| s.neurons()).collect();
-        loop {
-            let mut any = false;
-            for nr in each.iter_mut().filter_map(Iterator::next) {
-                any = true;
-                let base = self.slot(nr.tap, nr.channel, 0);
-                for ti in 0..nr.scores.len() / N_SCORES {
-                    let mut values = nr.term(ti);
-                    // the neuron's own score, the same for each of its terms: summed in its
-                    // first term's only (a ninth of the additions), copied out by `drain`
-                    if ti > 0 {
-                        values[MEAN_SNR] = None;
-                    }
-                    self.all.add(base + ti, &values);
-                }
-            }
-            if !any {
-                break;
-            }
-        }
-        drop(each);
-        for (scores, label) in images {
-            if label.is_some() {
-                let kept = self.scores(scores);
-                self.kept.push((label, kept));
-            }
-        }
+        self.add_to_table(&images);
+        self.kept
+            .extend(images.into_iter().filter(|(label, _)| label.is_some()));
     }
 
-    /// Moves the kept images' sums into the table (one from `pool`, or built), slot by slot,
-    /// and keeps only the labelled images' scores.
-    fn fold(&mut self, pool: &mut Tables) {
-        if self.all.is_empty() {
-            self.all = pool.spare.pop().unwrap_or_else(|| {
-                pool.built += 1;
-                SumTable::new(self.slots())
-            });
-        }
+    /// Adds images' scores (slot-ordered buffers) to the shared table, a stripe at a time.
+    fn add_to_table(&self, images: &[(Option<i64>, Vec<f64>)]) {
+        let terms = self.terms;
         let mut values = [None; N_SCORES];
-        for slot in 0..self.all.len() {
-            for (_, kept) in &self.kept {
-                let kept = &kept[slot * N_SCORES..][..N_SCORES];
-                for (v, k) in values.iter_mut().zip(kept) {
-                    *v = (!k.is_nan()).then_some(*k);
+        self.shared.each_stripe(self.worker, |first, table| {
+            for i in 0..table.len() {
+                let slot = first + i;
+                for (_, kept) in images {
+                    let kept = &kept[slot * N_SCORES..][..N_SCORES];
+                    for (v, k) in values.iter_mut().zip(kept) {
+                        *v = (!k.is_nan()).then_some(*k);
+                    }
+                    // the neuron's own score, the same for each of its terms: summed in its
+                    // first term's only (a ninth of the additions), copied out by `drain_table`
+                    if slot % terms > 0 {
+                        values[MEAN_SNR] = None;
+                    }
+                    table.add(i, &values);
                 }
-                // as in `add_images`: the mean dB-SNR in the neuron's first term only
-                if slot % self.terms > 0 {
-                    values[MEAN_SNR] = None;
-                }
-                self.all.add(slot, &values);
             }
-        }
-        self.kept.retain(|(label, _)| label.is_some());
+        });
+    }
+
+    /// Moves the kept images' sums into the table and keeps only the labelled images' scores.
+    fn fold(&mut self) {
+        let kept = std::mem::take(&mut self.kept);
+        self.add_to_table(&kept);
+        self.kept = kept
+            .into_iter()
+            .filter(|(label, _)| label.is_some())
+            .collect();
         self.folded = true;
     }
 
@@ -304,15 +278,6 @@ impl ChunkSums {
         )
     }
 
-    /// Slots of the dense table this chunk's sums are in (0 while its images are kept).
-    fn table_slots(&self) -> usize {
-        if self.folded {
-            self.all.len()
-        } else {
-            0
-        }
-    }
-
     /// Hands every non-zero sum to `emit` with its key, all images' first and then each
     /// label's, and leaves the sums empty for the next chunk (the table is kept, so a later
     /// chunk faults nothing in). A group (all images, or a label) with one image in the chunk
@@ -320,31 +285,32 @@ impl ChunkSums {
     /// table on a slice at a time: [`Committing::step`].)
     #[cfg(test)]
     fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
-        self.drain_table(0..self.table_slots(), &mut emit);
+        while let Some(slots) = self.shared.next_slice(usize::MAX) {
+            self.drain_table(slots, &mut emit);
+        }
         self.drain_rest(emit);
     }
 
-    /// Hands on the table's non-zero sums in `slots` (a range starting at a neuron's first
-    /// term) and zeroes them.
-    fn drain_table(
-        &mut self,
-        slots: std::ops::Range<usize>,
-        mut emit: impl FnMut(ScoreKey, Update),
-    ) {
+    /// Hands on the shared table's non-zero sums in `slots` (whole stripes, from
+    /// [`SharedChunk::next_slice`]) and zeroes them.
+    fn drain_table(&self, slots: std::ops::Range<usize>, mut emit: impl FnMut(ScoreKey, Update)) {
         let terms = self.terms;
         let mut neuron = (0, Fixed::default(), Fixed::default());
-        for slot in slots {
-            let mut a = self.all.take(slot);
-            // each term carries its neuron's mean dB-SNR, summed in the first term only
-            if slot % terms == 0 {
-                neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
-            } else {
-                (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
+        self.shared.each_stripe_of(slots, |first, table| {
+            for i in 0..table.len() {
+                let slot = first + i;
+                let mut a = table.take(i);
+                // each term carries its neuron's mean dB-SNR, summed in the first term only
+                if slot % terms == 0 {
+                    neuron = (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]);
+                } else {
+                    (a.count[MEAN_SNR], a.sum[MEAN_SNR], a.sumsq[MEAN_SNR]) = neuron;
+                }
+                if !a.is_zero() {
+                    emit(self.key(slot, None), a.into());
+                }
             }
-            if !a.is_zero() {
-                emit(self.key(slot, None), a.into());
-            }
-        }
+        });
     }
 
     /// Hands on the sums of the kept images (all images', unless they are in the table, and
@@ -423,7 +389,6 @@ impl ChunkState {
         ctx: &WorkerCtx,
         time: u64,
         data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
-        pool: &mut Tables,
     ) {
         let per_class = ctx.plan.pipeline.output.per_class;
         let mut written = Vec::with_capacity(data.len());
@@ -460,12 +425,13 @@ impl ChunkState {
             .into_iter()
             .map(|a| (a.scores, a.image.label.filter(|_| per_class)))
             .collect();
-        self.partial.add_images(images, pool);
+        self.partial.add_images(images);
     }
 
     /// Starts committing the chunk: its parts (renamed into place) and, when `output.neurons`
     /// is off, its sums file (a [`crate::resume::SumsFile`], streamed to disk as the sums are
-    /// handed on). [`Committing::step`] hands the sums on and writes the manifest line.
+    /// handed on: this worker's kept images' and its slices of the shared table's).
+    /// [`Committing::step`] hands the sums on and arrives at the chunk's commit.
     fn start_commit(self, ctx: &WorkerCtx, time: u64) -> Committing {
         let ChunkState {
             cap,
@@ -488,10 +454,10 @@ impl ChunkState {
             },
             None => String::new(),
         };
-        let mut file = None;
-        if !ctx.plan.pipeline.output.neurons && !images.is_empty() {
+        let (mut file, mut sums) = (None, None);
+        if !ctx.plan.pipeline.output.neurons && (!images.is_empty() || partial.shared.has_table()) {
             match crate::resume::SumsFile::create(&ctx.work, &name) {
-                Ok(f) => file = Some(f),
+                Ok(f) => (file, sums) = (Some(f), Some(sums_name(&name))),
                 Err(e) => {
                     ctx.errors.borrow_mut().push(e.to_string());
                     ok = false;
@@ -502,23 +468,22 @@ impl ChunkState {
             time,
             cap,
             partial,
-            next: 0,
             file,
             ok,
             segment: Segment {
                 part,
                 images,
                 skipped,
+                sums,
             },
             seeds,
         }
     }
 }
 
-/// Table slots a chunk hands on per activation of `WriteImages` (7.7 MB of sums): between two
-/// slices this worker's aggregation takes in its share, so that a commit does not put a whole
-/// table's sums in flight at once (96 MB for MobileNetV2, on every worker at the same time, as
-/// chunks commit together once the slowest worker's is done).
+/// Table slots a worker hands on per activation of `WriteImages` (about 7.7 MB of sums):
+/// between two slices this worker's aggregation takes in its share, so that a commit does not
+/// put a whole table's sums in flight at once.
 const SLICE: usize = 8192;
 
 /// A chunk whose parts are committed and whose sums are being handed on, a slice at a time.
@@ -526,8 +491,6 @@ struct Committing {
     time: u64,
     cap: Capability<u64>,
     partial: ChunkSums,
-    /// The next table slot to hand on.
-    next: usize,
     file: Option<crate::resume::SumsFile>,
     /// Whether the parts and the sums file so far were written.
     ok: bool,
@@ -537,18 +500,14 @@ struct Committing {
 }
 
 impl Committing {
-    /// Hands the next slice of sums to `emit` (and the sums file); after the last, the rest of
-    /// the sums, a resumed run's seeds, the sums file and the manifest line, and gives the
-    /// dense table, if the chunk has one, back to `pool` (zero, for the next chunk). Returns
-    /// whether the chunk is done. A part or sums file that cannot be written leaves the
-    /// segment uncommitted, so that a resumed run does its images again; the error, naming the
-    /// file, fails the run, so the sums already handed on are never final.
-    fn step(
-        &mut self,
-        ctx: &WorkerCtx,
-        pool: &mut Tables,
-        mut emit: impl FnMut(ScoreKey, Update),
-    ) -> bool {
+    /// Hands the next slice of the shared table's sums that no worker has taken to `emit` (and
+    /// the sums file); once none is left, this worker's other sums, a resumed run's seeds and
+    /// the sums file, and arrives at the chunk's commit: the process's last worker to arrive
+    /// writes the manifest line of all their segments (and gives the table back). Returns
+    /// whether this worker is done with the chunk. A part or sums file that cannot be written
+    /// leaves the chunk uncommitted, so that a resumed run does its images again; the error,
+    /// naming the file, fails the run, so the sums already handed on are never final.
+    fn step(&mut self, ctx: &WorkerCtx, mut emit: impl FnMut(ScoreKey, Update)) -> bool {
         let file = &mut self.file;
         // into the sums file too
         let mut hand_on = |k: ScoreKey, update: Update| {
@@ -557,13 +516,9 @@ impl Committing {
             }
             emit(k, update);
         };
-        let slots = self.partial.table_slots();
-        // whole neurons per slice (the mean dB-SNR is copied from a neuron's first term)
-        let slice = (SLICE / self.partial.terms).max(1) * self.partial.terms;
-        let end = (self.next + slice).min(slots);
-        self.partial.drain_table(self.next..end, &mut hand_on);
-        self.next = end;
-        if self.next < slots {
+        // whole stripes, so whole neurons (the mean dB-SNR is copied from a neuron's first term)
+        if let Some(slots) = self.partial.shared.next_slice(SLICE) {
+            self.partial.drain_table(slots, &mut hand_on);
             return false;
         }
         self.partial.drain_rest(&mut hand_on);
@@ -579,14 +534,14 @@ impl Committing {
                 }
             }
         }
-        let seg = &self.segment;
-        if self.ok && (!seg.images.is_empty() || !seg.skipped.is_empty()) {
-            if let Err(e) = ctx.work.commit_segment(ctx.index, seg) {
+        let segment = std::mem::take(&mut self.segment);
+        let all = ctx
+            .process
+            .arrive(&self.partial.shared, self.time, segment, self.ok);
+        if let Some(segments) = all.filter(|s| !s.is_empty()) {
+            if let Err(e) = ctx.work.commit_segments(ctx.index, &segments) {
                 ctx.errors.borrow_mut().push(e.to_string());
             }
-        }
-        if !self.partial.all.is_empty() {
-            pool.spare.push(std::mem::take(&mut self.partial.all));
         }
         true
     }
@@ -971,16 +926,19 @@ pub(crate) fn run_worker(
         let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, info| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut committing: std::collections::VecDeque<Committing> = Default::default();
-            let mut pool = Tables::default();
             let again = scope.worker().activator_for(info.address.clone());
+            let sums = move |c: &WorkerCtx, time| {
+                ChunkSums::new(&channels, terms, &c.process, time, c.index)
+            };
             if let Some(seeds) = seeds {
-                let mut state = ChunkState::new(cap, ChunkSums::new(&channels, terms));
+                let mut state = ChunkState::new(cap, sums(&c, 0));
                 state.seeds = seeds.iter().map(|(k, acc)| (*k, acc.clone().into())).collect();
                 stash.insert(0, state);
             }
             move |(input, frontier), output| {
                 let started = Instant::now();
-                // chunks the frontier has passed first (no data of theirs can be queued), so
+                // chunks the frontier has passed first (no data of theirs can be queued: every
+                // worker of the process has added its images of them to the shared table), so
                 // that their tables are back before the next chunk's images want one
                 let finished: Vec<u64> = stash
                     .keys()
@@ -996,7 +954,7 @@ pub(crate) fn run_worker(
                 if let Some(chunk) = committing.front_mut() {
                     let (cap, time) = (chunk.cap.clone(), chunk.time);
                     let mut session = output.session(&cap);
-                    if chunk.step(&c, &mut pool, |k, acc| session.give((k, time, acc))) {
+                    if chunk.step(&c, |k, acc| session.give((k, time, acc))) {
                         committing.pop_front();
                     }
                 }
@@ -1011,13 +969,11 @@ pub(crate) fn run_worker(
                     let state = match stash.entry(time) {
                         Entry::Occupied(e) => e.into_mut(),
                         Entry::Vacant(v) => match cap.retain_least(output.output_index()) {
-                            Some(cap) => {
-                                v.insert(ChunkState::new(cap, ChunkSums::new(&channels, terms)))
-                            }
+                            Some(cap) => v.insert(ChunkState::new(cap, sums(&c, time))),
                             None => return,
                         },
                     };
-                    state.fold(&c, time, data, &mut pool);
+                    state.fold(&c, time, data);
                 });
                 c.times.borrow_mut().write += started.elapsed().as_secs_f64();
             }
@@ -1195,41 +1151,87 @@ mod tests {
         };
         // kept as scores throughout (keep 8), folded into the table at the first batch (keep
         // 0), and in the middle of the last batch (keep 5); each in batches of 3, 1 and 3
-        // images, then a chunk of the first image alone in the same sums (the table, if
-        // built, reused), then nothing
+        // images, then a chunk of the first image alone (the table, if built, reused), then
+        // nothing. Stripes of 8 slots (two neurons): the 20 slots in 3 stripes.
         for keep in [8, 0, 5] {
-            let mut sums = ChunkSums::new(&channels, terms);
+            let process = ProcessSums::with_stripe(8);
+            let mut sums = ChunkSums::new(&channels, terms, &process, 0, 1);
             sums.keep = keep;
-            let mut pool = Tables::default();
             for batch in [&images[..3], &images[3..4], &images[4..]] {
-                sums.add_images(batch.to_vec(), &mut pool);
+                sums.add_images(batch.to_vec());
             }
             assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
             assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
+            let segments = process.arrive(&sums.shared, 0, Segment::default(), true);
+            assert_eq!(segments.map(|s| s.len()), Some(0), "keep {keep}");
+            let mut sums = ChunkSums::new(&channels, terms, &process, 1, 1);
+            sums.keep = keep;
             let first = &images[..1];
-            sums.add_images(first.to_vec(), &mut pool);
+            sums.add_images(first.to_vec());
             let ones: &[Option<i64>] = if keep > 0 { &[None] } else { &[] };
             assert_eq!(drain(&mut sums, ones), want(first), "keep {keep}");
-            // drained: the next chunk starts from zero
+            // drained: nothing left
             sums.drain(|k, _| panic!("{k:?} left after draining"));
+            assert_eq!(
+                process.built(),
+                usize::from(keep < images.len()),
+                "keep {keep}"
+            );
         }
-        // two chunks in flight: the second keeps its images while the first holds the only
-        // table, and folds them into it once the first has given it back
+        // two workers in one chunk: one folds at once, the other keeps its first image, then
+        // folds; they hand the table on a slice each in turn, then their own sums. The first
+        // to arrive gets nothing to commit, the last both segments, and the table goes back
+        // for the next chunk (not built again). A worker whose files failed: nothing committed.
         let batch = |r: std::ops::Range<usize>| images[r].to_vec();
-        let mut pool = Tables::default();
-        let (mut first, mut second) = (
-            ChunkSums::new(&channels, terms),
-            ChunkSums::new(&channels, terms),
+        let process = ProcessSums::with_stripe(8);
+        let mut a = ChunkSums::new(&channels, terms, &process, 5, 0);
+        let mut b = ChunkSums::new(&channels, terms, &process, 5, 1);
+        (a.keep, b.keep) = (0, 1);
+        a.add_images(batch(0..2));
+        b.add_images(batch(2..3));
+        assert!(a.folded && !b.folded);
+        b.add_images(batch(3..5));
+        a.add_images(batch(5..8));
+        assert!(b.folded && process.built() == 1);
+        let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+        let mut add = |k: ScoreKey, update: Update| {
+            let sum = got.entry(k).or_insert_with(Acc::zero);
+            sum.plus_equals(update.to_acc().as_ref());
+        };
+        let mut slices = 0;
+        for turn in 0.. {
+            let w = if turn % 2 == 0 { &a } else { &b };
+            let Some(slots) = w.shared.next_slice(8) else {
+                break;
+            };
+            assert_eq!(slots.len(), if slots.start < 16 { 8 } else { 4 });
+            w.drain_table(slots, &mut add);
+            slices += 1;
+        }
+        assert_eq!(slices, 3);
+        a.drain_rest(&mut add);
+        b.drain_rest(&mut add);
+        assert_eq!(got, want(&images));
+        let segment = |part: &str| Segment {
+            part: part.into(),
+            images: vec![part.into()],
+            ..Segment::default()
+        };
+        assert!(process.arrive(&a.shared, 5, segment("a"), true).is_none());
+        let both = process.arrive(&b.shared, 5, segment("b"), true).unwrap();
+        assert_eq!(
+            both.iter().map(|s| s.part.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
         );
-        (first.keep, second.keep) = (0, 0);
-        first.add_images(batch(0..2), &mut pool);
-        second.add_images(batch(2..5), &mut pool);
-        assert!(first.folded && !second.folded && pool.built == 1);
-        assert_eq!(drain(&mut first, &[Some(1)]), want(&images[..2]));
-        pool.spare.push(std::mem::take(&mut first.all));
-        second.add_images(batch(5..8), &mut pool);
-        assert!(second.folded && pool.built == 1 && pool.spare.is_empty());
-        assert_eq!(drain(&mut second, &[Some(1), Some(7)]), want(&images[2..]));
+        let mut a = ChunkSums::new(&channels, terms, &process, 6, 0);
+        let b = ChunkSums::new(&channels, terms, &process, 6, 1);
+        a.keep = 0;
+        a.add_images(batch(0..2));
+        assert_eq!(process.built(), 1);
+        a.drain(|_, _| {});
+        assert!(process.arrive(&a.shared, 6, segment("a"), false).is_none());
+        assert!(process.arrive(&b.shared, 6, segment("b"), true).is_none());
+        let first = a;
         // an image whose taps came in another order is placed neuron by neuron
         let image = &images[0].0;
         let split = channels[0] * terms * N_SCORES;
