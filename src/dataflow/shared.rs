@@ -115,21 +115,24 @@ impl ProcessSums {
         segment: Segment,
         ok: bool,
     ) -> Option<Vec<Segment>> {
-        let mut c = lock(&chunk.commit);
-        c.arrived += 1;
-        c.ok &= ok;
-        c.segments.push(segment);
-        if c.arrived < c.participants {
-            return None;
-        }
+        let (segments, ok) = {
+            let mut c = lock(&chunk.commit);
+            c.arrived += 1;
+            c.ok &= ok;
+            c.segments.push(segment);
+            if c.arrived < c.participants {
+                return None;
+            }
+            (std::mem::take(&mut c.segments), c.ok)
+        };
+        // the last worker: no other holds a lock of this chunk's now
         lock(&self.chunks).remove(&time);
         if let Some(table) = lock(&chunk.table).take() {
             if let Ok(table) = Arc::try_unwrap(table) {
                 lock(&self.spare).push(table);
             }
         }
-        let segments = std::mem::take(&mut c.segments);
-        c.ok.then(|| {
+        ok.then(|| {
             segments
                 .into_iter()
                 .filter(|s| !s.images.is_empty() || !s.skipped.is_empty() || s.sums.is_some())

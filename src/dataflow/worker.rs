@@ -1,9 +1,10 @@
 //! The dataflow one worker builds and drives: `Images` (input; worker w of W takes the images
 //! with `seq % W == w`) -> `Decode` -> `Record` (stimulus + batched forward passes) -> `Analyse`
-//! (FFT and term scores) -> `WriteImages` (this worker's committed segments; partial sums of the
-//! scores per key and chunk) -> differential `consolidate` (exchanged by the key (tap, channel,
-//! term, label)) -> `CollectScores`. Image-level stages use `Pipeline`: an image stays on its
-//! worker; only the partial sums cross workers.
+//! (FFT and term scores) -> `WriteImages` (this worker's segments, committed with the process's
+//! other workers' of the same chunk; partial sums of the scores per key and chunk, in a table
+//! the process's workers share, [`super::shared`]) -> differential `consolidate` (exchanged by
+//! the key (tap, channel, term, label)) -> `CollectScores`. Image-level stages use `Pipeline`:
+//! an image stays on its worker; only the partial sums cross workers.
 
 use std::cell::RefCell;
 use std::collections::btree_map::Entry;
