@@ -7,7 +7,8 @@
 //! thresholds raised ([`tune`]) it keeps its heaps and reuses them: fewer page faults than
 //! mimalloc's, and since it merges free neighbours into blocks of any size, much less resident
 //! memory across many workers than mimalloc, which kept each thread's freed pages for blocks of
-//! about the same size (README, "Memory"). Blocks above 256 MiB are still mapped on their own.
+//! about the same size (README, "Speed", session 19). Blocks above 256 MiB are still mapped on
+//! their own.
 
 /// Sets glibc's malloc to keep its memory: blocks up to 256 MiB come from its heaps rather than
 /// fresh mappings (`M_MMAP_THRESHOLD`), and free memory stays in the heaps rather than going
