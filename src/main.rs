@@ -2,8 +2,20 @@
 
 use clap::Parser;
 
+/// With the `mimalloc` feature: mimalloc, its freed pages kept (purge delay -1) unless
+/// `MIMALLOC_PURGE_DELAY` says otherwise. Without it, glibc's malloc tuned (src/malloc.rs).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    #[cfg(feature = "mimalloc")]
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: called before any other thread exists; 15 is mi_option_purge_delay
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    }
     // glibc's malloc, set to keep its heaps (src/malloc.rs)
+    #[cfg(not(feature = "mimalloc"))]
     freqtag::malloc::tune();
     // Transparent huge pages off for this process, where the system backs any large mapping
     // with them: each thread's heap would be backed by 2 MB pages of which it touches a few KB,

@@ -145,6 +145,7 @@ pub(crate) const SWITCHES: &[&str] = &[
     "FREQTAG_GPU_PATH_ON_CPU",
     "FREQTAG_GPU_PROFILE",
     "GLIBC_TUNABLES",
+    "MIMALLOC_PURGE_DELAY",
     "FREQTAG_ALLOW_THP",
 ];
 
@@ -207,6 +208,7 @@ pub(crate) fn run_json(plan: &Plan, weights: &Path, s: &Summary) -> serde_json::
         },
         "warnings": plan.warnings,
         "environment": environment(),
+        "allocator": if cfg!(feature = "mimalloc") { "mimalloc" } else { "system (glibc's malloc, tuned)" },
         "counts": {
             "images_listed": s.images_listed,
             "images_processed": s.images_processed,
