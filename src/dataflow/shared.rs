@@ -41,6 +41,8 @@ pub(crate) struct ProcessSums {
 
 /// One chunk's table, built when a worker first needs it, and its commit.
 pub(crate) struct SharedChunk {
+    /// The chunk (timestamp).
+    time: u64,
     slots: usize,
     stripe: usize,
     table: Mutex<Option<Arc<Striped>>>,
@@ -88,6 +90,7 @@ impl ProcessSums {
         let mut chunks = lock(&self.chunks);
         let chunk = chunks.entry(time).or_insert_with(|| {
             Arc::new(SharedChunk {
+                time,
                 slots,
                 stripe: (self.stripe / terms).max(1) * terms,
                 table: Mutex::new(None),
@@ -111,7 +114,6 @@ impl ProcessSums {
     pub(crate) fn arrive(
         &self,
         chunk: &SharedChunk,
-        time: u64,
         segment: Segment,
         ok: bool,
     ) -> Option<Vec<Segment>> {
@@ -126,7 +128,7 @@ impl ProcessSums {
             (std::mem::take(&mut c.segments), c.ok)
         };
         // the last worker: no other holds a lock of this chunk's now
-        lock(&self.chunks).remove(&time);
+        lock(&self.chunks).remove(&chunk.time);
         if let Some(table) = lock(&chunk.table).take() {
             if let Ok(table) = Arc::try_unwrap(table) {
                 lock(&self.spare).push(table);

@@ -279,11 +279,11 @@ impl ChunkSums {
         )
     }
 
-    /// Hands every non-zero sum to `emit` with its key, all images' first and then each
-    /// label's, and leaves the sums empty for the next chunk (the table is kept, so a later
-    /// chunk faults nothing in). A group (all images, or a label) with one image in the chunk
-    /// is handed on as that image's scores ([`Update::One`]), not as sums. (A commit hands the
-    /// table on a slice at a time: [`Committing::step`].)
+    /// Hands every non-zero sum to `emit` with its key, the shared table's (all of it that no
+    /// worker has taken) first and then this worker's kept images', and leaves them empty. A
+    /// group (all images, or a label) with one image in the chunk is handed on as that image's
+    /// scores ([`Update::One`]), not as sums. (A commit hands the table on a slice at a time,
+    /// shared with the other workers: [`Committing::step`].)
     #[cfg(test)]
     fn drain(&mut self, mut emit: impl FnMut(ScoreKey, Update)) {
         while let Some(slots) = self.shared.next_slice(usize::MAX) {
@@ -536,9 +536,7 @@ impl Committing {
             }
         }
         let segment = std::mem::take(&mut self.segment);
-        let all = ctx
-            .process
-            .arrive(&self.partial.shared, self.time, segment, self.ok);
+        let all = ctx.process.arrive(&self.partial.shared, segment, self.ok);
         if let Some(segments) = all.filter(|s| !s.is_empty()) {
             if let Err(e) = ctx.work.commit_segments(ctx.index, &segments) {
                 ctx.errors.borrow_mut().push(e.to_string());
@@ -1163,7 +1161,7 @@ mod tests {
             }
             assert_eq!(sums.folded, keep < images.len(), "keep {keep}");
             assert_eq!(drain(&mut sums, &[Some(7)]), want(&images), "keep {keep}");
-            let segments = process.arrive(&sums.shared, 0, Segment::default(), true);
+            let segments = process.arrive(&sums.shared, Segment::default(), true);
             assert_eq!(segments.map(|s| s.len()), Some(0), "keep {keep}");
             let mut sums = ChunkSums::new(&channels, terms, &process, 1, 1);
             sums.keep = keep;
@@ -1218,8 +1216,8 @@ mod tests {
             images: vec![part.into()],
             ..Segment::default()
         };
-        assert!(process.arrive(&a.shared, 5, segment("a"), true).is_none());
-        let both = process.arrive(&b.shared, 5, segment("b"), true).unwrap();
+        assert!(process.arrive(&a.shared, segment("a"), true).is_none());
+        let both = process.arrive(&b.shared, segment("b"), true).unwrap();
         assert_eq!(
             both.iter().map(|s| s.part.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
@@ -1230,8 +1228,8 @@ mod tests {
         a.add_images(batch(0..2));
         assert_eq!(process.built(), 1);
         a.drain(|_, _| {});
-        assert!(process.arrive(&a.shared, 6, segment("a"), false).is_none());
-        assert!(process.arrive(&b.shared, 6, segment("b"), true).is_none());
+        assert!(process.arrive(&a.shared, segment("a"), false).is_none());
+        assert!(process.arrive(&b.shared, segment("b"), true).is_none());
         let first = a;
         // an image whose taps came in another order is placed neuron by neuron
         let image = &images[0].0;
