@@ -151,6 +151,10 @@ fn default_dtype() -> String {
     "f32".into()
 }
 
+/// The most input pixels of a GPU pass in f32 that [`ModelConfig::device_batch_for`] gives
+/// (about six million; twice that in f16 and bf16).
+const PASS_PIXELS: u64 = 6_000_000;
+
 impl ModelConfig {
     /// Frames per forward pass on a GPU for inputs of `side` x `side` with `workers` workers
     /// sharing the card: `device_batch` if set. Otherwise, with the card's free memory known,
@@ -159,9 +163,12 @@ impl ModelConfig {
     /// at 256 and 512 frames of 224x224), 64 to 4 096 frames in f32 and 8 192 in f16 or bf16:
     /// on an 80 GB card 4 096 (f32) or 8 192 (f16) for the paper pipeline, 246 for MobileNetV2
     /// with 16 workers. Larger passes ran faster there (the paper pipeline in f16, 16 workers:
-    /// 1 426 images/s at 2 048 frames, 1 567 at 8 192; MobileNetV2: 105 at 128, 124 at 246),
-    /// except past cuDNN's workspace in f32 (below), and a pass stays small enough for the
-    /// depthwise kernel's 32-bit indices.
+    /// 1 426 images/s at 2 048 frames, 1 567 at 8 192; MobileNetV2: 105 at 128, 124 at 246,
+    /// session 13), except past cuDNN's workspace in f32 (below), and a pass stays small enough
+    /// for the depthwise kernel's 32-bit indices. Since session 20 a pass also holds at most
+    /// about 6 million input pixels (119 frames at 224x224): with the workers' passes on
+    /// threads of their own, MobileNetV2 ran faster in small passes than large (on an H200, 16
+    /// workers), and each frame in flight costs host memory.
     /// Without the free memory, about 4 million input pixels (256 to 4 096 frames), made smaller
     /// beyond 8 workers.
     pub fn device_batch_for(&self, side: usize, workers: usize, free_bytes: Option<u64>) -> usize {
@@ -180,7 +187,14 @@ impl ModelConfig {
             let half = crate::model::device::parse_dtype(&self.dtype)
                 .is_ok_and(|d| d != candle_core::DType::F32);
             let most = if half { 8192 } else { 4096 };
-            return frames.min(indexable).min(most).max(64) as usize;
+            // and at most about 6 million input pixels a pass (119 frames at 224x224, two
+            // MobileNetV2 images): smaller passes hold less on the host (each frame's row of
+            // channels comes back and is copied; MobileNetV2's is 72 KB) and, for 16 workers
+            // on an H200, ran faster: 208 images/s at 120 frames a pass against 196 at 240 and
+            // 186 at 465, with 1.6 GB peak RSS against 2.5 and 4.4 GB. 32x32 passes stay at
+            // 4 096 frames (in half precision, twice these: 239 and 8 192)
+            let by_pixels = if half { 2 } else { 1 } * PASS_PIXELS / pixels;
+            return frames.min(indexable).min(most).min(by_pixels).max(64) as usize;
         }
         let base = ((4u64 << 20) / pixels).clamp(256, 4096) as usize;
         (base * 8 / workers.max(8)).max(64)
@@ -786,16 +800,19 @@ mod tests {
         // an H100's 79 GB free: half of it over the workers, 200 bytes per pixel and frame
         let h100 = Some(79_000_000_000);
         assert_eq!(m.device_batch_for(32, 16, h100), 4096);
-        assert_eq!(m.device_batch_for(224, 16, h100), 246);
-        // one worker: as many as a depthwise kernel can index (2^31 / (32 * 224 * 224))
-        assert_eq!(m.device_batch_for(224, 1, h100), 1337);
-        // a 24 GB card with 16 workers at 224x224: the floor
+        // at 224x224, about 6 million input pixels a pass, whatever the card and workers
+        assert_eq!(m.device_batch_for(224, 16, h100), 119);
+        assert_eq!(m.device_batch_for(224, 1, h100), 119);
+        assert_eq!(m.device_batch_for(224, 16, Some(143_000_000_000)), 119);
+        // a 24 GB card with 16 workers at 224x224: its memory decides
         assert_eq!(m.device_batch_for(224, 16, Some(23_000_000_000)), 71);
+        // 32x32 at most 4 096 in f32 (6 million pixels would be 5 859)
+        assert_eq!(m.device_batch_for(32, 1, Some(143_000_000_000)), 4096);
         assert_eq!(m.device_batch_for(224, 64, Some(23_000_000_000)), 64);
         // in half precision, up to 8 192
         m.dtype = "f16".into();
         assert_eq!(m.device_batch_for(32, 16, h100), 8192);
-        assert_eq!(m.device_batch_for(224, 16, h100), 246);
+        assert_eq!(m.device_batch_for(224, 16, h100), 239);
         m.device_batch = 500;
         assert_eq!(m.device_batch_for(224, 64, h100), 500);
     }
