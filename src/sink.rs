@@ -277,10 +277,13 @@ impl Part {
         Ok(Part { writer, tmp, dest })
     }
 
-    /// Appends a batch (flushing a row group when the buffered data grows past 64 MiB).
+    /// Appends a batch, flushing a row group when the buffered data grows past 8 MiB (a row
+    /// group of about 21 000 amplitude spectra, 2.5 MobileNetV2 images). Each worker buffers
+    /// its own parts: at 64 MiB the quickstart on 16 workers (48 photos, full outputs) peaked
+    /// at 1 306-1 334 MB against 1 153-1 232, with the same files otherwise.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.writer.write(batch).map_err(|e| self.err(e))?;
-        if self.writer.in_progress_size() > 64 << 20 {
+        if self.writer.in_progress_size() > 8 << 20 {
             self.writer.flush().map_err(|e| self.err(e))?;
         }
         Ok(())
