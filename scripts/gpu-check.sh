@@ -23,6 +23,8 @@
 #                                  COMPARE=1 adds benches/compare.sh on the GPU: freqtag
 #                                  and the PyTorch baseline side by side on the packed
 #                                  images (COMPARE_IMAGES=N: the first N of each).
+#                                  gpu/libmimalloc.so (prepare builds it) puts mimalloc in
+#                                  front of glibc's malloc in a try (LD_PRELOAD, above).
 #                                  AGREE_ONLY=1: section 1 (GPU against CPU) and each of
 #                                  SWITCHES (none unless given) against the CPU, then the
 #                                  tries and the side by side only.
@@ -44,6 +46,14 @@ prepare() {
     strip -o "$G/freqtag" target/cuda/release/freqtag
     xz -T2 -6 "$G/freqtag"
     cp "$shared/weights/cifar10-resnet/resnet32-d509ac18.th" "$G/resnet32.th"
+    # mimalloc as a shared library, from the source the `mimalloc` feature builds, for runs that
+    # set it against glibc's malloc without a second CUDA build (session 20), e.g.
+    # TRIES="pm LD_PRELOAD=$PWD/gpu/libmimalloc.so MIMALLOC_PURGE_DELAY=-1 paper --workers 16"
+    local mi
+    mi=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/libmimalloc-sys-*/c_src/mimalloc/v2 | tail -1)
+    cc -O3 -DNDEBUG -DMI_BUILD_RELEASE -DMI_DEBUG=0 -DMI_MALLOC_OVERRIDE -fPIC -shared \
+        -ftls-model=initial-exec -fno-builtin-malloc -I "$mi/include" "$mi/src/static.c" \
+        -o "$G/libmimalloc.so" -lpthread
     local mb
     [ -x target/release/freqtag ] || cargo build --release
     mb=$(target/release/freqtag weights fetch mobilenet_v2 | sed 's/^mobilenet_v2: //')
