@@ -362,10 +362,28 @@ impl ImageTables {
         distinct: usize,
         scores: &ImageScores,
     ) -> Result<()> {
+        self.write_scores(img, scores)?;
+        self.write_image(img, pred, prob, distinct)
+    }
+
+    /// The spectra and neuron rows of `scores`, all or some of an image's neurons (an image
+    /// analysed a few taps at a time is written a slice at a time).
+    pub fn write_scores(&mut self, img: &ImageRef, scores: &ImageScores) -> Result<()> {
         let neurons: Vec<Neuron> = scores.neurons().collect();
         for slice in neurons.chunks(Self::SLICE) {
             self.write_neurons(img, slice)?;
         }
+        Ok(())
+    }
+
+    /// The image's row, once its neurons' rows are written.
+    pub fn write_image(
+        &mut self,
+        img: &ImageRef,
+        pred: i64,
+        prob: f32,
+        distinct: usize,
+    ) -> Result<()> {
         let st = &self.plan.stimulus;
         let cols: Vec<ArrayRef> = vec![
             Arc::new(arrow_array::StringArray::from(vec![img.id.clone()])),
@@ -384,7 +402,7 @@ impl ImageTables {
     /// Neurons per record batch: an image's batches are built and encoded a slice at a time, so
     /// that a worker holds one slice's Arrow arrays (about 1.5 MB with full spectra) rather than
     /// the whole image's (MobileNetV2: 17 056 neurons, about 25 MB).
-    const SLICE: usize = 2048;
+    pub const SLICE: usize = 2048;
 
     /// The spectra and neuron rows of some of an image's neurons.
     fn write_neurons(&mut self, img: &ImageRef, neurons: &[Neuron]) -> Result<()> {

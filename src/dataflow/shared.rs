@@ -154,7 +154,31 @@ impl SharedChunk {
     /// table is built (or a spare one taken) on first use. Workers start at different stripes
     /// (`start`, their index) so that they seldom wait for each other.
     pub(crate) fn each_stripe(&self, start: usize, mut add: impl FnMut(usize, &mut SumTable)) {
-        let table = lock(&self.table)
+        let table = self.built_table();
+        let n = table.len();
+        for k in 0..n {
+            let i = (start + k) % n;
+            add(i * self.stripe, &mut lock(&table[i]));
+        }
+    }
+
+    /// Runs `add` on each stripe that holds some of `slots`, in order, with the stripe's first
+    /// slot, holding its lock; the table is built (or a spare one taken) on first use. `add`
+    /// touches only the slots of `slots` (a slice of an image's neurons).
+    pub(crate) fn each_stripe_over(
+        &self,
+        slots: Range<usize>,
+        mut add: impl FnMut(usize, &mut SumTable),
+    ) {
+        let table = self.built_table();
+        for i in slots.start / self.stripe..slots.end.div_ceil(self.stripe) {
+            add(i * self.stripe, &mut lock(&table[i]));
+        }
+    }
+
+    /// The table, built (or a spare one taken) if no worker has yet.
+    fn built_table(&self) -> Arc<Striped> {
+        lock(&self.table)
             .get_or_insert_with(|| {
                 Arc::new(lock(&self.spare).pop().unwrap_or_else(|| {
                     self.built.fetch_add(1, Ordering::Relaxed);
@@ -166,12 +190,7 @@ impl SharedChunk {
                         .collect()
                 }))
             })
-            .clone();
-        let n = table.len();
-        for k in 0..n {
-            let i = (start + k) % n;
-            add(i * self.stripe, &mut lock(&table[i]));
-        }
+            .clone()
     }
 
     /// Whether the table has been built, i.e. some worker's images are in it.

@@ -28,7 +28,9 @@ use crate::config::Plan;
 use crate::model::record::{record, record_many, DeviceStimulus, Recording};
 use crate::model::Network;
 use crate::resume::{sums_name, Segment, WorkDir};
-use crate::score::{analyse, Acc, Fixed, ImageScores, Neighbourhood, Sums, Update, N_SCORES};
+use crate::score::{
+    analyse_taps, tap_slices, Acc, Fixed, ImageScores, Neighbourhood, Sums, Update, N_SCORES,
+};
 use crate::sink::{self, ImageTables, ScoreKey};
 use crate::source::{self, ImageRef, Skipped};
 use crate::spectrum::Spectrum;
@@ -66,14 +68,12 @@ fn timed<R>(
     r
 }
 
-/// One image after analysis.
-#[derive(Clone)]
-struct Analysed {
-    image: ImageRef,
-    pred: i64,
-    prob: f32,
-    distinct: usize,
-    scores: ImageScores,
+/// What a worker's analysis of its images needs: the spectrum's plan, the neighbourhood of the
+/// scores, and whether amplitude spectra are kept (for the spectra table only).
+struct Analyser {
+    spectrum: Spectrum,
+    nb: Neighbourhood,
+    amplitude: bool,
 }
 
 /// What a worker's operators share.
@@ -233,6 +233,56 @@ impl ChunkSums {
             .extend(images.into_iter().filter(|(label, _)| label.is_some()));
     }
 
+    /// Whether an image labelled `label` (for per-class sums) can be analysed, written and
+    /// added to the table a few taps at a time, never whole: not where its scores are kept
+    /// (the chunk's first `keep` images, counting `pending` ones not yet added, and labelled
+    /// ones until the commit), and only where `rec` recorded every tap in order, whole (as the
+    /// pipeline does), so that its slices are runs of slots. MobileNetV2's 7.4 MB of scores an
+    /// image then never exist at once, nor its 8.3 MB of amplitude spectra.
+    fn streams(&self, label: Option<i64>, rec: &Recording, pending: usize) -> bool {
+        label.is_none()
+            && (self.folded || self.kept.len() + pending >= self.keep)
+            && rec.taps.len() + 1 == self.offsets.len()
+            && rec
+                .taps
+                .iter()
+                .enumerate()
+                .all(|(i, t)| t.tap == i && t.channels == self.offsets[i + 1] - self.offsets[i])
+    }
+
+    /// Before an image is added a slice at a time ([`ChunkSums::add_slice`]): the kept images
+    /// into the table, if they are not yet.
+    fn begin_slices(&mut self) {
+        if !self.folded {
+            self.fold();
+        }
+    }
+
+    /// Adds a slice of an image's scores (consecutive whole taps, from
+    /// [`crate::score::analyse_taps`]; see [`ChunkSums::streams`]) to the shared table, a stripe
+    /// at a time, as [`ChunkSums::add_to_table`] does for whole images.
+    fn add_slice(&self, part: &ImageScores) {
+        let Some(&(tap, _)) = part.taps.first() else {
+            return;
+        };
+        let terms = self.terms;
+        let start = self.offsets[tap as usize] * terms;
+        let end = start + part.scores.len() / N_SCORES;
+        let mut values = [None; N_SCORES];
+        self.shared.each_stripe_over(start..end, |first, table| {
+            for slot in start.max(first)..end.min(first + table.len()) {
+                let scores = &part.scores[(slot - start) * N_SCORES..][..N_SCORES];
+                for (v, k) in values.iter_mut().zip(scores) {
+                    *v = (!k.is_nan()).then_some(*k);
+                }
+                if slot % terms > 0 {
+                    values[MEAN_SNR] = None;
+                }
+                table.add(slot - first, &values);
+            }
+        });
+    }
+
     /// Adds images' scores (slot-ordered buffers) to the shared table, a stripe at a time.
     fn add_to_table(&self, images: &[(Option<i64>, Vec<f64>)]) {
         let terms = self.terms;
@@ -384,19 +434,24 @@ impl ChunkState {
         }
     }
 
-    /// Writes the images of a batch and folds their score updates into the partial sums.
+    /// Analyses the images of a batch, writes their rows and folds their scores into the
+    /// partial sums. An image whose scores need not be kept ([`ChunkSums::streams`]) is
+    /// analysed, written and added a slice of taps at a time; the others whole, added together
+    /// at the end (on a GPU a batch is a pass's images).
     fn fold(
         &mut self,
         ctx: &WorkerCtx,
         time: u64,
-        data: &mut Vec<(ImageRef, std::result::Result<Analysed, String>)>,
+        data: &mut Vec<(ImageRef, std::result::Result<Recording, String>)>,
+        an: &mut Analyser,
     ) {
-        let per_class = ctx.plan.pipeline.output.per_class;
-        let mut written = Vec::with_capacity(data.len());
+        let plan = ctx.plan.clone();
+        let per_class = plan.pipeline.output.per_class;
+        let mut whole: Vec<(ImageScores, Option<i64>)> = Vec::new();
         for (r, res) in data.drain(..) {
             ctx.done.fetch_add(1, Ordering::Relaxed);
-            let a = match res {
-                Ok(a) => a,
+            let rec = match res {
+                Ok(rec) => rec,
                 Err(reason) => {
                     tracing::warn!(image = %r.id, %reason, "skipped");
                     let s = Skipped { id: r.id, reason };
@@ -407,26 +462,58 @@ impl ChunkState {
             };
             if self.tables.is_none() {
                 let name = ctx.work.part_name(ctx.index, time);
-                match ImageTables::create(&ctx.work.tables(), &name, ctx.plan.clone()) {
+                match ImageTables::create(&ctx.work.tables(), &name, plan.clone()) {
                     Ok(t) => self.tables = Some(t),
                     Err(e) => ctx.errors.borrow_mut().push(e.to_string()),
                 }
             }
+            let label = r.label.filter(|_| per_class);
+            let mut analyse = |taps: std::ops::Range<usize>| {
+                timed(
+                    &ctx.times,
+                    |t| &mut t.spectrum,
+                    || {
+                        analyse_taps(
+                            &rec,
+                            taps,
+                            &mut an.spectrum,
+                            &plan.terms,
+                            an.nb,
+                            an.amplitude,
+                        )
+                    },
+                )
+            };
+            let write = |tables: &mut Option<ImageTables>, part: &ImageScores| {
+                if let Some(t) = tables.as_mut() {
+                    if let Err(e) = t.write_scores(&r, part) {
+                        ctx.errors.borrow_mut().push(e.to_string());
+                    }
+                }
+            };
+            if self.partial.streams(label, &rec, whole.len()) {
+                self.partial.begin_slices();
+                for taps in tap_slices(&rec, ImageTables::SLICE) {
+                    let part = analyse(taps);
+                    write(&mut self.tables, &part);
+                    self.partial.add_slice(&part);
+                }
+            } else {
+                let scores = analyse(0..rec.taps.len());
+                write(&mut self.tables, &scores);
+                whole.push((scores, label));
+            }
             if let Some(t) = self.tables.as_mut() {
-                if let Err(e) = t.write(&a.image, a.pred, a.prob, a.distinct, &a.scores) {
+                if let Err(e) = t.write_image(&r, rec.pred, rec.prob, rec.distinct_frames) {
                     ctx.errors.borrow_mut().push(e.to_string());
                 }
             }
-            self.images.push(a.image.id.clone());
+            self.images.push(r.id.clone());
             ctx.processed.set(ctx.processed.get() + 1);
-            written.push(a);
         }
-        // the batch's sums together (on a GPU a batch is a pass's images)
-        let images: Vec<(ImageScores, Option<i64>)> = written
-            .into_iter()
-            .map(|a| (a.scores, a.image.label.filter(|_| per_class)))
-            .collect();
-        self.partial.add_images(images);
+        if !whole.is_empty() {
+            self.partial.add_images(whole);
+        }
     }
 
     /// Starts committing the chunk: its parts (renamed into place) and, when `output.neurons`
@@ -891,29 +978,16 @@ pub(crate) fn run_worker(
                 }
             }
         });
-        let c = ctx.clone();
-        let mut spectrum = Spectrum::new(plan.stimulus.frames, plan.pipeline.spectrum.window);
-        // the amplitude spectra are kept only for the spectra table
-        let keep = plan.pipeline.output.spectra != crate::config::SpectraMode::None;
-        let analysed = recorded.map(move |(r, rec)| {
-            let p = &c.plan;
-            let out = rec.map(|rec| Analysed {
-                scores: timed(
-                    &c.times,
-                    |t| &mut t.spectrum,
-                    || analyse(&rec, &mut spectrum, &p.terms, nb, keep),
-                ),
-                pred: rec.pred,
-                prob: rec.prob,
-                distinct: rec.distinct_frames,
-                image: r.clone(),
-            });
-            (r, out)
-        });
-        // Writes each image's rows as it arrives and folds its score updates into one partial
-        // sum per key and chunk; once the frontier passes the chunk, its parts and manifest line
-        // are committed and the partial sums emitted: far fewer records enter the exchange than
-        // one per image. Aggregates of images committed by an earlier attempt seed chunk 0.
+        let mut analyser = Analyser {
+            spectrum: Spectrum::new(plan.stimulus.frames, plan.pipeline.spectrum.window),
+            nb,
+            amplitude: plan.pipeline.output.spectra != crate::config::SpectraMode::None,
+        };
+        // Analyses each image as it arrives (its spectra and scores), writes its rows and folds
+        // its score updates into one partial sum per key and chunk; once the frontier passes the
+        // chunk, its parts and manifest line are committed and the partial sums emitted: far
+        // fewer records enter the exchange than one per image. Aggregates of images committed
+        // by an earlier attempt seed chunk 0.
         let c = ctx.clone();
         let channels: Vec<usize> = plan
             .taps
@@ -921,8 +995,8 @@ pub(crate) fn run_worker(
             .map(|t| plan.arch.tap_channels(t).unwrap_or(0))
             .collect();
         let terms = plan.terms.terms.len();
-        let scope = analysed.scope();
-        let updates = analysed.unary_frontier(Pipeline, "WriteImages", move |cap, info| {
+        let scope = recorded.scope();
+        let updates = recorded.unary_frontier(Pipeline, "WriteImages", move |cap, info| {
             let mut stash: BTreeMap<u64, ChunkState> = BTreeMap::new();
             let mut committing: std::collections::VecDeque<Committing> = Default::default();
             let again = scope.worker().activator_for(info.address.clone());
@@ -936,6 +1010,7 @@ pub(crate) fn run_worker(
             }
             move |(input, frontier), output| {
                 let started = Instant::now();
+                let spectrum_before = c.times.borrow().spectrum;
                 // chunks the frontier has passed first (no data of theirs can be queued: every
                 // worker of the process has added its images of them to the shared table), so
                 // that their tables are back before the next chunk's images want one
@@ -972,9 +1047,11 @@ pub(crate) fn run_worker(
                             None => return,
                         },
                     };
-                    state.fold(&c, time, data);
+                    state.fold(&c, time, data, &mut analyser);
                 });
-                c.times.borrow_mut().write += started.elapsed().as_secs_f64();
+                // the analysis is a stage of its own (timed as `spectrum` in `fold`)
+                let analysed = c.times.borrow().spectrum - spectrum_before;
+                c.times.borrow_mut().write += started.elapsed().as_secs_f64() - analysed;
             }
         });
         let ag = aggregates.clone();
@@ -1066,13 +1143,9 @@ mod tests {
     use crate::score::TermScores;
     use differential_dataflow::difference::Semigroup;
 
-    /// A chunk's drained sums equal, key by key, the sums of each image's own accumulator
-    /// (`Acc::of` of its scores): images kept as scores or added to the table in batches of
-    /// several, neuron by neuron, the mean dB-SNR summed once per neuron and copied out,
-    /// labelled images' sums per label, one image's scores where a group has one image.
-    #[test]
-    fn chunk_sums_are_the_sums_of_each_image_scores() {
-        let (channels, terms) = ([3usize, 2], 4usize);
+    /// Eight images' scores of taps of `channels` (`terms` terms), some scores missing, some
+    /// negative; labels 0 and 1 of two images each, 7 of one (the last), and none.
+    fn test_images(channels: &[usize], terms: usize) -> Vec<(ImageScores, Option<i64>)> {
         let mut rng = 7u64;
         let mut next = || {
             rng = rng
@@ -1080,8 +1153,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (rng >> 11) as f64 / (1u64 << 53) as f64 - 0.3
         };
-        // each image's neurons; some scores missing, some negative
-        let images: Vec<(ImageScores, Option<i64>)> = (0..8)
+        (0..8)
             .map(|i| {
                 let neurons: usize = channels.iter().sum();
                 let mut scores = Vec::new();
@@ -1112,42 +1184,104 @@ mod tests {
                     bins: 0,
                     amplitude: Vec::new(),
                 };
-                // labels 0 and 1 of two images each, 7 of one (the last), and none
                 let label = if i == 7 { 7 } else { i as i64 % 2 };
                 (image, (i % 3 != 0).then_some(label))
             })
-            .collect();
-        // what the sums must be: each image's own accumulator, added up per key
-        let want = |images: &[(ImageScores, Option<i64>)]| {
-            let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-            for (image, label) in images {
-                for nr in image.neurons() {
-                    for t in 0..terms {
-                        let one = Acc::of(&nr.term(t));
-                        // over all images, and over the image's label's if it has one
-                        let labels = std::iter::once(None).chain(label.map(Some));
-                        for l in labels {
-                            let key = (nr.tap, nr.channel, t as u32, l);
-                            want.entry(key).or_insert_with(Acc::zero).plus_equals(&one);
-                        }
+            .collect()
+    }
+
+    /// What a chunk's sums must be: each image's own accumulator, added up per key (over all
+    /// images, and over the image's label's if it has one).
+    fn want_sums(images: &[(ImageScores, Option<i64>)], terms: usize) -> BTreeMap<ScoreKey, Acc> {
+        let mut want: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+        for (image, label) in images {
+            for nr in image.neurons() {
+                for t in 0..terms {
+                    let one = Acc::of(&nr.term(t));
+                    let labels = std::iter::once(None).chain(label.map(Some));
+                    for l in labels {
+                        let key = (nr.tap, nr.channel, t as u32, l);
+                        want.entry(key).or_insert_with(Acc::zero).plus_equals(&one);
                     }
                 }
             }
-            want
+        }
+        want
+    }
+
+    /// Drains a chunk: its sums by key; a group (all images, or a label) of one image comes as
+    /// its scores (exactly the groups `ones`).
+    fn drained(sums: &mut ChunkSums, ones: &[Option<i64>]) -> BTreeMap<ScoreKey, Acc> {
+        let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
+        sums.drain(|k, update| {
+            let one = matches!(update, Update::One(_));
+            assert_eq!(one, ones.contains(&k.3), "{k:?}");
+            assert!(
+                got.insert(k, update.to_acc().into_owned()).is_none(),
+                "{k:?} twice"
+            );
+        });
+        got
+    }
+
+    /// Images added a few taps at a time (`begin_slices`, `add_slice`), as `ChunkState::fold`
+    /// adds an image whose scores need not be kept, give the sums of whole images: the first
+    /// `keep` images kept whole, labelled images whole (their scores kept for their label's
+    /// sums), the rest in slices of one tap or of two; stripes of 8 slots, so that slices
+    /// start and end inside stripes.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a slice of one range of taps: all three
+    fn chunk_sums_of_slices_are_those_of_whole_images() {
+        let (channels, terms) = ([3usize, 2, 5], 4usize);
+        let images = test_images(&channels, terms);
+        let slice = |image: &ImageScores, taps: std::ops::Range<usize>| {
+            let per = terms * N_SCORES;
+            let first: usize = channels[..taps.start].iter().sum();
+            let n: usize = channels[taps.clone()].iter().sum();
+            ImageScores {
+                taps: image.taps[taps].to_vec(),
+                scores: image.scores[first * per..(first + n) * per].to_vec(),
+                ..image.clone()
+            }
         };
-        // drains a chunk; a group (all images, or a label) of one image comes as its scores
-        let drain = |sums: &mut ChunkSums, ones: &[Option<i64>]| {
-            let mut got: BTreeMap<ScoreKey, Acc> = BTreeMap::new();
-            sums.drain(|k, update| {
-                let one = matches!(update, Update::One(_));
-                assert_eq!(one, ones.contains(&k.3), "{k:?}");
-                assert!(
-                    got.insert(k, update.to_acc().into_owned()).is_none(),
-                    "{k:?} twice"
-                );
-            });
-            got
-        };
+        let cuts: [&[std::ops::Range<usize>]; 3] = [&[0..1, 1..2, 2..3], &[0..2, 2..3], &[0..3]];
+        for (keep, cuts) in [0, 1, 3].into_iter().zip(cuts) {
+            let process = ProcessSums::with_stripe(8);
+            let mut sums = ChunkSums::new(&channels, terms, &process, 0, 0);
+            sums.keep = keep;
+            let mut sliced = 0;
+            for (image, label) in &images {
+                if label.is_none() && (sums.folded || sums.kept.len() >= sums.keep) {
+                    sums.begin_slices();
+                    for taps in cuts {
+                        sums.add_slice(&slice(image, taps.clone()));
+                    }
+                    sliced += 1;
+                } else {
+                    sums.add_images(vec![(image.clone(), *label)]);
+                }
+            }
+            // images 0, 3 and 6 are unlabelled: the first is kept where keep > 0
+            assert_eq!(sliced, if keep == 0 { 3 } else { 2 }, "keep {keep}");
+            assert!(sums.folded);
+            assert_eq!(
+                drained(&mut sums, &[Some(7)]),
+                want_sums(&images, terms),
+                "keep {keep}"
+            );
+        }
+    }
+
+    /// A chunk's drained sums equal, key by key, the sums of each image's own accumulator
+    /// (`Acc::of` of its scores): images kept as scores or added to the table in batches of
+    /// several, neuron by neuron, the mean dB-SNR summed once per neuron and copied out,
+    /// labelled images' sums per label, one image's scores where a group has one image.
+    #[test]
+    fn chunk_sums_are_the_sums_of_each_image_scores() {
+        let (channels, terms) = ([3usize, 2], 4usize);
+        let images = test_images(&channels, terms);
+        let want = |images: &[(ImageScores, Option<i64>)]| want_sums(images, terms);
+        let drain = drained;
         // kept as scores throughout (keep 8), folded into the table at the first batch (keep
         // 0), and in the middle of the last batch (keep 5); each in batches of 3, 1 and 3
         // images, then a chunk of the first image alone (the table, if built, reused), then

@@ -101,14 +101,47 @@ pub fn analyse(
     nb: Neighbourhood,
     keep_amplitude: bool,
 ) -> ImageScores {
+    analyse_taps(rec, 0..rec.taps.len(), spectrum, terms, nb, keep_amplitude)
+}
+
+/// Consecutive ranges of a recording's taps of at most `neurons` channels together (a wider
+/// tap alone), covering them all in order: the slices an image is analysed and written in when
+/// its scores need not be kept whole.
+pub fn tap_slices(rec: &Recording, neurons: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut width) = (0, 0);
+    for (i, t) in rec.taps.iter().enumerate() {
+        if i > start && width + t.channels > neurons {
+            out.push(start..i);
+            (start, width) = (i, 0);
+        }
+        width += t.channels;
+    }
+    if start < rec.taps.len() {
+        out.push(start..rec.taps.len());
+    }
+    out
+}
+
+/// [`analyse`] of the recording's taps `taps` only (indices into `rec.taps`): the same bits for
+/// each of their neurons as the whole image's analysis gives (each tap's channels are scored in
+/// blocks from its first channel either way).
+pub fn analyse_taps(
+    rec: &Recording,
+    taps: std::ops::Range<usize>,
+    spectrum: &mut Spectrum,
+    terms: &TermSet,
+    nb: Neighbourhood,
+    keep_amplitude: bool,
+) -> ImageScores {
     use block::LANES;
+    let taps = &rec.taps[taps];
     let bins = spectrum.bins();
-    let neurons: usize = rec.taps.iter().map(|t| t.channels).sum();
+    let neurons: usize = taps.iter().map(|t| t.channels).sum();
     let nt = terms.terms.len();
     let kept_bins = if keep_amplitude { bins } else { 0 };
     let mut out = ImageScores {
-        taps: rec
-            .taps
+        taps: taps
             .iter()
             .map(|t| (t.tap as u32, t.channels as u32))
             .collect(),
@@ -121,7 +154,7 @@ pub fn analyse(
     let mut lanes = vec![[0.0f64; LANES]; bins];
     let mut scorer = block::BlockScorer::new();
     let mut scores: [Vec<TermScores>; LANES] = Default::default();
-    for t in &rec.taps {
+    for t in taps {
         for first in (0..t.channels).step_by(LANES) {
             let n = (t.channels - first).min(LANES);
             for l in 0..LANES {
@@ -159,6 +192,7 @@ mod tests {
     /// scorer's blocks of 8), the scores of its own spectrum one neuron at a time, bit for bit,
     /// with the amplitude spectrum where kept and NaN where a score is absent.
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // slices of taps, one of both taps among them
     fn analyse_scores_each_neuron_in_order() {
         let frames = 240;
         let terms = TermSet::new(&[6.0, 7.5], 120.0, frames, 2, 2, &mut Vec::new());
@@ -216,5 +250,25 @@ mod tests {
         assert_eq!(bits(&lean), bits(&got));
         assert!(lean.amplitude.is_empty() && lean.bins == 0);
         assert!(lean.neurons().all(|n| n.amplitude.is_empty()));
+        // tap by tap: the same neurons, the same bits, in the same order
+        for max in [1, 3, 12, 13, 100] {
+            let slices = tap_slices(&rec, max);
+            let want: &[std::ops::Range<usize>] = if max < 13 { &[0..1, 1..2] } else { &[0..2] };
+            assert_eq!(slices, want, "{max}");
+            let (mut scores, mut amplitude) = (Vec::new(), Vec::new());
+            for r in slices {
+                let part = analyse_taps(&rec, r.clone(), &mut sp, &terms, nb, true);
+                assert_eq!(part.taps, got.taps[r]);
+                scores.extend(part.scores);
+                amplitude.extend(part.amplitude);
+            }
+            let parts = ImageScores {
+                scores,
+                amplitude,
+                ..got.clone()
+            };
+            assert_eq!(bits(&parts), bits(&got));
+            assert_eq!(parts.amplitude, got.amplitude);
+        }
     }
 }
