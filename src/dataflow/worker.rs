@@ -192,12 +192,8 @@ impl ChunkSums {
     /// An image's scores, [`N_SCORES`] per slot, NaN where absent: its own buffer where it
     /// recorded every tap in order (as the pipeline does), else placed neuron by neuron.
     fn scores(&self, image: ImageScores) -> Vec<f64> {
-        let whole = image.terms == self.terms
-            && image.taps.len() + 1 == self.offsets.len()
-            && image.taps.iter().enumerate().all(|(i, &(tap, channels))| {
-                tap as usize == i && channels as usize == self.offsets[i + 1] - self.offsets[i]
-            });
-        if whole {
+        let taps = image.taps.iter().map(|&(t, c)| (t as usize, c as usize));
+        if image.terms == self.terms && self.every_tap(taps) {
             return image.scores;
         }
         let mut kept = vec![f64::NAN; self.slots() * N_SCORES];
@@ -242,12 +238,28 @@ impl ChunkSums {
     fn streams(&self, label: Option<i64>, rec: &Recording, pending: usize) -> bool {
         label.is_none()
             && (self.folded || self.kept.len() + pending >= self.keep)
-            && rec.taps.len() + 1 == self.offsets.len()
-            && rec
-                .taps
-                .iter()
-                .enumerate()
-                .all(|(i, t)| t.tap == i && t.channels == self.offsets[i + 1] - self.offsets[i])
+            && self.every_tap(rec.taps.iter().map(|t| (t.tap, t.channels)))
+    }
+
+    /// Whether `taps` (tap index in the plan, channels) are every tap of the plan, in order,
+    /// whole: then an image's neurons in recorded order are the table's slots in order.
+    fn every_tap(&self, taps: impl ExactSizeIterator<Item = (usize, usize)>) -> bool {
+        taps.len() + 1 == self.offsets.len()
+            && taps.enumerate().all(|(i, (tap, channels))| {
+                tap == i && channels == self.offsets[i + 1] - self.offsets[i]
+            })
+    }
+
+    /// One slot's scores (`N_SCORES`, NaN where absent) as the table adds them, into `values`.
+    /// The neuron's own score, the same for each of its terms, is summed in its first term's
+    /// slot only (a ninth of the additions), and copied out by `drain_table`.
+    fn slot_values(&self, slot: usize, scores: &[f64], values: &mut [Option<f64>; N_SCORES]) {
+        for (v, k) in values.iter_mut().zip(scores) {
+            *v = (!k.is_nan()).then_some(*k);
+        }
+        if !slot.is_multiple_of(self.terms) {
+            values[MEAN_SNR] = None;
+        }
     }
 
     /// Before an image is added a slice at a time ([`ChunkSums::add_slice`]): the kept images
@@ -265,19 +277,13 @@ impl ChunkSums {
         let Some(&(tap, _)) = part.taps.first() else {
             return;
         };
-        let terms = self.terms;
-        let start = self.offsets[tap as usize] * terms;
+        let start = self.offsets[tap as usize] * self.terms;
         let end = start + part.scores.len() / N_SCORES;
         let mut values = [None; N_SCORES];
         self.shared.each_stripe_over(start..end, |first, table| {
             for slot in start.max(first)..end.min(first + table.len()) {
                 let scores = &part.scores[(slot - start) * N_SCORES..][..N_SCORES];
-                for (v, k) in values.iter_mut().zip(scores) {
-                    *v = (!k.is_nan()).then_some(*k);
-                }
-                if slot % terms > 0 {
-                    values[MEAN_SNR] = None;
-                }
+                self.slot_values(slot, scores, &mut values);
                 table.add(slot - first, &values);
             }
         });
@@ -285,21 +291,12 @@ impl ChunkSums {
 
     /// Adds images' scores (slot-ordered buffers) to the shared table, a stripe at a time.
     fn add_to_table(&self, images: &[(Option<i64>, Vec<f64>)]) {
-        let terms = self.terms;
         let mut values = [None; N_SCORES];
         self.shared.each_stripe(self.worker, |first, table| {
             for i in 0..table.len() {
                 let slot = first + i;
                 for (_, kept) in images {
-                    let kept = &kept[slot * N_SCORES..][..N_SCORES];
-                    for (v, k) in values.iter_mut().zip(kept) {
-                        *v = (!k.is_nan()).then_some(*k);
-                    }
-                    // the neuron's own score, the same for each of its terms: summed in its
-                    // first term's only (a ninth of the additions), copied out by `drain_table`
-                    if slot % terms > 0 {
-                        values[MEAN_SNR] = None;
-                    }
+                    self.slot_values(slot, &kept[slot * N_SCORES..][..N_SCORES], &mut values);
                     table.add(i, &values);
                 }
             }
