@@ -168,11 +168,18 @@ impl SharedChunk {
     pub(crate) fn each_stripe_over(
         &self,
         slots: Range<usize>,
-        mut add: impl FnMut(usize, &mut SumTable),
+        add: impl FnMut(usize, &mut SumTable),
     ) {
-        let table = self.built_table();
-        for i in slots.start / self.stripe..slots.end.div_ceil(self.stripe) {
-            add(i * self.stripe, &mut lock(&table[i]));
+        self.over(&self.built_table(), slots, add);
+    }
+
+    /// Runs `f` on the stripes of `table` that hold some of `slots`, in order, with each
+    /// stripe's first slot, holding its lock.
+    fn over(&self, table: &Striped, slots: Range<usize>, mut f: impl FnMut(usize, &mut SumTable)) {
+        let first = slots.start / self.stripe;
+        let stripes = table[first..slots.end.div_ceil(self.stripe)].iter();
+        for (i, stripe) in (first..).zip(stripes) {
+            f(i * self.stripe, &mut lock(stripe));
         }
     }
 
@@ -215,13 +222,11 @@ impl SharedChunk {
     pub(crate) fn each_stripe_of(
         &self,
         slots: Range<usize>,
-        mut take: impl FnMut(usize, &mut SumTable),
+        take: impl FnMut(usize, &mut SumTable),
     ) {
         let Some(table) = lock(&self.table).clone() else {
             return;
         };
-        for i in slots.start / self.stripe..slots.end.div_ceil(self.stripe) {
-            take(i * self.stripe, &mut lock(&table[i]));
-        }
+        self.over(&table, slots, take);
     }
 }
